@@ -1,0 +1,210 @@
+"""The ``kiln`` command line.
+
+Every subcommand takes a config YAML and ``key=value`` overrides (``train.lr=3e-4``); the config
+is resolved and validated here, before any process starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from trainer.config import ConfigError, KilnConfig, batch_plan, check_paths, load_config
+
+OVERRIDES_HELP = "KEY=VALUE overrides of the config, e.g. train.lr=3e-4 parallel.zero_stage=2"
+
+
+def _load(config: str, overrides: tuple[str, ...], extra: list[str] = ()) -> KilnConfig:
+    try:
+        return load_config(config, [*overrides, *extra])
+    except (ConfigError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Kiln: pretrain Llama-style transformers from raw text with DeepSpeed."""
+
+
+@cli.command(context_settings={"show_default": True})
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--nproc", type=int, help="processes on this node (default launch.nproc_per_node)")
+@click.option("--nnodes", type=int, help="nodes (default launch.nnodes)")
+@click.option("--node-rank", type=int, default=0, help="this node's rank (multi-node by hand)")
+@click.option("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node)")
+@click.option("--master-port", type=int, default=29500, help="rendezvous port on node 0")
+@click.option("--dry-run", is_flag=True, help="print the plan (config, sizes, memory) and exit")
+@click.option("--sample-prompt", default="The", help="prompt of the sample printed at the end")
+def train(
+    config, overrides, nproc, nnodes, node_rank, master_addr, master_port, dry_run, sample_prompt
+):
+    """Train (or resume) the run described by CONFIG [OVERRIDES...].
+
+    Prepares what is missing first (tokenizer, then data), then starts one process per device
+    with torchrun. On a run folder that already has a checkpoint, resumes from `latest`.
+    SIGTERM / SIGUSR1 / Ctrl-C make the workers finish the step, save and exit.
+    """
+    extra = []
+    if nproc is not None:
+        extra.append(f"launch.nproc_per_node={nproc}")
+    if nnodes is not None:
+        extra.append(f"launch.nnodes={nnodes}")
+    cfg = _load(config, overrides, extra)
+    world_size = cfg.launch.nproc_per_node * cfg.launch.nnodes
+    try:
+        plan = batch_plan(cfg, world_size)
+        check_paths(cfg)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    if dry_run:
+        from launcher.report import plan_report
+
+        click.echo(plan_report(cfg, plan))
+        return
+
+    from launcher.local import run_workers, torchrun_command
+    from trainer import checkpoint
+    from trainer.data.prepare import prepare_all
+
+    prepare_all(cfg)
+    _check_tokenizer_fits(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
+        click.echo(f"resuming {run_dir} from {ckpt.name}")
+    cmd = torchrun_command(
+        run_dir / "config.yaml",
+        nproc_per_node=cfg.launch.nproc_per_node,
+        nnodes=cfg.launch.nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+    )
+    rc = run_workers(cmd)
+    if rc != 0:
+        raise click.ClickException(f"training failed (torchrun exit code {rc}); see the log above")
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    finished = (
+        ckpt is not None and checkpoint.read_trainer_state(ckpt)["step"] >= cfg.train.max_steps
+    )
+    if finished and node_rank == 0 and sample_prompt:
+        click.echo(
+            f"\nsample from {ckpt.name}:\n{_sample(run_dir, sample_prompt, 200, 0.8, 50, None, 0)}"
+        )
+
+
+def _check_tokenizer_fits(cfg: KilnConfig) -> None:
+    from model.tokenizer import Tokenizer
+
+    vocab = Tokenizer.load(cfg.tokenizer_path).vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise click.ClickException(
+            f"{cfg.tokenizer_path} has {vocab} pieces, more than model.vocab_size="
+            f"{cfg.model.vocab_size}; raise model.vocab_size or leave it unset"
+        )
+
+
+@cli.group()
+def tokenizer() -> None:
+    """Tokenizer commands."""
+
+
+@tokenizer.command("train")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def tokenizer_train(config, overrides):
+    """Train the sentencepiece tokenizer on a sample of the config's data sources."""
+    from trainer.data.prepare import train_tokenizer_from_config
+
+    cfg = _load(config, overrides)
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    tok = train_tokenizer_from_config(cfg)
+    click.echo(f"wrote {cfg.tokenizer_path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
+
+
+@cli.group()
+def data() -> None:
+    """Data commands."""
+
+
+@data.command("prepare")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--force", is_flag=True, help="re-prepare datasets that are already prepared")
+def data_prepare(config, overrides, force):
+    """Tokenize, pack and shard every dataset of the config (training the tokenizer if missing)."""
+    from trainer.data.prepare import prepare_all
+
+    cfg = _load(config, overrides)
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    for manifest in prepare_all(cfg, force=force):
+        t = manifest["splits"]["train"]
+        click.echo(f"{manifest['name']}: {t['sequences']} train sequences, {t['tokens']} tokens")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--prompt", required=True, help="text to continue")
+@click.option("--max-new-tokens", type=int, default=200, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy")
+@click.option("--top-k", type=int, default=None, help="keep the k most likely tokens")
+@click.option("--top-p", type=float, default=None, help="nucleus sampling threshold")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--step", type=int, default=None, help="checkpoint step (default: latest)")
+def generate(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step):
+    """Continue PROMPT with the model of RUN_DIR's latest checkpoint."""
+    click.echo(_sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step))
+
+
+def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step=None) -> str:
+    from model import generate as generate_ids
+    from trainer.inference import load_run
+
+    try:
+        model, tok = load_run(run_dir, step=step)
+        new = generate_ids(
+            model,
+            tok.encode(prompt),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=tok.eos_id,
+            seed=seed,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    return prompt + tok.decode(new)
+
+
+@cli.command()
+def presets() -> None:
+    """List the model presets with their sizes."""
+    from model.presets import get_preset, preset_names
+
+    click.echo(f"{'name':<8} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'params*':>10}")
+    for name in preset_names():
+        m = get_preset(name).model_copy(update={"vocab_size": 32000})
+        click.echo(
+            f"{name:<8} {m.num_hidden_layers:>6} {m.hidden_size:>6} {m.num_attention_heads:>5} "
+            f"{m.num_key_value_heads:>3} {m.num_parameters() / 1e6:>9.1f}M"
+        )
+    click.echo("* with a 32000-piece vocabulary")
+
+
+def main() -> None:
+    cli(prog_name="kiln")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Local launch: one torchrun per node that starts ``trainer.main`` in every process.
+
+The launcher starts torchrun in its own session so that a Ctrl-C in the terminal reaches only
+this process, which then asks the workers to checkpoint and stop (SIGTERM) instead of killing
+them. SIGTERM and SIGUSR1 sent to this process are forwarded to the workers the same way.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+
+def torchrun_command(
+    config_path: Path,
+    *,
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+) -> list[str]:
+    """The torchrun command line that runs ``trainer.main`` on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]
+    if nnodes == 1:
+        cmd += ["--standalone"]
+    else:
+        cmd += [
+            f"--nnodes={nnodes}",
+            f"--node_rank={node_rank}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={master_addr}:{master_port}",
+        ]
+    return [*cmd, "-m", "trainer.main", str(config_path)]
+
+
+def run_workers(cmd: list[str]) -> int:
+    """Run ``cmd`` (a torchrun command), forwarding stop signals to its workers.
+
+    Returns torchrun's exit code; 0 also when a forwarded signal stopped the run cleanly.
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    interrupts = 0
+
+    def forward(signum, _frame):
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:  # a second Ctrl-C: stop without saving
+                proc.kill()
+                return
+            print("\nstopping: the workers finish the step and save (Ctrl-C again to kill)")
+            signum = signal.SIGTERM
+        try:
+            for child in psutil.Process(proc.pid).children():
+                child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+    previous = {
+        s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    }
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

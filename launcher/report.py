@@ -1,0 +1,45 @@
+"""The ``kiln train --dry-run`` report: resolved config, sizes, batch arithmetic, memory."""
+
+from __future__ import annotations
+
+from trainer.config import BatchPlan, KilnConfig
+from trainer.estimate import flops_per_token, memory_estimate
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.3f} GiB"
+
+
+def plan_report(cfg: KilnConfig, plan: BatchPlan) -> str:
+    m = cfg.model
+    mem = memory_estimate(cfg, plan)
+    n = m.num_parameters()
+    lines = [
+        "# resolved config",
+        cfg.to_yaml().rstrip(),
+        "",
+        "# model",
+        f"parameters:            {n:,} ({n / 1e6:.2f}M; "
+        f"{m.num_parameters(exclude_input_embedding=True):,} in matmuls)",
+        f"FLOPs per token:       {flops_per_token(m, plan.seq_len):.4g} (6N + 12 L d T)",
+        "",
+        "# batch",
+        f"micro_batch_size x gradient_accumulation_steps x data_parallel_size = global_batch_size"
+        f"\n{plan.micro_batch_size} x {plan.gradient_accumulation_steps} x "
+        f"{plan.data_parallel_size} = {plan.global_batch_size} sequences",
+        f"tokens_per_step:       {plan.tokens_per_step:,} (x seq_len {plan.seq_len})",
+        f"tokens in the run:     {plan.tokens_per_step * cfg.train.max_steps:,} "
+        f"({cfg.train.max_steps} steps)",
+        "",
+        f"# memory per device (estimate; ZeRO stage {cfg.parallel.zero_stage}, "
+        f"{cfg.train.precision}, {plan.data_parallel_size} data-parallel ranks)",
+        f"parameters:            {_gib(mem.parameters)}",
+        f"gradients:             {_gib(mem.gradients)}",
+        f"optimizer states:      {_gib(mem.optimizer_states)}",
+        f"activations:           {_gib(mem.activations)}"
+        + (" (checkpointed)" if cfg.train.activation_checkpointing else ""),
+        f"total:                 {_gib(mem.total)}",
+    ]
+    if mem.cpu_offloaded:
+        lines.append(f"offloaded to CPU:      {_gib(mem.cpu_offloaded)}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The Llama decoder (Touvron et al. 2023), laid out like HF `LlamaForCausalLM` minus `model.`.
+
+Shape legend: B batch, T time, D model dim (hidden_size), V vocab, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from model.config import LlamaConfig
+from model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_cos_sin
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Names match HF's."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None
+    ) -> Tensor:
+        """x: (B, T, D); cos, sin: (T, Dh) for x's positions; returns (B, T, D)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama causal language model returning logits; the trainer computes the loss.
+
+    Children are exactly `embed_tokens`, `layers`, `norm`, `lm_head`, so the Hugging Face key
+    map (`model.hf`) adds or strips the `model.` prefix. Build, materialise and initialise are
+    separate steps: the constructor works under `torch.device("meta")`, `init_weights(seed)`
+    fills parameters and RoPE buffers; `from_config` does all three.
+
+    Raises:
+        ValueError: `cfg.vocab_size` is None.
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError(
+                "LlamaConfig.vocab_size is None; set it (the trainer takes it from the tokenizer)"
+            )
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_pos, Dh), model dtype
+        self.register_buffer("rope_sin", sin, persistent=False)  # (max_pos, Dh), model dtype
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: LlamaConfig,
+        *,
+        seed: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> LlamaForCausalLM:
+        """Build on meta, materialise on `device`, `init_weights(seed)`, in `dtype`.
+
+        The dtype is set while still on meta, so `device` never holds an fp32 copy; values equal
+        an fp32 init cast to `dtype` (`init_weights` draws in fp32 and `copy_` rounds alike).
+        """
+        with torch.device("meta"):
+            model = cls(cfg).to(dtype)
+        model.to_empty(device=device)
+        model.init_weights(seed)
+        return model
+
+    def tie_weights(self) -> None:
+        """Make `lm_head.weight` the same Parameter as `embed_tokens.weight` when tied.
+
+        Needed again after `to_empty`, which may replace Parameter objects.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Recompute the RoPE buffers and initialise every parameter from `seed`.
+
+        Values are drawn in fp32 from one CPU `torch.Generator(seed)` in `named_parameters()`
+        order, then copied to each parameter's device and dtype, so the result does not depend
+        on the device. Linear and embedding weights ~ N(0, initializer_range) as HF
+        `LlamaPreTrainedModel._init_weights`; the residual output projections `o_proj` and
+        `down_proj` use std initializer_range / sqrt(2 * num_hidden_layers) (GPT-2, Radford et
+        al. 2019, Sec. 2.3; Megatron-LM `scaled_init_method_normal`, Shoeybi et al. 2019);
+        RMSNorm weights are ones.
+        """
+        cfg = self.config
+        self.tie_weights()
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        residual_std = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
+        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for name, param in self.named_parameters():  # tied weights appear once
+            if id(param) in norm_weights:
+                param.fill_(1.0)
+                continue
+            is_residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            std = residual_std if is_residual else cfg.initializer_range
+            values = torch.empty(param.shape, dtype=torch.float32)
+            param.copy_(values.normal_(0.0, std, generator=generator))
+
+    def new_kv_cache(self) -> list[KVCache]:
+        """An empty key/value cache, one `KVCache` per layer, for `forward(..., kv_cache=)`."""
+        return [KVCache() for _ in self.layers]
+
+    def forward(self, input_ids: Tensor, *, kv_cache: list[KVCache] | None = None) -> Tensor:
+        """input_ids: (B, T) int64 -> logits: (B, T, V) in the parameters' dtype.
+
+        `kv_cache` (inference only, from `new_kv_cache`): input_ids are the positions after the
+        cached ones, and the cache grows by T.
+
+        Raises:
+            ValueError: the positions run past `max_position_embeddings`.
+        """
+        start = 0 if kv_cache is None else kv_cache[0].length
+        T = input_ids.shape[1]
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {start + T} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; shorten the input or raise the limit"
+            )
+        cos = self.rope_cos[start : start + T]  # (T, Dh)
+        sin = self.rope_sin[start : start + T]  # (T, Dh)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if kv_cache is None else kv_cache[i])
+        return self.lm_head(self.norm(x))  # (B, T, V)

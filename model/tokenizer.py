@@ -1,0 +1,314 @@
+"""The sentencepiece tokenizer of Kiln: training from a text stream, and a thin wrapper to use it.
+
+Special ids are fixed and Llama-compatible for the first three: ``<unk>`` = 0, ``<s>`` (BOS) = 1,
+``</s>`` (EOS) = 2, and ``<pad>`` = 3.
+
+Training settings and why:
+
+- ``normalization_rule_name="identity"``, ``remove_extra_whitespaces=False``,
+  ``add_dummy_prefix=False``: the text is not changed (no NFKC, no whitespace folding, no space
+  added in front), so ``decode(encode(x)) == x`` exactly and the UTF-8 bytes of the pieces of
+  ``encode(x)`` add up to ``len(x.encode())`` (what bits-per-byte needs). The one exception is
+  the character ``▁`` (U+2581) itself, which sentencepiece reads as a space.
+- ``byte_fallback=True``: characters outside the vocabulary (rare Hangul syllables, emoji, CJK)
+  become ``<0xNN>`` byte pieces instead of ``<unk>``; with it a trained vocabulary holds at least
+  4 special + 256 byte pieces.
+- ``split_digits=True``: numbers are spelled digit by digit (Llama, PaLM).
+- ``allow_whitespace_only_pieces=True``: runs of spaces (code indentation) get their own pieces.
+- ``hard_vocab_limit=True`` (sentencepiece's default, kept on purpose): the tokenizer has exactly
+  ``vocab_size`` pieces, so the config, the metadata and the model's embedding agree. A corpus
+  too small for the requested size is a :class:`ValueError` that says which size fits.
+
+This module must not import ``trainer``, ``deepspeed``, ``torch.distributed`` or ``ray``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import sentencepiece as spm
+
+UNK_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+PAD_ID = 3
+META_FILE = "tokenizer_meta.json"
+META_FORMAT_VERSION = 1
+# A sampled line longer than this many characters is cut: sentencepiece drops sentences over
+# max_sentence_length bytes, and a UTF-8 character is at most 4 bytes.
+MAX_SENTENCE_CHARS = 1 << 16
+_MAX_SENTENCE_BYTES = 4 * MAX_SENTENCE_CHARS
+_MIN_VOCAB_BYTE_FALLBACK = 4 + 256  # special pieces + one piece per byte value
+
+
+class Tokenizer:
+    """A trained sentencepiece model with Kiln's fixed special ids.
+
+    Create with :meth:`load` (or :func:`train_tokenizer`). Instances pickle by value (the model
+    bytes), so they can be handed to worker processes.
+    """
+
+    def __init__(self, model_proto: bytes, path: Path | None = None) -> None:
+        self._proto = model_proto
+        self.path = path
+        self.sha256 = hashlib.sha256(model_proto).hexdigest()
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a ``tokenizer.model`` file.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer {path} does not exist; train it with `kiln tokenizer train CONFIG` "
+                f"(or `kiln data prepare CONFIG`, which trains it first) or set tokenizer.path"
+            )
+        return cls(path.read_bytes(), path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model_proto": self._proto, "path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["model_proto"], state["path"])
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(path={self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces (ids run from 0 to vocab_size - 1)."""
+        return self._sp.get_piece_size()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id; -1 for a foreign tokenizer that defines none (Llama's own)."""
+        return self._sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS or EOS."""
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS or EOS (sentencepiece threads over the batch)."""
+        return self._sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        """Text of ``ids`` (a list or a 1-d integer array); control ids (BOS, EOS, pad) decode to
+        nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 byte length of the text each id stands for: ``(vocab_size,) int32``.
+
+        ``▁`` counts as one space byte, a byte-fallback piece ``<0xNN>`` as 1, control and unknown
+        pieces as 0. ``token_bytes()[ids].sum() == len(text.encode())`` for ``ids =
+        encode(text)`` of any text without ``<unk>``; the denominator of bits-per-byte.
+        """
+        out = np.zeros(self.vocab_size, dtype=np.int32)
+        for i in range(self.vocab_size):
+            if self._sp.is_control(i) or self._sp.is_unknown(i):
+                continue
+            if self._sp.is_byte(i):
+                out[i] = 1
+            else:
+                out[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
+def reservoir_sample_lines(texts: Iterable[str], k: int, seed: int = 0) -> tuple[list[str], int]:
+    """Uniform sample of at most ``k`` non-blank lines of ``texts``, in one pass.
+
+    Algorithm R with ``random.Random(seed)``: memory holds ``k`` lines whatever the corpus size.
+    Lines over :data:`MAX_SENTENCE_CHARS` characters are cut to that length.
+
+    Returns:
+        (the sampled lines, the number of non-blank lines seen).
+    """
+    if k <= 0:
+        raise ValueError(f"input_sentence_size must be positive, got {k}")
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for text in texts:
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            if len(line) > MAX_SENTENCE_CHARS:
+                line = line[:MAX_SENTENCE_CHARS]
+            if seen < k:
+                sample.append(line)
+            else:
+                j = rng.randrange(seen + 1)
+                if j < k:
+                    sample[j] = line
+            seen += 1
+    return sample, seen
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_path: str | Path,
+    *,
+    vocab_size: int,
+    model_type: Literal["bpe", "unigram"] = "bpe",
+    input_sentence_size: int = 1_000_000,
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = True,
+    seed: int = 0,
+) -> Tokenizer:
+    """Train a sentencepiece tokenizer on a sample of the lines of ``texts``.
+
+    ``texts`` is streamed once; a seeded reservoir keeps at most ``input_sentence_size`` lines
+    (sentences), so the corpus may be larger than memory. Writes ``out_path`` (the
+    ``tokenizer.model``) atomically and ``tokenizer_meta.json`` beside it (model type, vocab size,
+    special ids, sha256 of the model file, sentences seen and sampled).
+
+    Args:
+        texts: documents (any number of lines each).
+        out_path: where ``tokenizer.model`` goes; parent folders are created.
+        vocab_size: exact number of pieces (4 special + 256 bytes + learned, with byte_fallback).
+        model_type: ``"bpe"`` or ``"unigram"``.
+        input_sentence_size: most lines sampled for training.
+        character_coverage: share of characters that get their own piece; the rest fall back to
+            bytes (0.9995 for English, ~0.995-0.9995 for Korean/CJK with a large vocab).
+        byte_fallback: unknown characters become ``<0xNN>`` pieces instead of ``<unk>``.
+        seed: seed of the line sample.
+
+    Raises:
+        ValueError: no usable text, or ``vocab_size`` does not fit the sample (too small for the
+            characters and bytes it must hold, or larger than the text can fill); the message
+            says what to change.
+    """
+    out_path = Path(out_path)
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"tokenizer.model_type={model_type!r}; use 'bpe' or 'unigram'")
+    if not 0.98 <= character_coverage <= 1.0:
+        raise ValueError(
+            f"tokenizer.character_coverage={character_coverage} is outside [0.98, 1], the range "
+            f"sentencepiece accepts; use 0.9995 (English) or 0.98-0.9995 (Korean, Chinese, "
+            f"Japanese: rarer characters then fall back to bytes)"
+        )
+    if byte_fallback and vocab_size <= _MIN_VOCAB_BYTE_FALLBACK:
+        raise ValueError(
+            f"tokenizer.vocab_size={vocab_size} leaves no room for learned pieces: "
+            f"byte_fallback needs 4 special + 256 byte pieces; raise tokenizer.vocab_size "
+            f"above {_MIN_VOCAB_BYTE_FALLBACK} (a few thousand or more for real use)"
+        )
+    sample, seen = reservoir_sample_lines(texts, input_sentence_size, seed)
+    if not sample:
+        raise ValueError(
+            "no non-blank line of text to train the tokenizer on; check the data sources"
+        )
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            normalization_rule_name="identity",
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            hard_vocab_limit=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
+            pad_piece="<pad>",
+            num_threads=min(16, len(os.sched_getaffinity(0))),
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise _explain_trainer_error(e, vocab_size, character_coverage, len(sample)) from None
+    proto = model.getvalue()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_path, proto)
+    tok = Tokenizer(proto, out_path)
+    meta = {
+        "format_version": META_FORMAT_VERSION,
+        "model_type": model_type,
+        "vocab_size": tok.vocab_size,
+        "special_ids": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
+        "sha256": tok.sha256,
+        "character_coverage": character_coverage,
+        "byte_fallback": byte_fallback,
+        "seed": seed,
+        "sentences_seen": seen,
+        "sentences_sampled": len(sample),
+    }
+    _atomic_write(out_path.parent / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    return tok
+
+
+def _explain_trainer_error(
+    e: RuntimeError, vocab_size: int, coverage: float, n_sentences: int
+) -> Exception:
+    msg = str(e)
+    if "Vocabulary size too high" in msg:
+        fits = re.search(r"<= (\d+)", msg)
+        limit = f" to at most {fits.group(1)}" if fits else ""
+        return ValueError(
+            f"tokenizer.vocab_size={vocab_size} is more than the {n_sentences} sampled lines "
+            f"can fill (too few distinct characters and words): lower tokenizer.vocab_size"
+            f"{limit} or train on more text"
+        )
+    if "smaller than required_chars" in msg:
+        need = re.search(r"\d+ vs (\d+)", msg)
+        size = f" need at least {need.group(1)} pieces" if need else " do not fit"
+        return ValueError(
+            f"tokenizer.vocab_size={vocab_size} is too small: the characters that "
+            f"tokenizer.character_coverage={coverage} keeps, plus the special and byte pieces,"
+            f"{size}; raise tokenizer.vocab_size or lower tokenizer.character_coverage (down "
+            f"to 0.98; rarer characters then fall back to bytes)"
+        )
+    return RuntimeError(f"sentencepiece training failed: {msg}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

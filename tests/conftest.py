@@ -1,0 +1,120 @@
+"""Shared fixtures: a tiny tokenizer and a prepared dataset made from the bundled sample, and a
+helper that runs `kiln train` as a user would (torchrun, gloo, DeepSpeed's CPU accelerator)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample" / "tinyshakespeare" / "input.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _source(path: Path) -> str:
+    return f"{{path: {path}, sample_by: paragraph}}"
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    """A data root with a 512-piece tokenizer and the dataset `shakespeare` (seq_len 64) made
+    from the first 200 KB of the bundled sample, one document per paragraph."""
+    from trainer.config import load_config
+    from trainer.data.prepare import prepare_all
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = root / "shakespeare.txt"
+    corpus.write_text(SAMPLE.read_text()[:200_000])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.seq_len=64",
+            "data.num_proc=1",
+            "data.validation_fraction=0.05",
+            f"data.datasets=[{{name: shakespeare, sources: [{_source(corpus)}]}}]",
+            "tokenizer.vocab_size=512",
+        ],
+    )
+    prepare_all(cfg)
+    return root
+
+
+def train_config(tmp_path: Path, data_root: Path, **sections) -> Path:
+    """Write a debug-model training config into ``tmp_path`` and return its path."""
+    from trainer.config import load_config
+
+    corpus = _source(data_root / "shakespeare.txt")
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.root={data_root}",
+        "data.seq_len=64",
+        f"data.datasets=[{{name: shakespeare, sources: [{corpus}]}}]",
+        "tokenizer.vocab_size=512",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "train.max_steps=6",
+        "train.lr=3e-3",
+        "train.min_lr=3e-4",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "train.eval_samples=8",
+        "train.log_sample_ids=true",
+        "train.peak_flops=1e11",
+        "checkpoint.save_every=3",
+        "checkpoint.keep_last=5",
+        "tracking.wandb_mode=disabled",
+    ]
+    overrides += [f"{k.replace('__', '.')}={v}" for k, v in sections.items()]
+    path = tmp_path / "config.yaml"
+    path.write_text(load_config(None, overrides).to_yaml())
+    return path
+
+
+def kiln(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """Run the `kiln` CLI in a subprocess, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step from a run's metrics.jsonl (the last record of a step wins)."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses[rec["step"]] = rec["loss"]
+    return losses
+
+
+def step_sample_ids(run_dir: Path) -> dict[int, list[int]]:
+    """Sorted sample ids trained on at each step, over all ranks."""
+    ids: dict[int, list[int]] = {}
+    for f in (run_dir / "sample_ids").glob("rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            ids.setdefault(rec["step"], []).extend(rec["ids"])
+    return {k: sorted(v) for k, v in ids.items()}

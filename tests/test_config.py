@@ -1,0 +1,138 @@
+"""Config resolution, validation and the dry-run plan; every bad config is refused before any
+process starts, with the field, the value and the fix in the message."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from launcher.cli import cli
+from model.presets import get_preset
+from trainer.config import ConfigError, batch_plan, check_paths, load_config
+from trainer.estimate import memory_estimate
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def yaml_file(tmp_path):
+    src = tmp_path / "corpus.txt"
+    src.write_text("some text\n")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        f"""
+model: {{name: debug, num_hidden_layers: 3}}
+tokenizer: {{vocab_size: 500}}
+data:
+  root: {tmp_path / "data"}
+  seq_len: 64
+  datasets: [{{name: c, sources: [{{path: {src}}}]}}]
+train: {{micro_batch_size: 2, lr: 1.0e-3}}
+"""
+    )
+    return cfg
+
+
+def test_precedence_preset_yaml_cli(yaml_file):
+    cfg = load_config(yaml_file, ["train.lr=5e-4", "model.hidden_size=128"])
+    debug = get_preset("debug")
+    assert cfg.model.intermediate_size == debug.intermediate_size  # preset
+    assert cfg.model.num_hidden_layers == 3  # YAML over preset
+    assert cfg.model.hidden_size == 128  # CLI over preset
+    assert cfg.train.lr == 5e-4  # CLI over YAML
+    assert cfg.train.micro_batch_size == 2  # YAML over default
+    assert cfg.model.vocab_size == 512  # derived: 500 padded to a multiple of 64
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.foo=1", "train.foo: unknown key"),
+        ("modle.name=debug", "modle: unknown key"),
+        ("train.micro_batch_size=abc", "train.micro_batch_size='abc'"),
+        ("train.lr=fast", "train.lr='fast'"),
+        ("train.micro_batch_size=0", "train.micro_batch_size=0"),
+        ("model.hidden_size=-8", "hidden_size"),
+        ("data.seq_len=0", "data.seq_len=0"),
+        ("model.num_key_value_heads=3", "num_key_value_heads"),
+        ("model.vocab_size=256", "raise model.vocab_size"),
+        ("parallel.zero_stage=4", "parallel.zero_stage=4 is not a ZeRO stage"),
+        ("parallel.offload_params=true", "needs parallel.zero_stage=3"),
+        ("data.seq_len=4096", "max_position_embeddings"),
+        ("model.name=huge", "not a preset"),
+        ("train.precision=fp8", "train.precision='fp8'"),
+    ],
+)
+def test_bad_config_is_refused_with_field_and_value(yaml_file, override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(yaml_file, [override])
+    assert expected in str(e.value)
+
+
+def test_batch_arithmetic(yaml_file):
+    cfg = load_config(yaml_file, ["train.global_batch_size=16"])
+    plan = batch_plan(cfg, world_size=2)
+    assert (plan.micro_batch_size, plan.gradient_accumulation_steps) == (2, 4)
+    assert plan.global_batch_size == 16 and plan.tokens_per_step == 16 * 64
+    # the global batch is the invariant: one process accumulates twice as much
+    assert batch_plan(cfg, world_size=1).gradient_accumulation_steps == 8
+    with pytest.raises(ConfigError, match=r"global_batch_size=10 is not divisible .* = 4"):
+        batch_plan(load_config(yaml_file, ["train.global_batch_size=10"]), world_size=2)
+    with pytest.raises(ConfigError, match="disagrees"):
+        batch_plan(
+            load_config(
+                yaml_file, ["train.global_batch_size=16", "train.gradient_accumulation_steps=2"]
+            ),
+            world_size=2,
+        )
+
+
+def test_missing_data_path(yaml_file, tmp_path):
+    cfg = load_config(
+        yaml_file, [f"data.datasets=[{{name: x, sources: [{{path: {tmp_path}/no.txt}}]}}]"]
+    )
+    with pytest.raises(ConfigError, match=r"sources\[0\].path=.*no.txt.* matches no file"):
+        check_paths(cfg)
+
+
+def test_memory_estimate_follows_zero_stages(yaml_file):
+    estimates = []
+    for stage in range(4):
+        cfg = load_config(yaml_file, [f"parallel.zero_stage={stage}"])
+        estimates.append(memory_estimate(cfg, batch_plan(cfg, world_size=4)))
+    psi = cfg.model.num_parameters()
+    assert estimates[0].optimizer_states == 8 * psi  # fp32 Adam moments
+    assert estimates[1].optimizer_states == 8 * psi / 4
+    assert estimates[1].gradients == 4 * psi and estimates[2].gradients == 4 * psi / 4
+    assert estimates[2].parameters == 4 * psi and estimates[3].parameters == 4 * psi / 4
+    assert [e.total for e in estimates] == sorted((e.total for e in estimates), reverse=True)
+
+
+def test_cli_refuses_bad_config_before_launch(yaml_file):
+    result = CliRunner().invoke(cli, ["train", str(yaml_file), "train.micro_batch_size=0"])
+    assert result.exit_code != 0
+    assert "train.micro_batch_size=0" in result.output
+    assert "torchrun" not in result.output
+
+
+def test_dry_run_prints_plan(yaml_file):
+    result = CliRunner().invoke(
+        cli, ["train", str(yaml_file), "--nproc", "2", "train.global_batch_size=8", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    cfg = load_config(yaml_file)
+    assert f"{cfg.model.num_parameters():,}" in result.output
+    assert "2 x 2 x 2 = 8 sequences" in result.output
+    assert "tokens_per_step:       512" in result.output
+    for part in ("parameters:", "gradients:", "optimizer states:", "activations:"):
+        assert part in result.output
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_in_configs_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path)
+    batch_plan(cfg, cfg.launch.nproc_per_node * cfg.launch.nnodes)
+    if "gpu" not in path.name:  # GPU examples name a corpus the user supplies
+        check_paths(cfg)

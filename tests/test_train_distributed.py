@@ -1,0 +1,122 @@
+"""Training through `kiln train` with 2 CPU processes (torchrun, gloo, DeepSpeed CPU accelerator):
+ZeRO stages agree, resume is exact, resume on another number of processes neither skips nor
+repeats a sample, and SIGTERM leaves a resumable checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, kiln, step_losses, step_sample_ids, train_config
+
+from trainer.checkpoint import latest_checkpoint, read_trainer_state
+
+# fp32, same seed, same data: the stages differ only in how gradients are reduced and the
+# optimizer state is partitioned, so losses agree to float32 reduction-order noise.
+STAGE_TOLERANCE = 2e-5
+
+
+def train(config: Path, *extra: str, nproc: int = 2) -> Path:
+    result = kiln("train", str(config), "--nproc", str(nproc), "--sample-prompt", "", *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return config.parent / "run"
+
+
+def continue_from(reference: Path, step: int, tmp_path: Path) -> Path:
+    """A copy of ``reference``'s run folder cut back to its checkpoint at ``step``."""
+    run = tmp_path / "run"
+    tag = f"step-{step:08d}"
+    shutil.copytree(reference / "checkpoints" / tag, run / "checkpoints" / tag)
+    (run / "checkpoints" / "latest").write_text(tag)
+    return run
+
+
+@pytest.fixture(scope="module")
+def zero_runs(prepared_data, tmp_path_factory) -> dict[int, Path]:
+    """6 steps of the debug model under each ZeRO stage, checkpoints at steps 3 and 6."""
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        tmp = tmp_path_factory.mktemp(f"zero{stage}")
+        runs[stage] = train(train_config(tmp, prepared_data, parallel__zero_stage=stage))
+    return runs
+
+
+def test_zero_stages_agree(zero_runs):
+    losses = {stage: step_losses(run) for stage, run in zero_runs.items()}
+    reference = torch.tensor([losses[0][s] for s in range(1, 6)])
+    assert reference[-1] < reference[0]  # it learns
+    for stage in (1, 2, 3):
+        got = torch.tensor([losses[stage][s] for s in range(1, 6)])
+        torch.testing.assert_close(got, reference, rtol=0, atol=STAGE_TOLERANCE)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_resume_is_exact(zero_runs, prepared_data, tmp_path, stage):
+    reference = zero_runs[stage]
+    config = train_config(tmp_path, prepared_data, parallel__zero_stage=stage)
+    run = continue_from(reference, 3, tmp_path)
+    train(config)
+    want, got = step_losses(reference), step_losses(run)
+    assert sorted(got) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
+    assert step_sample_ids(run) == {s: step_sample_ids(reference)[s] for s in (4, 5, 6)}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_one_process(zero_runs, prepared_data, tmp_path, stage):
+    """A 2-process ZeRO checkpoint resumes on 1 process through the universal format; the global
+    batch stays 8 (accumulation goes 2 -> 4) and every sample is seen exactly once."""
+    reference = zero_runs[stage]
+    config = train_config(tmp_path, prepared_data, parallel__zero_stage=stage)
+    run = continue_from(reference, 3, tmp_path)
+    train(config, nproc=1)
+    assert (run / "checkpoints" / "step-00000003-universal").is_dir()
+    want, got = step_losses(reference), step_losses(run)
+    # The first resumed step sees the restored weights exactly. ZeRO-3's universal loader does not
+    # restore the optimizer state as exactly as stages 1-2 (measured: 4e-5 after one update,
+    # 3e-3 after two), so later steps are held to a looser bound there.
+    assert got[4] == pytest.approx(want[4], abs=STAGE_TOLERANCE)
+    later = STAGE_TOLERANCE if stage < 3 else 1e-2
+    for s in (5, 6):
+        assert got[s] == pytest.approx(want[s], abs=later), (s, got[s], want[s])
+    ids = step_sample_ids(run)
+    assert ids == {s: step_sample_ids(reference)[s] for s in (4, 5, 6)}
+    before = step_sample_ids(reference)
+    seen = [i for s in (1, 2, 3) for i in before[s]] + [i for s in (4, 5, 6) for i in ids[s]]
+    assert len(seen) == len(set(seen)) == 6 * 8
+
+
+def test_sigterm_saves_and_resumes(prepared_data, tmp_path):
+    config = train_config(
+        tmp_path, prepared_data, train__max_steps=400, checkpoint__save_every=1000
+    )
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launcher.cli", "train", str(config), "--nproc", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--sample-prompt", ""], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and len(step_losses_or_empty(run)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None, "no checkpoint after SIGTERM"
+    stopped_at = read_trainer_state(ckpt)["step"]
+    assert 3 <= stopped_at < 400
+    # the run resumes from there to the end
+    train(config, "train.max_steps=" + str(stopped_at + 2))
+    assert read_trainer_state(latest_checkpoint(run))["step"] == stopped_at + 2
+    assert max(step_losses(run)) == stopped_at + 2
+
+
+def step_losses_or_empty(run: Path) -> dict[int, float]:
+    return step_losses(run) if (run / "metrics.jsonl").is_file() else {}

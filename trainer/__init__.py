@@ -1,0 +1,1 @@
+"""Kiln trainer: config, data, engine, training loop, checkpoints, metrics."""

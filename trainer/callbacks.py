@@ -1,0 +1,146 @@
+"""Side concerns of the training loop as callbacks: console progress, metrics.jsonl, wandb,
+checkpoints. Only rank 0 talks to the outside world; the checkpoint callback runs on every rank
+(saving is collective)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+
+class Callback:
+    """Hooks the loop calls; every method is optional."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
+        """After every optimizer step; ``metrics`` is set on logging steps only."""
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class ConsoleProgress(Callback):
+    """A tqdm status line with ETA, and one printed line per evaluation."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=trainer.cfg.train.max_steps,
+            initial=trainer.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
+        self.bar.update(1)
+        if metrics:
+            self.bar.set_postfix_str(
+                f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:,.0f} tok/s "
+                f"MFU {100 * metrics['mfu']:.1f}% mem {metrics['memory_gb']:.2f}GB",
+                refresh=False,
+            )
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.bar.write(
+            f"step {trainer.step}: val_loss {metrics['val_loss']:.4f} "
+            f"val_ppl {metrics['val_ppl']:.2f} val_bpb {metrics['val_bpb']:.4f}"
+        )
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.bar.close()
+
+
+class JsonlLogger(Callback):
+    """Appends one JSON object per logged step / evaluation to ``<run_dir>/metrics.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
+        if metrics:
+            self._write({"step": trainer.step, "time": time.time(), **metrics})
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._write({"step": trainer.step, "time": time.time(), **metrics})
+
+
+def wandb_mode(configured: str | None) -> str:
+    """online when configured or when an API key is available, else offline."""
+    if configured is not None:
+        return configured
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online":
+        return "online"
+    return "offline"
+
+
+class WandbLogger(Callback):
+    """Logs to wandb with the resolved config; resumes the same run id when the run resumes."""
+
+    def __init__(self, trainer: Trainer):
+        import wandb
+
+        cfg = trainer.cfg
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=cfg.tracking.project,
+            entity=cfg.tracking.entity,
+            name=cfg.tracking.run_name or Path(cfg.run_dir).name,
+            id=trainer.wandb_run_id,
+            resume="allow",
+            dir=str(Path(cfg.run_dir).resolve()),
+            mode=wandb_mode(cfg.tracking.wandb_mode),
+            config=cfg.model_dump(mode="json"),
+        )
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
+        if metrics:
+            self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=trainer.step)
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=trainer.step)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.run.finish()
+
+
+class Checkpointer(Callback):
+    """Saves every ``checkpoint.save_every`` steps, at the last step and when a stop signal came."""
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
+        every = trainer.cfg.checkpoint.save_every
+        if (
+            trainer.step % every == 0
+            or trainer.step == trainer.cfg.train.max_steps
+            or trainer.stop_requested
+        ):
+            trainer.save()
+
+
+class SampleIdLogger(Callback):
+    """Every rank appends the sample ids it trained on to ``<run_dir>/sample_ids/rank<r>.jsonl``
+    (``train.log_sample_ids``): the record that proves a resume neither skips nor repeats data."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = run_dir / "sample_ids" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.step, "ids": trainer.last_sample_ids.tolist()}))
+            f.write("\n")

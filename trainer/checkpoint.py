@@ -1,0 +1,225 @@
+"""Checkpoints that are never half-written, and exact resume.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step-00000100/            one complete checkpoint
+        mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed shards (by rank)
+        trainer_state.json    step, consumed samples (data cursor), tokens, wandb id, world size
+        rng_state_rank{r}.pt  RNG states of every rank
+        config.yaml           the resolved config of the run
+        tokenizer.model, tokenizer_meta.json
+    latest                    text file naming the newest complete checkpoint
+
+A checkpoint is written under ``.tmp-step-N`` and renamed when every rank has finished writing;
+``latest`` is replaced atomically afterwards, so it only ever names complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import distributed
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None if there is none."""
+    root = checkpoint_root(run_dir)
+    latest = root / "latest"
+    if not latest.is_file():
+        return None
+    ckpt = root / latest.read_text().strip()
+    if not (ckpt / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"{latest} names {ckpt.name}, which is not a complete checkpoint; point it at one of "
+            f"{sorted(p.name for p in root.glob('step-*'))} or delete {latest} to start afresh"
+        )
+    return ckpt
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    engine,
+    run_dir: str | Path,
+    state: dict[str, Any],
+    *,
+    rank: int,
+    keep_last: int,
+    extra_files: tuple[Path, ...] = (),
+) -> Path:
+    """Write a complete checkpoint for ``state["step"]`` (all ranks call this together).
+
+    Args:
+        engine: the DeepSpeed engine (every rank writes its shards).
+        state: JSON-serialisable trainer state; must hold ``step``.
+        extra_files: copied into the checkpoint by rank 0 (config, tokenizer).
+
+    Returns:
+        the checkpoint folder. Older complete checkpoints beyond ``keep_last`` are deleted.
+    """
+    root = checkpoint_root(run_dir)
+    tag = tag_for(state["step"])
+    tmp_tag = f".tmp-{tag}"
+    if rank == 0:
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    distributed.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    torch.save(rng_state(), root / tmp_tag / f"rng_state_rank{rank}.pt")
+    distributed.barrier()
+    if rank == 0:
+        tmp = root / tmp_tag
+        for f in extra_files:
+            shutil.copy2(f, tmp / f.name)
+        _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+        final = root / tag
+        if final.exists():  # a re-save of the same step (e.g. a signal right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", tag)
+        prune(root, keep_last)
+    distributed.barrier()
+    return root / tag
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints older than the newest ``keep_last`` (and their conversions)."""
+    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    complete = [p for p in complete if not p.name.endswith("-universal")]
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name + "-universal"), ignore_errors=True)
+
+
+def remove_partial(run_dir: str | Path) -> list[Path]:
+    """Delete ``.tmp-*`` folders left by a run that died while saving (rank 0, at start)."""
+    removed = sorted(checkpoint_root(run_dir).glob(".tmp-*"))
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def needs_universal(state: dict[str, Any], zero_stage: int, world_size: int) -> bool:
+    """ZeRO stages 1-3 partition optimizer state by data-parallel rank; loading it on another
+    number of ranks goes through DeepSpeed's universal checkpoint format."""
+    return state["zero_stage"] >= 1 and (
+        state["world_size"] != world_size or state["zero_stage"] != zero_stage
+    )
+
+
+def convert_to_universal(ckpt: Path) -> Path:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal format beside it (rank 0 only).
+
+    Runs ``deepspeed.checkpoint.ds_to_universal`` into a temporary folder and renames it to
+    ``<ckpt>-universal`` when complete; the trainer files are copied along. Idempotent.
+
+    Raises:
+        RuntimeError: the conversion failed (its output is in the message).
+    """
+    out = ckpt.with_name(ckpt.name + "-universal")
+    if (out / STATE_FILE).is_file():
+        return out
+    tmp = ckpt.with_name(f".tmp-{ckpt.name}-universal")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(ckpt), "--output_folder", str(tmp),
+        "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {ckpt}:\n{proc.stdout}\n{proc.stderr}")
+    for f in ckpt.iterdir():
+        if f.is_file() and not f.name.endswith(".pt"):
+            shutil.copy2(f, tmp / f.name)
+    for f in ckpt.glob("rng_state_rank*.pt"):
+        shutil.copy2(f, tmp / f.name)
+    os.replace(tmp, out)
+    return out
+
+
+def load_checkpoint(engine, ckpt: Path, *, rank: int, weight_decays: list[float]) -> dict[str, Any]:
+    """Load shards, optimizer and scheduler state into ``engine`` and this rank's RNG state.
+
+    ``weight_decays`` are those of the engine's parameter groups, in order.
+
+    Returns the trainer state saved with it. A rank that did not exist when the checkpoint was
+    written (resume on more processes) keeps its freshly seeded RNG.
+    """
+    path, _ = engine.load_checkpoint(
+        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt}")
+    if ckpt.name.endswith("-universal") and engine.zero_optimization_stage() == 3:
+        # DeepSpeed's ZeRO-3 universal loader copies param_groups[0]'s hyperparameters onto every
+        # group (runtime/zero/stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3),
+        # which would decay the norms from now on; give each group its own weight decay back.
+        for group, decay in zip(
+            engine.optimizer.optimizer.param_groups, weight_decays, strict=True
+        ):
+            group["weight_decay"] = decay
+    rng_file = ckpt / f"rng_state_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return read_trainer_state(ckpt)
+
+
+def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a checkpoint, on CPU, in one process.
+
+    ZeRO stage 0 keeps the whole module in ``mp_rank_00_model_states.pt``; stages 1-3 are
+    consolidated from the fp32 master partitions with DeepSpeed's ``zero_to_fp32``.
+    """
+    stage = read_trainer_state(ckpt)["zero_stage"]
+    if stage == 0:
+        states = torch.load(
+            ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )  # DeepSpeed pickles its own config objects here; this is our own file
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

@@ -1,0 +1,348 @@
+"""The typed, validated config tree of a Kiln run.
+
+Precedence: model preset (code, ``model.name``) < YAML file < ``key=value`` overrides on the
+command line (``train.lr=3e-4 parallel.zero_stage=3``). Every section is a strict pydantic model
+(unknown keys and wrong types are refused); rules that span sections live in one place,
+:meth:`KilnConfig._cross_field_rules`, and raise :class:`ConfigError` naming the fields, the values
+and the fix. Rules that need the filesystem or the world size are separate functions
+(:func:`check_paths`, :func:`batch_plan`) so that a config can be loaded anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.config import LlamaConfig
+from model.presets import get_preset, preset_names
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+VOCAB_MULTIPLE = 64  # pad the model vocab so the embedding / head matmuls tile well on GPUs
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field, the value and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class TokenizerConfig(_Section):
+    path: str | None = Field(
+        None,
+        description="tokenizer.model to use; trained there from the data sources if missing "
+        "(default <data.root>/tokenizer/tokenizer.model)",
+    )
+    model_type: Literal["bpe", "unigram"] = Field("bpe", description="sentencepiece algorithm")
+    vocab_size: PositiveInt = Field(32000, description="pieces in the trained tokenizer")
+    input_sentence_size: PositiveInt = Field(
+        1_000_000, description="sentences sampled from the corpus to train the tokenizer"
+    )
+    character_coverage: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.9995, description="share of characters covered by pieces; the rest fall back to bytes"
+    )
+    byte_fallback: bool = Field(True, description="unknown characters become UTF-8 byte pieces")
+    seed: int = Field(0, description="seed of the sentence sample")
+
+
+class SourceConfig(_Section):
+    path: str = Field(description="a file, a glob, or a folder (of files or a saved dataset)")
+    format: Literal["text", "json", "parquet", "saved"] | None = Field(
+        None, description="None: inferred from the file suffix (.txt, .json/.jsonl, .parquet)"
+    )
+    text_field: str = Field("text", description="column holding the text (json, parquet, saved)")
+    sample_by: Literal["document", "paragraph", "line"] = Field(
+        "document",
+        description="text files: one document per file, per blank-line paragraph, or per line",
+    )
+
+
+class DatasetConfig(_Section):
+    name: str = Field(description="prepared into <data.root>/<name>/")
+    sources: list[SourceConfig] = Field(description="raw inputs of this dataset")
+    weight: PositiveFloat = Field(1.0, description="relative share of training samples")
+
+
+class DataConfig(_Section):
+    root: str = Field("data", description="folder of prepared datasets and the tokenizer")
+    datasets: list[DatasetConfig] = Field(default_factory=list, description="the training mixture")
+    seq_len: PositiveInt = Field(256, description="tokens per training sequence")
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.01, description="share of documents held out for validation (at least one document)"
+    )
+    num_proc: PositiveInt = Field(2, description="processes that tokenize in parallel")
+    shard_tokens: PositiveInt = Field(
+        64 * 1024 * 1024, description="approximate tokens per shard file"
+    )
+    seed: int = Field(0, description="seed of the validation split and of the sample order")
+
+
+class TrainConfig(_Section):
+    seed: int = Field(1234, description="seed of the model initialisation")
+    micro_batch_size: PositiveInt = Field(4, description="sequences per device per micro-step")
+    gradient_accumulation_steps: PositiveInt | None = Field(
+        None, description="micro-steps per optimizer step; None: derived from global_batch_size"
+    )
+    global_batch_size: PositiveInt | None = Field(
+        None, description="sequences per optimizer step over all data-parallel ranks"
+    )
+    max_steps: PositiveInt = Field(1000, description="optimizer steps of the whole run")
+    lr: PositiveFloat = Field(3e-4, description="peak learning rate")
+    min_lr: Annotated[float, Field(ge=0)] = Field(3e-5, description="learning rate after decay")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay after warmup"
+    )
+    warmup_steps: NonNegativeInt = Field(100, description="linear warmup from 0 to lr")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.1, description="AdamW decoupled decay")
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    adam_eps: PositiveFloat = 1e-8
+    grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="max grad norm; 0 = off")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp16 uses dynamic loss scaling"
+    )
+    activation_checkpointing: bool = Field(False, description="recompute each layer in backward")
+    eval_every: PositiveInt = Field(100, description="steps between validation passes")
+    eval_samples: PositiveInt = Field(64, description="validation sequences per pass")
+    log_every: PositiveInt = Field(10, description="steps between metric lines")
+    log_sample_ids: bool = Field(
+        False, description="every rank records the sample ids of each step under run_dir"
+    )
+    peak_flops: PositiveFloat | None = Field(
+        None, description="device peak FLOP/s for MFU; None: known GPU table or measured on CPU"
+    )
+
+
+class ParallelConfig(_Section):
+    zero_stage: int = Field(0, description="DeepSpeed ZeRO stage, 0-3")
+    offload_optimizer: bool = Field(False, description="optimizer state in CPU memory")
+    offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3 only)")
+
+
+class CheckpointConfig(_Section):
+    save_every: PositiveInt = Field(1000, description="steps between checkpoints (and at the end)")
+    keep_last: PositiveInt = Field(3, description="complete checkpoints kept; older are pruned")
+
+
+class TrackingConfig(_Section):
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="None: online with WANDB_API_KEY set, else offline"
+    )
+    project: str = Field("kiln", description="wandb project")
+    entity: str | None = Field(None, description="wandb entity (team or user)")
+    run_name: str | None = Field(None, description="wandb run name; default the run folder name")
+
+
+class LaunchConfig(_Section):
+    nproc_per_node: PositiveInt = Field(1, description="processes per node (one per GPU)")
+    nnodes: PositiveInt = Field(1, description="nodes")
+
+
+class KilnConfig(_Section):
+    run_dir: str = Field("runs/default", description="checkpoints, metrics, config and wandb")
+    model: LlamaConfig = Field(default_factory=LlamaConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> KilnConfig:
+        p, t, m = self.parallel, self.train, self.model
+        if p.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(
+                f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3"
+            )
+        if p.offload_params and p.zero_stage != 3:
+            raise ConfigError(
+                f"parallel.offload_params=true needs parallel.zero_stage=3 "
+                f"(got {p.zero_stage}); set parallel.zero_stage=3 or offload_params=false"
+            )
+        if t.min_lr > t.lr:
+            raise ConfigError(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}; lower min_lr")
+        if m.vocab_size is None:
+            m.vocab_size = pad_vocab(self.tokenizer.vocab_size)
+        elif m.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"tokenizer.vocab_size={self.tokenizer.vocab_size} is larger than "
+                f"model.vocab_size={m.vocab_size}; raise model.vocab_size to at least "
+                f"{self.tokenizer.vocab_size} or leave it unset to derive it"
+            )
+        if self.data.seq_len > m.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                f"{m.max_position_embeddings}; shorten data.seq_len or raise the limit"
+            )
+        names = [d.name for d in self.data.datasets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.datasets names must be unique, got {names}")
+        return self
+
+    # Paths derived from the config, so that every component agrees on them.
+    @property
+    def tokenizer_path(self) -> Path:
+        if self.tokenizer.path is not None:
+            return Path(self.tokenizer.path)
+        return Path(self.data.root) / "tokenizer" / "tokenizer.model"
+
+    def dataset_dir(self, name: str) -> Path:
+        return Path(self.data.root) / name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Round ``vocab_size`` up to a multiple of ``multiple`` (Megatron's
+    ``make_vocab_size_divisible_by``)."""
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> KilnConfig:
+    """Resolve preset < YAML < overrides into a validated :class:`KilnConfig`.
+
+    Args:
+        path: a YAML experiment file, or None for defaults.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars.
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ConfigError: unknown key, wrong type, bad value or broken cross-field rule.
+    """
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        user = OmegaConf.merge(
+            OmegaConf.load(path) if path is not None else OmegaConf.create({}),
+            OmegaConf.from_dotlist(list(overrides)),
+        )
+        tree: dict[str, Any] = OmegaConf.to_container(user, resolve=True) or {}  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse the config ({path}, {list(overrides)}): {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(tree).__name__}")
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> KilnConfig:
+    """Validate a plain nested dict (YAML already merged); the model preset fills unset fields."""
+    model = tree.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a mapping, got {model!r}")
+    name = model.get("name", "debug")
+    if name != "custom":
+        if name not in preset_names():
+            raise ConfigError(
+                f"model.name={name!r} is not a preset; use one of {preset_names()} or 'custom'"
+            )
+        model = {**get_preset(name).model_dump(exclude={"vocab_size"}), **model}
+    try:
+        return KilnConfig.model_validate({**tree, "model": model})
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def _explain(e: ValidationError) -> str:
+    lines = ["invalid config:"]
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key; check the spelling (see `kiln train --help`)")
+        elif err["type"] == "value_error":
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {where}={err.get('input')!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic of one run: micro x accumulation x data-parallel = global."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    data_parallel_size: int
+    global_batch_size: int
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+def batch_plan(cfg: KilnConfig, world_size: int) -> BatchPlan:
+    """Derive the batch arithmetic for ``world_size`` processes (all data-parallel).
+
+    ``global_batch_size`` (sequences) is the invariant when given: resuming on another number of
+    processes changes ``gradient_accumulation_steps``, not the optimisation.
+
+    Raises:
+        ConfigError: the sizes do not divide, or two given sizes disagree.
+    """
+    t = cfg.train
+    dp, micro = world_size, t.micro_batch_size
+    if t.global_batch_size is None:
+        accum = t.gradient_accumulation_steps or 1
+        return BatchPlan(micro, accum, dp, micro * accum * dp, cfg.data.seq_len)
+    per_micro_step = micro * dp
+    if t.global_batch_size % per_micro_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={micro} x data_parallel_size={dp} = {per_micro_step}; "
+            f"use a multiple of {per_micro_step} or change micro_batch_size"
+        )
+    accum = t.global_batch_size // per_micro_step
+    if t.gradient_accumulation_steps not in (None, accum):
+        raise ConfigError(
+            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} disagrees with "
+            f"train.global_batch_size={t.global_batch_size} / (micro_batch_size={micro} x "
+            f"data_parallel_size={dp}) = {accum}; set only one of the two"
+        )
+    return BatchPlan(micro, accum, dp, t.global_batch_size, cfg.data.seq_len)
+
+
+def check_paths(cfg: KilnConfig) -> None:
+    """Refuse a run whose data cannot exist: every dataset is prepared or has readable sources.
+
+    Raises:
+        ConfigError: no datasets, or a source path of an unprepared dataset matches nothing.
+    """
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets is empty; name at least one dataset with its sources")
+    for i, ds in enumerate(cfg.data.datasets):
+        if (cfg.dataset_dir(ds.name) / "manifest.json").is_file():
+            continue
+        for j, src in enumerate(ds.sources):
+            if not _matches(src.path):
+                raise ConfigError(
+                    f"data.datasets[{i}].sources[{j}].path={src.path!r} matches no file and "
+                    f"dataset {ds.name!r} is not prepared in {cfg.dataset_dir(ds.name)}; "
+                    f"fix the path (relative paths start at {Path.cwd()})"
+                )
+        if not ds.sources:
+            raise ConfigError(
+                f"data.datasets[{i}] ({ds.name!r}) has no sources and is not prepared"
+            )
+
+
+def _matches(pattern: str) -> bool:
+    p = Path(pattern)
+    if p.exists():
+        return True
+    anchor = Path(p.anchor) if p.is_absolute() else Path(".")
+    rel = str(p.relative_to(p.anchor)) if p.is_absolute() else pattern
+    return any(anchor.glob(rel))

@@ -1,0 +1,410 @@
+"""Offline data preparation: train the tokenizer, then tokenize, pack and shard every dataset.
+
+Layout of one prepared dataset, ``<data.root>/<name>/``::
+
+    manifest.json                  counts, tokenizer hash, per-shard checksums (see below)
+    train/shard-00000.bin ...      flat token ids, raw ``ndarray.tofile`` (uint16 or uint32)
+    validation/shard-00000.bin ...
+
+Every shard holds a whole number of sequences of ``seq_len + 1`` tokens (inputs are ``s[:-1]``,
+labels ``s[1:]``). Documents are concatenated with EOS after each, in source order, and cut into
+non-overlapping sequences; the tail of each split shorter than one sequence is dropped and
+counted. Validation documents are a seeded choice of whole documents, never split across the
+two. The dataset is written into a hidden temporary folder and renamed into place when complete,
+so a crash never leaves a folder that looks prepared. The output does not depend on
+``data.num_proc``.
+
+``manifest.json``::
+
+    {"format_version": 1, "name", "sources": [SourceConfig...],
+     "tokenizer": {"path", "sha256", "vocab_size"}, "seq_len", "dtype": "uint16" | "uint32",
+     "seed", "validation_fraction",
+     "documents": {"total", "usable", "train", "validation"},
+     "skipped": {"empty", "invalid_utf8", "missing_field"},
+     "splits": {"train" | "validation": {"documents", "tokens", "sequences", "dropped_tokens",
+                "shards": [{"file": "train/shard-00000.bin", "sequences", "sha256"}]}}}
+
+``tokens`` counts the tokens of the split's documents, EOS included, before packing:
+``tokens == sequences * (seq_len + 1) + dropped_tokens``.
+
+The ``datasets`` Arrow cache of the raw sources lives in ``<data.root>/.cache/huggingface``;
+the tokenized intermediate files live in the temporary folder and are deleted with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from model.tokenizer import Tokenizer, train_tokenizer
+from trainer.config import DatasetConfig, KilnConfig
+from trainer.data.dataset import FORMAT_VERSION, MANIFEST_FILE, SPLITS, read_manifest
+from trainer.data.sources import SKIP_REASONS, classify, iter_texts, load_source
+
+logger = logging.getLogger(__name__)
+
+_STATUS = {None: 0, **{reason: i + 1 for i, reason in enumerate(SKIP_REASONS)}}
+_MAP_BATCH = 1000
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def hf_cache_dir(cfg: KilnConfig) -> Path:
+    """Where ``datasets`` caches the Arrow conversion of raw sources."""
+    return Path(cfg.data.root) / ".cache" / "huggingface"
+
+
+def train_tokenizer_from_config(cfg: KilnConfig) -> Tokenizer:
+    """Train the tokenizer on the sources of all ``cfg.data.datasets``; writes
+    ``cfg.tokenizer_path`` (and ``tokenizer_meta.json`` beside it).
+
+    Raises:
+        ValueError: no datasets, or the sample does not fit ``tokenizer.vocab_size`` (the message
+            says what to change).
+        FileNotFoundError: a source path matches nothing.
+    """
+    sources = [s for d in cfg.data.datasets for s in d.sources]
+    if not sources:
+        raise ValueError(
+            "data.datasets names no sources to train the tokenizer on; add a dataset with "
+            "sources, or set tokenizer.path to an existing tokenizer.model"
+        )
+    t = cfg.tokenizer
+    logger.info(
+        "training a %s tokenizer (vocab %d) -> %s", t.model_type, t.vocab_size, cfg.tokenizer_path
+    )
+    tok = train_tokenizer(
+        iter_texts(sources, cache_dir=hf_cache_dir(cfg)),
+        cfg.tokenizer_path,
+        vocab_size=t.vocab_size,
+        model_type=t.model_type,
+        input_sentence_size=t.input_sentence_size,
+        character_coverage=t.character_coverage,
+        byte_fallback=t.byte_fallback,
+        seed=t.seed,
+    )
+    logger.info("tokenizer written: %r", tok)
+    return tok
+
+
+def prepare_all(cfg: KilnConfig, *, force: bool = False) -> list[dict[str, Any]]:
+    """Train the tokenizer if ``cfg.tokenizer_path`` is missing, then prepare every dataset.
+
+    A dataset already prepared with the same tokenizer and ``seq_len`` is kept as it is.
+
+    Returns:
+        the manifest of each dataset, in config order.
+
+    Raises:
+        ValueError: no datasets; the tokenizer is larger than ``model.vocab_size``; a dataset was
+            prepared with another tokenizer or seq_len (and not ``force``); a dataset has no
+            usable document.
+        FileNotFoundError: a source path matches nothing.
+    """
+    if not cfg.data.datasets:
+        raise ValueError("data.datasets is empty; name at least one dataset with its sources")
+    if cfg.tokenizer_path.is_file():
+        tokenizer = Tokenizer.load(cfg.tokenizer_path)
+    else:
+        tokenizer = train_tokenizer_from_config(cfg)
+    model_vocab = cfg.model.vocab_size
+    if model_vocab is not None and tokenizer.vocab_size > model_vocab:
+        raise ValueError(
+            f"tokenizer {cfg.tokenizer_path} has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size={model_vocab}; raise model.vocab_size (or leave it unset and set "
+            f"tokenizer.vocab_size={tokenizer.vocab_size})"
+        )
+    return [prepare_dataset(cfg, d, tokenizer, force=force) for d in cfg.data.datasets]
+
+
+def prepare_dataset(
+    cfg: KilnConfig, ds_cfg: DatasetConfig, tokenizer: Tokenizer, *, force: bool = False
+) -> dict[str, Any]:
+    """Tokenize, pack and shard one dataset into ``cfg.dataset_dir(ds_cfg.name)``.
+
+    Skipped documents (``empty``, ``invalid_utf8``, ``missing_field``) are counted in the manifest
+    and logged in one line. If the folder already holds this dataset prepared with the same
+    tokenizer and ``seq_len``, its manifest is returned unless ``force``.
+
+    Returns:
+        the manifest (see the module docstring).
+
+    Raises:
+        ValueError: prepared with another tokenizer or seq_len and not ``force``; the folder
+            exists but is not a prepared dataset; no usable document; a tokenizer without EOS.
+        FileNotFoundError: a source path matches nothing.
+    """
+    name, d = ds_cfg.name, cfg.data
+    final = cfg.dataset_dir(name)
+    existing = _existing_manifest(final, tokenizer, d.seq_len, force)
+    if existing is not None:
+        if existing["sources"] != [s.model_dump() for s in ds_cfg.sources]:
+            logger.warning(
+                "dataset %r in %s was prepared from other sources than the config names; "
+                "pass force (`kiln data prepare --force`) to prepare it again",
+                name,
+                final,
+            )
+        logger.info("dataset %r already prepared in %s", name, final)
+        return existing
+    if tokenizer.eos_id < 0:
+        raise ValueError(f"tokenizer {tokenizer.path} defines no EOS piece; packing needs one")
+    if not ds_cfg.sources:
+        raise ValueError(f"dataset {name!r} has no sources and is not prepared in {final}")
+
+    raw = [load_source(s, cache_dir=hf_cache_dir(cfg)) for s in ds_cfg.sources]
+    docs = raw[0] if len(raw) == 1 else datasets.concatenate_datasets(raw)
+    n_docs = len(docs)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        status, tokenized = _tokenize(docs, tokenizer, tmp / "map-cache", d.num_proc)
+        skipped = {r: int((status == _STATUS[r]).sum()) for r in SKIP_REASONS}
+        usable = np.flatnonzero(status == 0)
+        if len(usable) == 0:
+            raise ValueError(
+                f"dataset {name!r} has no usable document: {n_docs} read, skipped {skipped}; "
+                f"check its sources ({[s.path for s in ds_cfg.sources]}): the files are empty, "
+                f"not UTF-8, or text_field names the wrong column"
+            )
+        is_val = _validation_mask(n_docs, usable, d.validation_fraction, d.seed, name)
+
+        dtype = token_dtype(tokenizer.vocab_size)
+        writers = {s: _SplitWriter(tmp, s, d.seq_len + 1, dtype, d.shard_tokens) for s in SPLITS}
+        start = 0
+        for table in tokenized.with_format("arrow").iter(batch_size=_MAP_BATCH):
+            val = pa.array(is_val[start : start + table.num_rows])
+            start += table.num_rows
+            for split, mask in (("train", pc.invert(val)), ("validation", val)):
+                rows = table.filter(mask)
+                if rows.num_rows:
+                    ids = rows.column("input_ids").combine_chunks().flatten().to_numpy()
+                    n_ok = int(pc.sum(pc.equal(rows.column("status"), 0)).as_py() or 0)
+                    writers[split].add(ids, n_ok)
+        assert start == n_docs
+        del tokenized
+        shutil.rmtree(tmp / "map-cache", ignore_errors=True)
+        splits = {s: w.close() for s, w in writers.items()}
+
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "sources": [s.model_dump() for s in ds_cfg.sources],
+            "tokenizer": {
+                "path": str(tokenizer.path),
+                "sha256": tokenizer.sha256,
+                "vocab_size": tokenizer.vocab_size,
+            },
+            "seq_len": d.seq_len,
+            "dtype": dtype.name,
+            "seed": d.seed,
+            "validation_fraction": d.validation_fraction,
+            "documents": {
+                "total": n_docs,
+                "usable": len(usable),
+                "train": splits["train"]["documents"],
+                "validation": splits["validation"]["documents"],
+            },
+            "skipped": skipped,
+            "splits": splits,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log_summary(manifest)
+    return manifest
+
+
+def _existing_manifest(
+    final: Path, tokenizer: Tokenizer, seq_len: int, force: bool
+) -> dict[str, Any] | None:
+    if not final.exists():
+        return None
+    if not (final / MANIFEST_FILE).is_file():
+        raise ValueError(
+            f"{final} exists but is not a prepared dataset (no {MANIFEST_FILE}); move it away or "
+            f"give the dataset another name (data.datasets[].name)"
+        )
+    man = read_manifest(final)
+    same = (
+        man.get("format_version") == FORMAT_VERSION
+        and man.get("tokenizer", {}).get("sha256") == tokenizer.sha256
+        and man.get("seq_len") == seq_len
+    )
+    if force:
+        return None
+    if same:
+        return man
+    raise ValueError(
+        f"{final} was prepared with tokenizer sha256 "
+        f"{str(man.get('tokenizer', {}).get('sha256'))[:12]}, seq_len {man.get('seq_len')} "
+        f"(format {man.get('format_version')}), but this config uses tokenizer "
+        f"{tokenizer.sha256[:12]}, seq_len {seq_len} (format {FORMAT_VERSION}); delete {final} "
+        f"or pass force (`kiln data prepare --force`) to prepare it again"
+    )
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+    status = [_STATUS[classify(t)] for t in batch["text"]]
+    ids = iter(
+        tokenizer.encode_batch([t for t, s in zip(batch["text"], status, strict=True) if s == 0])
+    )
+    eos = [tokenizer.eos_id]
+    return {
+        "input_ids": [next(ids) + eos if s == 0 else [] for s in status],
+        "status": status,
+    }
+
+
+def _tokenize(
+    docs: datasets.Dataset, tokenizer: Tokenizer, cache: Path, num_proc: int
+) -> tuple[np.ndarray, datasets.Dataset]:
+    """(status per document (n,) int8, dataset of ``input_ids`` (EOS appended) and ``status``).
+
+    The map's cache files go to ``cache`` (a folder deleted afterwards), never to the shared
+    ``datasets`` cache.
+    """
+    cache.mkdir()
+    if len(docs) == 0:
+        return np.zeros(0, np.int8), docs
+    fingerprint = hashlib.sha256(
+        f"{docs._fingerprint}/{tokenizer.sha256}/kiln-tokenize-v1".encode()
+    ).hexdigest()[:32]
+    tokenized = docs.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=_MAP_BATCH,
+        fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=docs.column_names,
+        features=datasets.Features(
+            {"input_ids": datasets.List(datasets.Value("int32")), "status": datasets.Value("int8")}
+        ),
+        num_proc=min(num_proc, len(docs)) if num_proc > 1 else None,
+        cache_file_name=str(cache / "tokenized.arrow"),
+        load_from_cache_file=False,
+        new_fingerprint=fingerprint,
+        desc="tokenize",
+    )
+    # through Arrow: np.asarray over a datasets Column converts row by row (minutes per million)
+    table = tokenized.select_columns(["status"]).with_format("arrow")[:]
+    status = table.column("status").to_numpy().astype(np.int8, copy=False)
+    return status, tokenized
+
+
+def _validation_mask(
+    n_docs: int, usable: np.ndarray, fraction: float, seed: int, name: str
+) -> np.ndarray:
+    """(n_docs,) bool: the documents held out for validation, a seeded choice of usable ones."""
+    is_val = np.zeros(n_docs, dtype=bool)
+    if fraction == 0:
+        return is_val
+    n_val = max(1, round(fraction * len(usable)))
+    if n_val >= len(usable):
+        if len(usable) == 1:
+            logger.warning(
+                "dataset %r has a single usable document; it goes to train and the validation "
+                "split is empty (split the text into more documents, e.g. sample_by=paragraph)",
+                name,
+            )
+            return is_val
+        n_val = len(usable) - 1  # keep at least one training document
+    rng = np.random.default_rng(seed % (1 << 64))
+    is_val[rng.choice(usable, size=n_val, replace=False)] = True
+    return is_val
+
+
+class _SplitWriter:
+    """Packs a token stream into sequences of ``row`` tokens and writes shard files."""
+
+    def __init__(
+        self, root: Path, split: str, row: int, dtype: np.dtype, shard_tokens: int
+    ) -> None:
+        self.root, self.split, self.row, self.dtype = root, split, row, dtype
+        self.shard_sequences = max(1, shard_tokens // row)
+        (root / split).mkdir()
+        self._buf: list[np.ndarray] = []
+        self._buf_len = 0
+        self.documents = 0
+        self.tokens = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, ids: np.ndarray, documents: int) -> None:
+        self.documents += documents
+        self.tokens += len(ids)
+        self._buf.append(ids.astype(self.dtype))
+        self._buf_len += len(ids)
+        while self._buf_len >= self.shard_sequences * self.row:
+            self._write(self.shard_sequences)
+
+    def _write(self, sequences: int) -> None:
+        data = np.concatenate(self._buf)
+        n = sequences * self.row
+        shard, rest = np.ascontiguousarray(data[:n]), data[n:]
+        self._buf, self._buf_len = ([rest] if len(rest) else []), len(rest)
+        rel = f"{self.split}/shard-{len(self.shards):05d}.bin"
+        shard.tofile(self.root / rel)
+        sha = hashlib.sha256(memoryview(shard).cast("B")).hexdigest()
+        self.shards.append({"file": rel, "sequences": sequences, "sha256": sha})
+
+    def close(self) -> dict[str, Any]:
+        full = self._buf_len // self.row
+        if full:
+            self._write(full)
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "sequences": sum(s["sequences"] for s in self.shards),
+            "dropped_tokens": self._buf_len,
+            "shards": self.shards,
+        }
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete ``tmp`` to ``final``, replacing an older version of it."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _log_summary(man: dict[str, Any]) -> None:
+    skipped = man["skipped"]
+    n_skipped = sum(skipped.values())
+    tr, va = man["splits"]["train"], man["splits"]["validation"]
+    logger.log(
+        logging.WARNING if n_skipped else logging.INFO,
+        "dataset %r: %d documents, %d skipped (%s); train %d docs, %d tokens -> %d sequences "
+        "(%d tokens dropped); validation %d docs, %d tokens -> %d sequences (%d dropped)",
+        man["name"],
+        man["documents"]["total"],
+        n_skipped,
+        ", ".join(f"{k}={v}" for k, v in skipped.items()),
+        tr["documents"],
+        tr["tokens"],
+        tr["sequences"],
+        tr["dropped_tokens"],
+        va["documents"],
+        va["tokens"],
+        va["sequences"],
+        va["dropped_tokens"],
+    )

@@ -1,0 +1,136 @@
+"""Turn a plain PyTorch model into a DeepSpeed engine, in one function.
+
+The model knows nothing of DeepSpeed; everything parallel (ZeRO stage, offload, precision,
+accumulation, clipping) is decided here from the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import BatchPlan, KilnConfig
+
+
+def lr_lambda(cfg: KilnConfig):
+    """Learning-rate multiplier per optimizer step: linear warmup from 0, then cosine, linear or
+    constant decay from ``lr`` to ``min_lr`` at ``max_steps`` (cosine as in Loshchilov & Hutter
+    2017, SGDR, without restarts). Returns a function ``step -> factor`` for ``LambdaLR``."""
+    t = cfg.train
+    floor = t.min_lr / t.lr
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        if t.lr_schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * decay
+
+    return factor
+
+
+def deepspeed_config(
+    cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool, load_universal: bool = False
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run (see deepspeed.ai/docs/config-json)."""
+    t, p = cfg.train, cfg.parallel
+    # torch's AdamW needs no compiled op; DeepSpeed's CPUAdam is much faster when the optimizer
+    # is offloaded from a GPU, so it is used there (it builds on first use).
+    cpu_adam = on_gpu and p.offload_optimizer
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    ds: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.adam_beta1, t.adam_beta2],
+                "eps": t.adam_eps,
+                "weight_decay": t.weight_decay,
+                "torch_adam": not cpu_adam,
+            },
+        },
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices, not norms or other 1-D tensors (the GPT-3 / Llama practice).
+    Tied weights appear once."""
+    decay, no_decay = [], []
+    for p in dict.fromkeys(model.parameters()):  # unique, in order
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block of ``model.layers`` in backward instead of storing its activations.
+
+    Only the block's ``forward`` is wrapped, so parameter names (and with them checkpoints and the
+    Hugging Face key map) do not change; submodules still run through ``__call__``, so ZeRO-3's
+    parameter-fetch hooks fire during recomputation.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_universal=False):
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage 0-3, offload, precision, AdamW, schedule).
+
+    The process group must already exist (:func:`trainer.distributed.init_distributed`).
+
+    Returns:
+        ``deepspeed.DeepSpeedEngine``; call it like the model, then ``engine.backward(loss)`` and
+        ``engine.step()`` every micro-step (it steps the optimizer at accumulation boundaries).
+    """
+    import deepspeed
+
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    on_gpu = torch.cuda.is_available()
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=deepspeed_config(cfg, plan, on_gpu=on_gpu, load_universal=load_universal),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,42 @@
+"""Load a trained model from a run folder for generation, in one process, on CPU or one GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model import LlamaForCausalLM
+from model.tokenizer import Tokenizer
+from trainer import checkpoint
+from trainer.config import config_from_dict
+
+
+def load_run(
+    run_dir: str | Path, *, step: int | None = None, device: str = "cpu"
+) -> tuple[LlamaForCausalLM, Tokenizer]:
+    """The model (fp32, eval mode) and tokenizer of a run's latest checkpoint (or ``step``).
+
+    Raises:
+        FileNotFoundError: the run has no (such) complete checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if step is None:
+        ckpt = checkpoint.latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it with `kiln train`")
+    else:
+        ckpt = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)
+        if not (ckpt / checkpoint.STATE_FILE).is_file():
+            raise FileNotFoundError(f"{ckpt} is not a complete checkpoint")
+    cfg = config_from_dict(checkpoint.read_trainer_state(ckpt)["config"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(seed=0)  # fills the RoPE buffers; the weights are replaced below
+    weights = checkpoint.load_model_weights(ckpt)
+    model.load_state_dict(weights, strict=False)
+    missing = {name for name, _ in model.named_parameters()} - set(weights)  # tied: listed once
+    if missing:
+        raise ValueError(f"{ckpt} lacks weights for {sorted(missing)[:5]}")
+    return model.eval(), Tokenizer.load(ckpt / "tokenizer.model")

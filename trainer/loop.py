@@ -1,0 +1,263 @@
+"""The training loop: ``train_step``, ``evaluate``, ``save``, ``load``, ``fit``.
+
+Data order is a pure function of the global sample index: optimizer step ``s`` consumes the
+global indices ``[s * G, (s + 1) * G)`` (G = global batch size), and micro-step ``m`` of rank
+``r`` reads ``s * G + m * (b * n) + r * b + [0, b)`` (b = micro batch size, n = data-parallel
+size). The checkpoint stores the cursor, so a resume, on any number of processes, neither skips
+nor repeats a sample.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint, distributed
+from trainer.callbacks import Callback
+from trainer.config import BatchPlan, KilnConfig
+from trainer.data.dataset import TrainData
+from trainer.distributed import World
+from trainer.engine import param_groups
+from trainer.estimate import flops_per_token
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of next-token prediction, in fp32.
+
+    Args:
+        logits: (B, T, V) any float dtype.
+        labels: (B, T) int64; ``-100`` marks positions that do not count.
+    """
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )  # fmt: skip
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    """Runs optimizer steps on a DeepSpeed engine and hands metrics to callbacks.
+
+    Args:
+        cfg: the resolved config.
+        engine: from :func:`trainer.engine.build_engine`.
+        plan: batch arithmetic for this world size.
+        data: training mixture; ``validation``: held-out sequences (may be None).
+        token_bytes: (V,) int bytes of text per token id, for bits per byte.
+        peak_flops: per-device peak FLOP/s for MFU.
+    """
+
+    def __init__(
+        self,
+        cfg: KilnConfig,
+        engine,
+        plan: BatchPlan,
+        world: World,
+        data: TrainData,
+        *,
+        token_bytes: np.ndarray,
+        peak_flops: float,
+        callbacks: list[Callback] = (),
+        extra_files: tuple[Path, ...] = (),
+    ):
+        self.cfg, self.engine, self.plan, self.world, self.data = cfg, engine, plan, world, data
+        self.token_bytes = torch.as_tensor(token_bytes, dtype=torch.float64)
+        self.peak_flops = peak_flops
+        self.callbacks = list(callbacks)
+        self.extra_files = extra_files
+        self.step = 0
+        self.consumed_samples = 0
+        self.tokens_seen = 0
+        self.wandb_run_id = uuid.uuid4().hex[:12]
+        self.stop_requested = False
+        self.last_sample_ids = np.zeros(0, dtype=np.int64)  # this rank's, of the last step
+        self.last_lr = 0.0
+        self._flops_per_token = flops_per_token(cfg.model, plan.seq_len)
+
+    # -- signals ------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (Slurm preemption, Ray shutdown) finish the step, save and exit."""
+
+        def request_stop(signum, _frame):
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _agree_on_stop(self) -> bool:
+        # Ranks may see the signal at different steps; stop when any rank saw it.
+        flag = distributed.all_reduce_sum([float(self.stop_requested)], self.world.device)
+        self.stop_requested = bool(flag.item() > 0)
+        return self.stop_requested
+
+    # -- steps ----------------------------------------------------------------------------------
+    def micro_batch_indices(self, step: int, micro: int) -> np.ndarray:
+        p, r = self.plan, self.world.rank
+        start = step * p.global_batch_size + micro * p.micro_batch_size * p.data_parallel_size
+        start += r * p.micro_batch_size
+        return np.arange(start, start + p.micro_batch_size, dtype=np.int64)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        Returns this rank's mean loss over its micro-batches (a device tensor: no host sync).
+        """
+        self.engine.train()
+        self.last_lr = self.engine.get_lr()[0]  # the rate this step uses
+        total = torch.zeros((), device=self.world.device)
+        ids = []
+        for micro in range(self.plan.gradient_accumulation_steps):
+            input_ids, labels, sample_ids = self.data.batch(
+                self.micro_batch_indices(self.step, micro)
+            )
+            ids.append(sample_ids)
+            logits = self.engine(input_ids.to(self.world.device))
+            loss = causal_lm_loss(logits, labels.to(self.world.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        self.last_sample_ids = np.concatenate(ids)
+        self.step += 1
+        self.consumed_samples += self.plan.global_batch_size
+        self.tokens_seen += self.plan.tokens_per_step
+        return total / self.plan.gradient_accumulation_steps
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats/token), perplexity and bits per byte over ``eval_samples``
+        held-out sequences, split over the ranks (every rank runs the same number of forwards,
+        as ZeRO-3 needs). Bits per byte = total nats / ln 2 / UTF-8 bytes of the target text, so
+        runs with different tokenizers compare."""
+        self.engine.eval()
+        p, n = self.plan, self.cfg.train.eval_samples
+        per_round = p.micro_batch_size * p.data_parallel_size
+        sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
+        for start in range(0, n, per_round):
+            idx = start + self.world.rank * p.micro_batch_size + np.arange(p.micro_batch_size)
+            input_ids, labels, _ = self.data.validation_batch(idx)
+            labels[torch.as_tensor(idx >= n)] = IGNORE_INDEX  # padding rows of the last round
+            logits = self.engine(input_ids.to(self.world.device))
+            nats = causal_lm_loss(logits, labels.to(self.world.device), reduction="sum")
+            valid = labels != IGNORE_INDEX
+            sums += torch.stack(
+                [
+                    nats.double().cpu(),
+                    valid.sum().double(),
+                    self.token_bytes[labels.clamp(min=0)][valid].sum(),
+                ]
+            )
+        nats, tokens, nbytes = distributed.all_reduce_sum(sums, self.world.device).tolist()
+        loss = nats / tokens
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": nats / math.log(2) / nbytes,
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "tokens_seen": self.tokens_seen,
+            "wandb_run_id": self.wandb_run_id,
+            "world_size": self.world.world_size,
+            "zero_stage": self.cfg.parallel.zero_stage,
+            "global_batch_size": self.plan.global_batch_size,
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def save(self) -> Path:
+        return checkpoint.save_checkpoint(
+            self.engine,
+            self.cfg.run_dir,
+            self.state(),
+            rank=self.world.rank,
+            keep_last=self.cfg.checkpoint.keep_last,
+            extra_files=self.extra_files,
+        )
+
+    def load(self, ckpt: Path) -> None:
+        """Resume from ``ckpt``: engine shards, optimizer, scheduler, RNG, data cursor."""
+        state = checkpoint.load_checkpoint(
+            self.engine,
+            ckpt,
+            rank=self.world.rank,
+            weight_decays=[
+                g["weight_decay"]
+                for g in param_groups(self.engine.module, self.cfg.train.weight_decay)
+            ],
+        )
+        self.step = state["step"]
+        self.consumed_samples = state["consumed_samples"]
+        self.tokens_seen = state["tokens_seen"]
+        self.wandb_run_id = state["wandb_run_id"]
+        if self.consumed_samples != self.step * self.plan.global_batch_size:
+            raise ValueError(
+                f"{ckpt} consumed {self.consumed_samples} samples in {self.step} steps, which a "
+                f"global batch of {self.plan.global_batch_size} cannot continue exactly; resume "
+                f"with train.global_batch_size={state['global_batch_size']}"
+            )
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def fit(self) -> None:
+        """Train to ``train.max_steps`` (or until a stop signal), evaluating and logging."""
+        t = self.cfg.train
+        self._call("on_train_start")
+        if self.step == 0:
+            self._call("on_eval_end", self.evaluate())
+        window_loss = torch.zeros((), device=self.world.device)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < t.max_steps:
+            window_loss += self.train_step()
+            window_steps += 1
+            self._agree_on_stop()
+            metrics = None
+            if self.step % t.log_every == 0 or self.step == t.max_steps or self.stop_requested:
+                metrics = self._train_metrics(
+                    window_loss / window_steps, window_start, window_steps
+                )
+                window_loss.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            self._call("on_step_end", metrics)
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                self._call("on_eval_end", self.evaluate())
+            if self.stop_requested:
+                break
+        self._call("on_train_end")
+
+    def _train_metrics(self, loss: torch.Tensor, since: float, steps: int) -> dict[str, float]:
+        mean_loss = distributed.all_reduce_sum(loss.reshape(1), self.world.device).item()
+        elapsed = time.perf_counter() - since
+        tokens_per_s = steps * self.plan.tokens_per_step / elapsed
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": mean_loss / self.world.world_size,
+            "lr": self.last_lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self._flops_per_token / (self.peak_flops * self.world.world_size),
+            "memory_gb": peak_memory_gb(self.world.device),
+            "tokens_seen": float(self.tokens_seen),
+        }

@@ -1,0 +1,106 @@
+"""Entry point of one training process: parse the config, set up distributed, build, fit, close.
+
+It runs the same under torchrun, srun, the deepspeed launcher or a Ray worker::
+
+    torchrun --nproc_per_node 2 -m trainer.main runs/demo/config.yaml
+
+Data and tokenizer must be prepared before (``kiln train`` does it before it launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint, distributed
+from trainer.callbacks import (
+    Callback,
+    Checkpointer,
+    ConsoleProgress,
+    JsonlLogger,
+    SampleIdLogger,
+    WandbLogger,
+)
+from trainer.config import KilnConfig, batch_plan, load_config
+
+
+def train(cfg: KilnConfig) -> None:
+    """Train (or resume) the run described by ``cfg`` in this process, one rank of the world."""
+    world = distributed.init_distributed()
+    from model import LlamaForCausalLM
+    from model.tokenizer import Tokenizer
+    from trainer.data.dataset import open_train_data
+    from trainer.engine import build_engine
+    from trainer.estimate import peak_flops
+    from trainer.loop import Trainer
+
+    plan = batch_plan(cfg, world.world_size)
+    run_dir = Path(cfg.run_dir)
+    random.seed(cfg.train.seed + world.rank)
+    torch.manual_seed(cfg.train.seed + world.rank)
+
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    universal = False
+    if world.is_main:
+        checkpoint.remove_partial(run_dir)
+    if ckpt is not None:
+        state = checkpoint.read_trainer_state(ckpt)
+        if checkpoint.needs_universal(state, cfg.parallel.zero_stage, world.world_size):
+            if world.is_main:
+                print(
+                    f"resuming {ckpt.name} (ZeRO-{state['zero_stage']}, {state['world_size']} "
+                    f"ranks) on {world.world_size} ranks through a universal checkpoint"
+                )
+                checkpoint.convert_to_universal(ckpt)
+            distributed.barrier()
+            ckpt, universal = ckpt.with_name(ckpt.name + "-universal"), True
+
+    tokenizer = Tokenizer.load(cfg.tokenizer_path)
+    data = open_train_data(cfg)
+    model = LlamaForCausalLM.from_config(cfg.model, seed=cfg.train.seed)
+    engine = build_engine(cfg, model, plan, load_universal=universal)
+    meta = cfg.tokenizer_path.with_name("tokenizer_meta.json")
+    trainer = Trainer(
+        cfg,
+        engine,
+        plan,
+        world,
+        data,
+        token_bytes=tokenizer.token_bytes(),
+        peak_flops=cfg.train.peak_flops or peak_flops(world.device, cfg.train.precision),
+        extra_files=(run_dir / "config.yaml", cfg.tokenizer_path, meta),
+    )
+    if ckpt is not None:
+        trainer.load(ckpt)
+    callbacks: list[Callback] = []
+    if cfg.train.log_sample_ids:
+        callbacks.append(SampleIdLogger(run_dir, world.rank))
+    if world.is_main:
+        callbacks += [ConsoleProgress(), JsonlLogger(run_dir / "metrics.jsonl")]
+        if cfg.tracking.wandb_mode != "disabled":
+            callbacks.append(WandbLogger(trainer))
+    callbacks.append(Checkpointer())  # last: metrics of a step are logged before it is saved
+    trainer.callbacks = callbacks
+    trainer.install_signal_handlers()
+    try:
+        trainer.fit()
+    finally:
+        distributed.close()
+    if world.is_main and trainer.stop_requested:
+        print(f"stopped by signal at step {trainer.step}; resume with the same command")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One Kiln training process (see `kiln train`).")
+    parser.add_argument("config", help="resolved config YAML (written by `kiln train`)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()
