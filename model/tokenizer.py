@@ -199,13 +199,15 @@ def train_tokenizer(
         vocab_size: exact number of pieces (4 special + 256 bytes + learned, with byte_fallback).
         model_type: ``"bpe"`` or ``"unigram"``.
         input_sentence_size: most lines sampled for training.
-        character_coverage: share of characters that get their own piece; the rest fall back to
-            bytes (0.9995 for English, ~0.995-0.9995 for Korean/CJK with a large vocab).
+        character_coverage: share of characters that get their own piece, in [0.98, 1]; the rest
+            fall back to bytes (0.9995 for English; 0.98-0.9995 for Korean/CJK, lower for a
+            small vocab).
         byte_fallback: unknown characters become ``<0xNN>`` pieces instead of ``<unk>``.
         seed: seed of the line sample.
 
     Raises:
-        ValueError: no usable text, or ``vocab_size`` does not fit the sample (too small for the
+        ValueError: no usable text; ``character_coverage`` outside [0.98, 1] (sentencepiece's
+            range); or ``vocab_size`` does not fit the sample (too small for the
             characters and bytes it must hold, or larger than the text can fill); the message
             says what to change.
     """

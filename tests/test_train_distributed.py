@@ -95,7 +95,11 @@ def test_resume_on_one_process(zero_runs, prepared_data, tmp_path, stage):
 
 def test_sigterm_saves_and_resumes(prepared_data, tmp_path):
     config = train_config(
-        tmp_path, prepared_data, train__max_steps=400, checkpoint__save_every=1000
+        tmp_path,
+        prepared_data,
+        train__max_steps=400,
+        checkpoint__save_every=1000,
+        tracking__wandb_mode="offline",
     )
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launcher.cli", "train", str(config), "--nproc", "2"]
@@ -116,6 +120,23 @@ def test_sigterm_saves_and_resumes(prepared_data, tmp_path):
     train(config, "train.max_steps=" + str(stopped_at + 2))
     assert read_trainer_state(latest_checkpoint(run))["step"] == stopped_at + 2
     assert max(step_losses(run)) == stopped_at + 2
+    # wandb (offline) resumed the same run: both sessions log under the id the checkpoint keeps
+    run_id = read_trainer_state(latest_checkpoint(run))["wandb_run_id"]
+    sessions = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2
+    assert all(s.name.endswith(run_id) for s in sessions)
+    assert all((s / f"run-{run_id}.wandb").is_file() for s in sessions)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_generate_from_checkpoint(zero_runs, stage):
+    """`kiln generate` consolidates the checkpoint (ZeRO-3 shards too) and continues a prompt."""
+    args = ["generate", str(zero_runs[stage]), "--prompt", "ROMEO:", "--max-new-tokens", "12"]
+    greedy = [kiln(*args, "--temperature", "0") for _ in range(2)]
+    assert greedy[0].returncode == 0, greedy[0].stderr[-3000:]
+    assert greedy[0].stdout.startswith("ROMEO:")
+    assert len(greedy[0].stdout.strip()) > len("ROMEO:")
+    assert greedy[0].stdout == greedy[1].stdout
 
 
 def step_losses_or_empty(run: Path) -> dict[int, float]:

@@ -16,6 +16,7 @@ A checkpoint is written under ``.tmp-step-N`` and renamed when every rank has fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -220,6 +221,8 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
             ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
         )  # DeepSpeed pickles its own config objects here; this is our own file
         return {k: v.float() for k, v in states["module"].items()}
+    distributed.select_accelerator()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the caller's output
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

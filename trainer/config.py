@@ -49,7 +49,7 @@ class TokenizerConfig(_Section):
     input_sentence_size: PositiveInt = Field(
         1_000_000, description="sentences sampled from the corpus to train the tokenizer"
     )
-    character_coverage: Annotated[float, Field(gt=0, le=1)] = Field(
+    character_coverage: Annotated[float, Field(ge=0.98, le=1)] = Field(
         0.9995, description="share of characters covered by pieces; the rest fall back to bytes"
     )
     byte_fallback: bool = Field(True, description="unknown characters become UTF-8 byte pieces")
