@@ -6,12 +6,20 @@ is resolved and validated here, before any process starts.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import click
 
-from trainer.config import ConfigError, KilnConfig, batch_plan, check_paths, load_config
+from trainer.config import (
+    ConfigError,
+    KilnConfig,
+    batch_plan,
+    check_device,
+    check_paths,
+    load_config,
+)
 
 OVERRIDES_HELP = "KEY=VALUE overrides of the config, e.g. train.lr=3e-4 parallel.zero_stage=2"
 
@@ -26,6 +34,7 @@ def _load(config: str, overrides: tuple[str, ...], extra: list[str] = ()) -> Kil
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Kiln: pretrain Llama-style transformers from raw text with DeepSpeed."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
 @cli.command(context_settings={"show_default": True})
@@ -57,6 +66,10 @@ def train(
     try:
         plan = batch_plan(cfg, world_size)
         check_paths(cfg)
+        if not dry_run:
+            import torch
+
+            check_device(cfg, cuda_available=torch.cuda.is_available())
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     if dry_run:

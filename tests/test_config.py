@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from launcher.cli import cli
 from model.presets import get_preset
-from trainer.config import ConfigError, batch_plan, check_paths, load_config
+from trainer.config import ConfigError, batch_plan, check_device, check_paths, load_config
 from trainer.estimate import memory_estimate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,14 @@ def test_cli_refuses_bad_config_before_launch(yaml_file):
     assert result.exit_code != 0
     assert "train.micro_batch_size=0" in result.output
     assert "torchrun" not in result.output
+
+
+def test_fp16_needs_a_gpu(yaml_file):
+    cfg = load_config(yaml_file, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        check_device(cfg, cuda_available=False)
+    check_device(cfg, cuda_available=True)
+    check_device(load_config(yaml_file, ["train.precision=bf16"]), cuda_available=False)
 
 
 def test_dry_run_prints_plan(yaml_file):

@@ -346,3 +346,16 @@ def _matches(pattern: str) -> bool:
     anchor = Path(p.anchor) if p.is_absolute() else Path(".")
     rel = str(p.relative_to(p.anchor)) if p.is_absolute() else pattern
     return any(anchor.glob(rel))
+
+
+def check_device(cfg: KilnConfig, *, cuda_available: bool) -> None:
+    """Refuse settings this machine cannot run (before any process starts).
+
+    Raises:
+        ConfigError: fp16 without a GPU (DeepSpeed's CPU accelerator has no fp16 support).
+    """
+    if cfg.train.precision == "fp16" and not cuda_available:
+        raise ConfigError(
+            "train.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); "
+            "use train.precision=bf16 or fp32 on CPU"
+        )

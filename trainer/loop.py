@@ -142,11 +142,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (nats/token), perplexity and bits per byte over ``eval_samples``
-        held-out sequences, split over the ranks (every rank runs the same number of forwards,
-        as ZeRO-3 needs). Bits per byte = total nats / ln 2 / UTF-8 bytes of the target text, so
-        runs with different tokenizers compare."""
+        held-out sequences (all of them if fewer; ``{}`` if none), split over the ranks (every
+        rank runs the same number of forwards, as ZeRO-3 needs). Bits per byte = total nats /
+        ln 2 / UTF-8 bytes of the target text, so runs with different tokenizers compare."""
+        held_out = len(self.data.validation) if self.data.validation is not None else 0
+        p, n = self.plan, min(self.cfg.train.eval_samples, held_out)
+        if n == 0:
+            return {}
         self.engine.eval()
-        p, n = self.plan, self.cfg.train.eval_samples
         per_round = p.micro_batch_size * p.data_parallel_size
         sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
         for start in range(0, n, per_round):
@@ -226,7 +229,7 @@ class Trainer:
         t = self.cfg.train
         self._call("on_train_start")
         if self.step == 0:
-            self._call("on_eval_end", self.evaluate())
+            self._evaluate_and_report()
         window_loss = torch.zeros((), device=self.world.device)
         window_start, window_steps = time.perf_counter(), 0
         while self.step < t.max_steps:
@@ -242,10 +245,14 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             self._call("on_step_end", metrics)
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                self._call("on_eval_end", self.evaluate())
+                self._evaluate_and_report()
             if self.stop_requested:
                 break
         self._call("on_train_end")
+
+    def _evaluate_and_report(self) -> None:
+        if metrics := self.evaluate():
+            self._call("on_eval_end", metrics)
 
     def _train_metrics(self, loss: torch.Tensor, since: float, steps: int) -> dict[str, float]:
         mean_loss = distributed.all_reduce_sum(loss.reshape(1), self.world.device).item()
