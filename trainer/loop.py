@@ -102,7 +102,10 @@ class Trainer:
             signal.signal(sig, request_stop)
 
     def _agree_on_stop(self) -> bool:
-        # Ranks may see the signal at different steps; stop when any rank saw it.
+        # Ranks may see the signal at different steps; stop when any rank saw it (one tiny
+        # all-reduce per step, as Megatron's DistributedSignalHandler does).
+        if self.world.world_size == 1:
+            return self.stop_requested
         flag = distributed.all_reduce_sum([float(self.stop_requested)], self.world.device)
         self.stop_requested = bool(flag.item() > 0)
         return self.stop_requested
