@@ -29,6 +29,11 @@ Formulas:
 * memory = peak resident set size (``getrusage`` ``ru_maxrss``), max over ranks: tensors plus
   Python, torch and DeepSpeed themselves.
 
+Noise: on a shared or virtual machine, runs of one configuration differ by 10% or more. The
+"others %" column is the share of the machine's CPU time that other processes (and the
+hypervisor's steal) took while a configuration ran, from ``/proc/stat`` less this script's own
+processes. Workers inherit the environment, so allocator settings (``MALLOC_*``) apply to all.
+
 Target (CPU): Kiln ZeRO-0 on one process at >= 0.95x the plain loop's tokens/s. The ratio is
 printed with PASS/FAIL; the exit code is 0 either way.
 
@@ -51,8 +56,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Timed optimizer steps per preset when --steps is not given: about 10 s each on a 2-core CPU.
-DEFAULT_STEPS = {"debug": 40, "125m": 6}
+# Timed optimizer steps per preset when --steps is not given. On a quiet 2-core CPU the default
+# run takes ~10 minutes, ~4 of them starting the 22 torchrun jobs (~8-10 s each); a 125m step
+# takes ~2 s on one process (ZeRO-0) to ~10 s on two (ZeRO-3). --steps 2 saves ~1 minute.
+DEFAULT_STEPS = {"debug": 30, "125m": 3}
+JOB_TIMEOUT_S = 900  # per configuration
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -146,21 +154,18 @@ def worker(args) -> None:
             train_step = PlainLoop(cfg, model, plan, data).train_step
         else:
             engine = build_engine(cfg, model, plan)
-            trainer = Trainer(
-                cfg,
-                engine,
-                plan,
-                world,
-                data,  # type: ignore[arg-type]
-                token_bytes=np.ones(cfg.model.vocab_size),
-                peak_flops=1.0,
-            )
+            ones = np.ones(cfg.model.vocab_size)  # token bytes: only evaluate() reads them
+            trainer = Trainer(cfg, engine, plan, world, data, token_bytes=ones, peak_flops=1.0)
             train_step = trainer.train_step
         for _ in range(args.warmup):
             train_step()
         distributed.barrier()
-        start = time.perf_counter()
-        losses = [train_step() for _ in range(args.steps)]
+        losses, times = [], []
+        start = last = time.perf_counter()
+        for _ in range(args.steps):
+            losses.append(train_step())
+            times.append(time.perf_counter() - last)
+            last += times[-1]
         distributed.barrier()
         seconds = time.perf_counter() - start
         rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # MiB
@@ -169,6 +174,7 @@ def worker(args) -> None:
         if world.is_main:
             result = {
                 "step_s": seconds / args.steps,
+                "step_times_s": times,
                 "tokens_per_s": args.steps * plan.tokens_per_step / seconds,
                 "peak_rss_mib": rss.item(),
                 "threads": torch.get_num_threads(),
@@ -180,6 +186,20 @@ def worker(args) -> None:
         distributed.close()
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes (and the hypervisor's steal) used since boot, from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the torchrun jobs)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 def run_config(args, preset: str, runner: str, stage: int, nproc: int, steps: int, out: Path):
     """Launch one configuration under torchrun; returns its figures, or ``{"error": ...}``."""
     worker_args = dict(runner=runner, preset=preset, stage=stage, steps=steps)
@@ -189,15 +209,28 @@ def run_config(args, preset: str, runner: str, stage: int, nproc: int, steps: in
     cmd += [f"--nproc_per_node={nproc}", str(Path(__file__).resolve()), "--worker"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in worker_args.items()]
     label = f"{preset:>6} {runner:5} ZeRO-{stage} x{nproc}"
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    start, busy, own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+    log = out.with_suffix(".log")
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # e.g. one rank died, the other waits in a collective
+            proc.terminate()  # torchrun stops its workers on SIGTERM
+            proc.wait()
     wall = time.perf_counter() - start
+    others = (busy_cpu_seconds() - busy - (own_cpu_seconds() - own)) / (wall * os.cpu_count())
     if proc.returncode != 0 or not out.is_file():
-        tail = (proc.stdout + proc.stderr)[-3000:]
+        tail = log.read_text()[-3000:]
         print(f"{label}: FAILED (exit {proc.returncode}) after {wall:.0f} s\n{tail}", flush=True)
         return {"error": f"exit {proc.returncode}"}
     result = json.loads(out.read_text())
-    print(f"{label}: {result['tokens_per_s']:9.1f} tokens/s ({wall:.0f} s)", flush=True)
+    result["others_cpu"] = max(0.0, others)
+    print(
+        f"{label}: {result['tokens_per_s']:9.1f} tokens/s ({wall:.0f} s, "
+        f"others {100 * result['others_cpu']:.0f}% of the CPU)",
+        flush=True,
+    )
     return result
 
 
@@ -211,24 +244,17 @@ def parse_args(argv=None):
     p.add_argument("--presets", type=csv(str), default="debug,125m", help="model presets")
     p.add_argument("--stages", type=csv(int), default="0,1,2,3", help="ZeRO stages for Kiln")
     p.add_argument("--nprocs", type=csv(int), default="1,2", help="process counts for Kiln")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help=f"timed optimizer steps per configuration (default per preset: {DEFAULT_STEPS}, "
-        "else 10)",
-    )
-    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before timing")
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="alternated runs of the plain loop and Kiln ZeRO-0 on one process; best of each",
-    )
+    steps_help = f"timed optimizer steps per configuration; None: {DEFAULT_STEPS}, else 10"
+    p.add_argument("--steps", type=int, default=None, help=steps_help)
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before timing")
+    pairs_help = "alternated runs of the plain loop and Kiln ZeRO-0 on one process; best of each"
+    p.add_argument("--repeats", type=int, default=2, help=pairs_help)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per process")
     p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary size")
-    p.add_argument("--json", type=Path, default=None, help="also write all figures to this file")
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="also write all figures here"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden, kind in [("--runner", str), ("--preset", str), ("--stage", int), ("--out", str)]:
         p.add_argument(hidden, type=kind, help=argparse.SUPPRESS)
@@ -243,11 +269,6 @@ def main(argv=None) -> None:
     from trainer.estimate import flops_per_token, measure_matmul_flops
 
     began = time.perf_counter()
-    if os.getloadavg()[0] > 0.5:
-        print(
-            f"note: load average {os.getloadavg()[0]:.1f} before start; other processes "
-            "share the cores and will add noise"
-        )
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=2.0)
     cores = torch.get_num_threads()
     print(f"machine peak: {peak / 1e9:.1f} GFLOP/s fp32 (1024^3 matmul, {cores} threads)")
@@ -269,48 +290,52 @@ def main(argv=None) -> None:
     report(args, rows, peak, time.perf_counter() - began)
 
 
-def best(rows, **key):
-    """The fastest successful row matching ``key`` (and all matching rows' tokens/s)."""
-    match = [r for r in rows if all(r[k] == v for k, v in key.items()) and "tokens_per_s" in r]
-    return max(match, key=lambda r: r["tokens_per_s"], default=None), [
-        round(r["tokens_per_s"], 1) for r in match
-    ]
+def runs(rows: list[dict], **key) -> list[dict]:
+    """The successful rows matching ``key``, fastest first."""
+    match = [r for r in rows if "tokens_per_s" in r and all(r[k] == v for k, v in key.items())]
+    return sorted(match, key=lambda r: -r["tokens_per_s"])
 
 
-def report(args, rows, peak: float, wall: float) -> None:
-    head = f"{'preset':>6} {'runner':6} {'ZeRO':>4} {'procs':>5} {'thr/p':>5} {'step s':>7} "
-    head += f"{'tokens/s':>9} {'x plain':>7} {'MFU %':>6} {'RSS MiB':>8} {'last loss':>9}"
-    print(f"\n{head}\n{'-' * len(head)}")
+ROW = "{:>6} {:>6} {:>4} {:>5} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>9} {:>8}"
+COLUMNS = ["preset", "runner", "ZeRO", "procs", "thr/p", "step s", "tokens/s", "x plain"]
+COLUMNS += ["MFU %", "RSS MiB", "last loss", "others %"]
+HEAD = ROW.format(*COLUMNS)
+
+
+def table_row(r: dict, plain: dict | None) -> str:
+    cells = [r["preset"], r["runner"], "-" if r["runner"] == "plain" else r["zero_stage"]]
+    cells.append(r["nproc"])
+    if "error" in r:
+        return ROW.format(*cells, "FAILED", *[""] * 7).rstrip()
+    vs = f"{r['tokens_per_s'] / plain['tokens_per_s']:.3f}" if plain else "-"
+    cells += [r["threads"], f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.1f}", vs]
+    cells += [f"{100 * r['mfu']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['last_loss']:.4f}"]
+    return ROW.format(*cells, f"{100 * r['others_cpu']:.0f}")
+
+
+def report(args, rows: list[dict], peak: float, wall: float) -> None:
+    print(f"\n{HEAD}\n{'-' * len(HEAD)}")
     verdicts = []
     for preset in args.presets:
-        plain, plain_all = best(rows, preset=preset, runner="plain")
-        kiln0, kiln0_all = best(rows, preset=preset, runner="kiln", zero_stage=0, nproc=1)
-        shown = [plain, kiln0] + [
-            best(rows, preset=preset, runner="kiln", zero_stage=s, nproc=n)[0]
-            or {"preset": preset, "runner": "kiln", "zero_stage": s, "nproc": n, "error": "failed"}
-            for s in args.stages
-            for n in args.nprocs
-            if (s, n) != (0, 1)
-        ]
-        for r in filter(None, shown):
-            zero = "-" if r["runner"] == "plain" else r["zero_stage"]
-            line = f"{preset:>6} {r['runner']:6} {zero:>4} {r['nproc']:>5} "
-            if "error" in r:
-                print(line + "FAILED")
-                continue
-            vs = f"{r['tokens_per_s'] / plain['tokens_per_s']:.3f}" if plain else "-"
-            print(
-                line + f"{r['threads']:>5} {r['step_s']:7.3f} {r['tokens_per_s']:9.1f} "
-                f"{vs:>7} {100 * r['mfu']:6.1f} {r['peak_rss_mib']:8.0f} {r['last_loss']:9.4f}"
-            )
-        if plain and kiln0:
-            ratio = kiln0["tokens_per_s"] / plain["tokens_per_s"]
-            verdicts.append((preset, ratio, plain_all, kiln0_all))
+        plain_runs = runs(rows, preset=preset, runner="plain")
+        kiln0_runs = runs(rows, preset=preset, runner="kiln", zero_stage=0, nproc=1)
+        plain = plain_runs[0] if plain_runs else None
+        shown = plain_runs[:1] + kiln0_runs[:1]
+        for stage, nproc in [(s, n) for s in args.stages for n in args.nprocs if (s, n) != (0, 1)]:
+            key = dict(preset=preset, runner="kiln", zero_stage=stage, nproc=nproc)
+            shown += runs(rows, **key)[:1] or [{**key, "error": "failed"}]
+        for r in shown:
+            print(table_row(r, plain))
+        if plain and kiln0_runs:
+            ratio = kiln0_runs[0]["tokens_per_s"] / plain["tokens_per_s"]
+            tps = [[round(r["tokens_per_s"], 1) for r in rs] for rs in (plain_runs, kiln0_runs)]
+            verdicts.append((preset, ratio, *tps))
     print(
         f"\nMFU = tokens/s x (6N + 12LdT) / machine peak ({peak / 1e9:.1f} GFLOP/s fp32, measured "
         "at start on all cores), the same peak for every process count. RSS: peak resident set "
-        "size, max over ranks. thr/p: torch threads per process. Plain loop and Kiln ZeRO-0 x1: "
-        f"best of {args.repeats} alternated runs."
+        "size, max over ranks. thr/p: torch threads per process. others %: CPU taken by other "
+        f"processes while the configuration ran. Plain loop and Kiln ZeRO-0 x1: best of "
+        f"{args.repeats} alternated runs each."
     )
     for preset, ratio, plain_all, kiln0_all in verdicts:
         verdict = "PASS" if ratio >= 0.95 else "FAIL"

@@ -72,6 +72,12 @@ def train(
             check_device(cfg, cuda_available=torch.cuda.is_available())
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    if plan.data_parallel_size == 1 and cfg.parallel.zero_stage > 0:
+        click.echo(
+            f"warning: parallel.zero_stage={cfg.parallel.zero_stage} partitions nothing on one "
+            "data-parallel process and only adds copies; parallel.zero_stage=0 is faster",
+            err=True,
+        )
     if dry_run:
         from launcher.report import plan_report
 
