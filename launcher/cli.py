@@ -46,7 +46,7 @@ def cli() -> None:
 @click.option("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node)")
 @click.option("--master-port", type=int, default=29500, help="rendezvous port on node 0")
 @click.option("--dry-run", is_flag=True, help="print the plan (config, sizes, memory) and exit")
-@click.option("--sample-prompt", default="The", help="prompt of the sample printed at the end")
+@click.option("--sample-prompt", default="The", help="prompt of the final sample ('' for none)")
 def train(
     config, overrides, nproc, nnodes, node_rank, master_addr, master_port, dry_run, sample_prompt
 ):
