@@ -127,7 +127,7 @@ class Checkpointer(Callback):
         if (
             trainer.step % every == 0
             or trainer.step == trainer.cfg.train.max_steps
-            or trainer.stop_requested
+            or trainer.stopping
         ):
             trainer.save()
 

@@ -86,7 +86,8 @@ class Trainer:
         self.consumed_samples = 0
         self.tokens_seen = 0
         self.wandb_run_id = uuid.uuid4().hex[:12]
-        self.stop_requested = False
+        self.stop_requested = False  # this rank got SIGTERM / SIGUSR1 (set by the handler)
+        self.stopping = False  # all ranks agreed to stop after this step
         self.last_sample_ids = np.zeros(0, dtype=np.int64)  # this rank's, of the last step
         self.last_lr = 0.0
         self._flops_per_token = flops_per_token(cfg.model, plan.seq_len)
@@ -103,12 +104,15 @@ class Trainer:
 
     def _agree_on_stop(self) -> bool:
         # Ranks may see the signal at different steps; stop when any rank saw it (one tiny
-        # all-reduce per step, as Megatron's DistributedSignalHandler does).
+        # all-reduce per step, as Megatron's DistributedSignalHandler does). The decision is kept
+        # apart from the handler's flag: a signal landing after the all-reduce must not make one
+        # rank leave the loop (or start a collective save) alone; it counts at the next step.
         if self.world.world_size == 1:
-            return self.stop_requested
-        flag = distributed.all_reduce_sum([float(self.stop_requested)], self.world.device)
-        self.stop_requested = bool(flag.item() > 0)
-        return self.stop_requested
+            self.stopping = self.stop_requested
+        else:
+            flag = distributed.all_reduce_sum([float(self.stop_requested)], self.world.device)
+            self.stopping = bool(flag.item() > 0)
+        return self.stopping
 
     # -- steps ----------------------------------------------------------------------------------
     def micro_batch_indices(self, step: int, micro: int) -> np.ndarray:
@@ -240,7 +244,7 @@ class Trainer:
             window_steps += 1
             self._agree_on_stop()
             metrics = None
-            if self.step % t.log_every == 0 or self.step == t.max_steps or self.stop_requested:
+            if self.step % t.log_every == 0 or self.step == t.max_steps or self.stopping:
                 metrics = self._train_metrics(
                     window_loss / window_steps, window_start, window_steps
                 )
@@ -249,7 +253,7 @@ class Trainer:
             self._call("on_step_end", metrics)
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 self._evaluate_and_report()
-            if self.stop_requested:
+            if self.stopping:
                 break
         self._call("on_train_end")
 

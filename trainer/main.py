@@ -89,7 +89,7 @@ def train(cfg: KilnConfig) -> None:
         trainer.fit()
     finally:
         distributed.close()
-    if world.is_main and trainer.stop_requested:
+    if world.is_main and trainer.stopping:
         print(f"stopped by signal at step {trainer.step}; resume with the same command")
 
 
