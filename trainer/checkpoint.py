@@ -217,9 +217,8 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """
     stage = read_trainer_state(ckpt)["zero_stage"]
     if stage == 0:
-        states = torch.load(
-            ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
-        )
+        path = ckpt / "mp_rank_00_model_states.pt"
+        states = torch.load(path, map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     distributed.select_accelerator()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

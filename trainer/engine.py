@@ -93,10 +93,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for p in dict.fromkeys(model.parameters()):  # unique, in order
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
+    decays = group_weight_decays(weight_decay)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": decays[0]},
+        {"params": no_decay, "weight_decay": decays[1]},
     ]
+
+
+def group_weight_decays(weight_decay: float) -> list[float]:
+    """Weight decay of each group :func:`param_groups` makes, in order (matrices, the rest)."""
+    return [weight_decay, 0.0]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

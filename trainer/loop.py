@@ -26,7 +26,7 @@ from trainer.callbacks import Callback
 from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import TrainData
 from trainer.distributed import World
-from trainer.engine import param_groups
+from trainer.engine import group_weight_decays
 from trainer.estimate import flops_per_token
 
 IGNORE_INDEX = -100
@@ -210,10 +210,7 @@ class Trainer:
             self.engine,
             ckpt,
             rank=self.world.rank,
-            weight_decays=[
-                g["weight_decay"]
-                for g in param_groups(self.engine.module, self.cfg.train.weight_decay)
-            ],
+            weight_decays=group_weight_decays(self.cfg.train.weight_decay),
         )
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
