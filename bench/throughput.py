@@ -1,10 +1,11 @@
 """Training throughput of Kiln beside a plain PyTorch loop, measured on this machine.
 
-What it measures, per model preset:
+What it measures, per model preset (``debug``, ``125m``: Llama presets; ``t5:debug``,
+``t5:small``: T5 v1.1 presets trained with span corruption):
 
 * **Kiln**: the DeepSpeed engine of :func:`trainer.engine.build_engine`, stepped by
-  :meth:`trainer.loop.Trainer.train_step` (the loop's own calls: ``engine(x)``,
-  ``causal_lm_loss``, ``engine.backward``, ``engine.step``), for each ZeRO stage and process
+  :meth:`trainer.loop.Trainer.train_step` (the loop's own calls: ``engine(**inputs)``,
+  ``token_loss``, ``engine.backward``, ``engine.step``), for each ZeRO stage and process
   count. The rest of ``Trainer.fit`` (stop-flag all-reduce, logging, eval) is not timed.
 * **plain loop**: the same model, initialisation, synthetic batches and optimisation, in plain
   PyTorch: ``torch.optim.AdamW`` on the same parameter groups (:func:`trainer.engine.param_groups`),
@@ -13,7 +14,8 @@ What it measures, per model preset:
 
 How: every configuration runs in fresh processes, ``python -m torch.distributed.run --standalone
 --nproc_per_node N bench/throughput.py --worker ...``; rank 0 writes its figures as JSON for the
-parent. Batches are random token ids from a seeded generator, identical for both runners. After
+parent. Batches are random token ids from a seeded generator, identical for both runners, turned
+into examples by the run's objective (span corruption for T5, sentinels = the last 100 ids). After
 ``--warmup`` optimizer steps, ``--steps`` steps are timed between barriers. torchrun sets
 ``OMP_NUM_THREADS=1`` when N > 1; with N = 1 the process uses all cores. The plain loop and Kiln
 ZeRO-0 on one process run adjacent, alternated ``--repeats`` times; the table shows the fastest
@@ -21,9 +23,11 @@ of each, and the verdict is the median ratio of the adjacent (plain, Kiln) pairs
 
 Formulas:
 
-* tokens/s = steps x global_batch_size x seq_len / timed wall seconds (all ranks together).
+* tokens/s = steps x global_batch_size x seq_len / timed wall seconds (all ranks together); for
+  T5, seq_len raw tokens per sequence (before span corruption).
 * MFU = tokens/s x F / P. F = 6 N + 12 L d T training FLOPs per token (PaLM, Chowdhery et al.
-  2022, Appendix B; :func:`trainer.estimate.flops_per_token`). P = the machine's fp32 peak,
+  2022, Appendix B); for T5 the encoder and decoder counted at their own lengths, per raw token
+  (:func:`trainer.objectives.flops_per_token`). P = the machine's fp32 peak,
   measured once at start as the best FLOP/s of a 1024^3 matmul on all cores
   (:func:`trainer.estimate.measure_matmul_flops`). P is the whole machine for every process
   count, since the N processes share its cores.
@@ -39,6 +43,7 @@ Target (CPU): Kiln ZeRO-0 on one process at >= 0.95x the plain loop's tokens/s. 
 printed with PASS/FAIL; the exit code is 0 either way.
 
     python bench/throughput.py                      # debug and 125m, ZeRO 0-3, 1 and 2 processes
+    python bench/throughput.py --presets t5:debug,t5:small
     python bench/throughput.py --presets debug --stages 0 --nprocs 1 --json out.json
 """
 
@@ -61,18 +66,26 @@ import torch
 # Timed optimizer steps per preset when --steps is not given. On a quiet 2-core CPU the default
 # run takes ~10 minutes, ~4 of them starting the 22 torchrun jobs (~8-10 s each); a 125m step
 # takes ~2 s on one process (ZeRO-0) to ~10 s on two (ZeRO-3). --steps 2 saves ~1 minute.
-DEFAULT_STEPS = {"debug": 30, "125m": 3}
+DEFAULT_STEPS = {"debug": 30, "125m": 3, "t5:debug": 30, "t5:small": 3}
 JOB_TIMEOUT_S = 900  # per configuration
 REPO = Path(__file__).resolve().parent.parent
+
+
+def split_preset(preset: str) -> tuple[str, str]:
+    """``"t5:small"`` -> ``("t5", "small")``; a bare name is a Llama preset."""
+    family, _, name = preset.rpartition(":")
+    return family or "llama", name
 
 
 def bench_config(args, preset: str, stage: int):
     from trainer.config import load_config
 
+    family, name = split_preset(preset)
     return load_config(
         None,
         [
-            f"model.name={preset}",
+            f"model.model_type={family}",
+            f"model.name={name}",
             f"tokenizer.vocab_size={args.vocab_size}",
             f"data.seq_len={args.seq_len}",
             f"train.micro_batch_size={args.micro_batch_size}",
@@ -83,16 +96,24 @@ def bench_config(args, preset: str, stage: int):
 
 class SyntheticTokens:
     """Stands in for ``TrainData``: sample ``i`` is row ``i % num_samples`` of uniform random
-    token ids drawn once from a generator seeded with ``seed``."""
+    token ids drawn once from a generator seeded with ``seed``, made into a batch by the run's
+    objective (T5: the last 100 ids are the sentinels)."""
 
-    def __init__(self, vocab_size: int, seq_len: int, num_samples: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.rows = torch.randint(vocab_size, (num_samples, seq_len + 1), generator=g)
+    def __init__(self, cfg, seq_len: int, num_samples: int, seed: int = 0):
+        from trainer.objectives import build_objective
+
+        vocab = cfg.tokenizer.vocab_size
+        g = np.random.default_rng(seed)
+        self.rows = g.integers(4, vocab, (num_samples, seq_len + 1), dtype=np.int64)
+        self.objective = build_objective(cfg, np.arange(vocab - 1, vocab - 101, -1))
 
     def batch(self, indices: np.ndarray):
-        """Returns (input_ids (n, T) int64, labels (n, T) int64, sample ids (n,))."""
-        rows = self.rows[torch.as_tensor(indices) % len(self.rows)]
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), np.asarray(indices)
+        """A :class:`trainer.objectives.Batch` of the samples ``indices`` (n,)."""
+        from trainer.objectives import TRAIN_STREAM
+
+        idx = np.asarray(indices)
+        rows = self.rows[idx % len(self.rows)]
+        return self.objective(rows, idx, TRAIN_STREAM)._replace(sample_ids=idx)
 
 
 class PlainLoop:
@@ -114,14 +135,14 @@ class PlainLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
     def train_step(self) -> torch.Tensor:
-        from trainer.loop import causal_lm_loss
+        from trainer.loop import token_loss
 
         p, total = self.plan, torch.zeros(())
         self.model.train()
         for micro in range(p.gradient_accumulation_steps):
             start = self.step * p.global_batch_size + micro * p.micro_batch_size  # as Trainer's
-            input_ids, labels, _ = self.data.batch(np.arange(start, start + p.micro_batch_size))
-            loss = causal_lm_loss(self.model(input_ids), labels)
+            batch = self.data.batch(np.arange(start, start + p.micro_batch_size))
+            loss = token_loss(self.model(**batch.inputs), batch.labels)
             (loss / p.gradient_accumulation_steps).backward()
             total += loss.detach()
         if self.grad_clip > 0:
@@ -140,7 +161,7 @@ def worker(args) -> None:
     world = distributed.init_distributed()  # before deepspeed is imported
     import torch.distributed as dist
 
-    from model import LlamaForCausalLM
+    from model import build_model
     from trainer.config import batch_plan
     from trainer.engine import build_engine
     from trainer.loop import Trainer
@@ -149,8 +170,8 @@ def worker(args) -> None:
         cfg = bench_config(args, args.preset, args.stage)
         plan = batch_plan(cfg, world.world_size)
         samples = plan.global_batch_size * (args.warmup + args.steps)
-        data = SyntheticTokens(cfg.tokenizer.vocab_size, plan.seq_len, samples)
-        model = LlamaForCausalLM.from_config(cfg.model, seed=cfg.train.seed)
+        data = SyntheticTokens(cfg, plan.seq_len, samples)
+        model = build_model(cfg.model, seed=cfg.train.seed)
         if args.runner == "plain":
             assert world.world_size == 1, "the plain loop runs on one process"
             train_step = PlainLoop(cfg, model, plan, data).train_step
@@ -210,7 +231,7 @@ def run_config(args, preset: str, runner: str, stage: int, nproc: int, steps: in
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={nproc}", str(Path(__file__).resolve()), "--worker"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in worker_args.items()]
-    label = f"{preset:>6} {runner:5} ZeRO-{stage} x{nproc}"
+    label = f"{preset:>8} {runner:5} ZeRO-{stage} x{nproc}"
     start, busy, own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     log = out.with_suffix(".log")
     with log.open("w") as f:
@@ -268,7 +289,8 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     from model.presets import get_preset
-    from trainer.estimate import flops_per_token, measure_matmul_flops
+    from trainer.estimate import measure_matmul_flops
+    from trainer.objectives import flops_per_token
 
     began = time.perf_counter()
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=2.0)
@@ -277,9 +299,10 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
-            get_preset(preset)  # fail early on a wrong name
+            family, name = split_preset(preset)
+            get_preset(name, family)  # fail early on a wrong name
             steps = args.steps or DEFAULT_STEPS.get(preset, 10)
-            fpt = flops_per_token(bench_config(args, preset, 0).model, args.seq_len)
+            fpt = flops_per_token(bench_config(args, preset, 0))
             jobs = [(r, 0, 1) for _ in range(args.repeats) for r in ("plain", "kiln")]
             jobs += [("kiln", s, n) for s in args.stages for n in args.nprocs if (s, n) != (0, 1)]
             for i, (runner, stage, nproc) in enumerate(jobs):
@@ -310,7 +333,7 @@ def runs(rows: list[dict], **key) -> list[dict]:
     return sorted(match, key=lambda r: -r["tokens_per_s"])
 
 
-ROW = "{:>6} {:>6} {:>4} {:>5} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>9} {:>8}"
+ROW = "{:>8} {:>6} {:>4} {:>5} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>9} {:>8}"
 COLUMNS = ["preset", "runner", "ZeRO", "procs", "thr/p", "step s", "tokens/s", "x plain"]
 COLUMNS += ["MFU %", "RSS MiB", "last loss", "others %"]
 HEAD = ROW.format(*COLUMNS)
@@ -343,10 +366,11 @@ def report(args, rows: list[dict], peak: float, wall: float) -> None:
         if plain and kiln0_runs:
             verdicts.append((preset, *pair_ratios(rows, preset)))
     print(
-        f"\nMFU = tokens/s x (6N + 12LdT) / machine peak ({peak / 1e9:.1f} GFLOP/s fp32, measured "
-        "at start on all cores), the same peak for every process count. RSS: peak resident set "
-        "size, max over ranks. thr/p: torch threads per process. others %: CPU taken by other "
-        f"processes while the configuration ran. Plain loop and Kiln ZeRO-0 x1: the fastest of "
+        "\nMFU = tokens/s x FLOPs per token (6N + 12LdT; T5: per stack) / machine peak "
+        f"({peak / 1e9:.1f} GFLOP/s fp32, measured at start on all cores), the same peak for "
+        "every process count. RSS: peak resident set size, max over ranks. thr/p: torch "
+        "threads per process. others %: CPU taken by other processes while the configuration "
+        "ran. Plain loop and Kiln ZeRO-0 x1: the fastest of "
         f"{args.repeats} alternated runs each in the table; the verdict is the median ratio of "
         "the adjacent pairs."
     )

@@ -118,13 +118,18 @@ def train(
 
 def _check_tokenizer_fits(cfg: KilnConfig) -> None:
     from model.tokenizer import Tokenizer
+    from trainer.objectives import check_tokenizer
 
-    vocab = Tokenizer.load(cfg.tokenizer_path).vocab_size
-    if vocab > cfg.model.vocab_size:
+    tokenizer = Tokenizer.load(cfg.tokenizer_path)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
         raise click.ClickException(
-            f"{cfg.tokenizer_path} has {vocab} pieces, more than model.vocab_size="
+            f"{cfg.tokenizer_path} has {tokenizer.vocab_size} pieces, more than model.vocab_size="
             f"{cfg.model.vocab_size}; raise model.vocab_size or leave it unset"
         )
+    try:
+        check_tokenizer(cfg, tokenizer)  # e.g. T5 span corruption on a tokenizer without sentinels
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @cli.group()
@@ -181,42 +186,57 @@ def data_prepare(config, overrides, force):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--step", type=int, default=None, help="checkpoint step (default: latest)")
 def generate(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step):
-    """Continue PROMPT with the model of RUN_DIR's latest checkpoint."""
+    """Continue PROMPT with the model of RUN_DIR's latest checkpoint.
+
+    For an encoder-decoder (T5) run, PROMPT is the encoder input: write the spans to fill as
+    sentinels, e.g. "ROMEO: <extra_id_0> is the <extra_id_1>."; the input is printed with the
+    generated spans in place. A prompt without sentinels prints the decoder's continuation.
+    """
     click.echo(_sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step))
 
 
 def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step=None) -> str:
-    from model import generate as generate_ids
+    from model.generate import fill_in_spans, generate, generate_seq2seq
     from trainer.inference import load_run
 
+    sampling = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
     try:
         model, tok = load_run(run_dir, step=step)
-        new = generate_ids(
-            model,
-            tok.encode(prompt),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=tok.eos_id,
-            seed=seed,
-        )
+        ids = tok.encode(prompt)
+        if model.config.model_type == "llama":
+            return prompt + tok.decode(generate(model, ids, eos_id=tok.eos_id, **sampling))
+        new = generate_seq2seq(model, [*ids, tok.eos_id], **sampling)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    return prompt + tok.decode(new)
+    sentinels = tok.sentinel_ids
+    if not set(ids) & set(sentinels.tolist()):  # no span to fill: the prompt's continuation
+        return prompt + tok.decode(new)
+    return tok.decode(fill_in_spans(ids, new, sentinels, tok.eos_id))
 
 
 @cli.command()
 def presets() -> None:
-    """List the model presets with their sizes."""
+    """List the model presets of both families with their sizes."""
     from model.presets import get_preset, preset_names
 
+    click.echo("llama (decoder)")
     click.echo(f"{'name':<8} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'params*':>10}")
-    for name in preset_names():
-        m = get_preset(name).model_copy(update={"vocab_size": 32000})
+    for name in preset_names("llama"):
+        m = get_preset(name, "llama").model_copy(update={"vocab_size": 32000})
         click.echo(
             f"{name:<8} {m.num_hidden_layers:>6} {m.hidden_size:>6} {m.num_attention_heads:>5} "
             f"{m.num_key_value_heads:>3} {m.num_parameters() / 1e6:>9.1f}M"
+        )
+    click.echo("\nt5 (encoder-decoder, model.model_type=t5)")
+    click.echo(f"{'name':<8} {'layers':>7} {'d_model':>7} {'heads':>5} {'d_ff':>5} {'params*':>10}")
+    for name in preset_names("t5"):
+        t = get_preset(name, "t5").model_copy(update={"vocab_size": 32000})
+        layers = f"{t.num_layers}+{t.num_decoder_layers}"
+        click.echo(
+            f"{name:<8} {layers:>7} {t.d_model:>7} {t.num_heads:>5} {t.d_ff:>5} "
+            f"{t.num_parameters() / 1e6:>9.1f}M"
         )
     click.echo("* with a 32000-piece vocabulary")
 

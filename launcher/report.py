@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from trainer.config import BatchPlan, KilnConfig
-from trainer.estimate import flops_per_token, memory_estimate
+from trainer.estimate import memory_estimate
+from trainer.objectives import describe, flops_per_token
 
 
 def _gib(n: float) -> str:
@@ -21,7 +22,8 @@ def plan_report(cfg: KilnConfig, plan: BatchPlan) -> str:
         "# model",
         f"parameters:            {n:,} ({n / 1e6:.2f}M; "
         f"{m.num_parameters(exclude_input_embedding=True):,} in matmuls)",
-        f"FLOPs per token:       {flops_per_token(m, plan.seq_len):.4g} (6N + 12 L d T)",
+        f"FLOPs per token:       {flops_per_token(cfg):.4g} (6N + attention; per raw token)",
+        f"objective:             {describe(cfg)}",
         "",
         "# batch",
         f"micro_batch_size x gradient_accumulation_steps x data_parallel_size = global_batch_size"

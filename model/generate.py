@@ -1,15 +1,19 @@
-"""Autoregressive sampling from a `LlamaForCausalLM`: greedy, temperature, top-k, nucleus.
+"""Autoregressive sampling from a `LlamaForCausalLM` (`generate`) or a
+`T5ForConditionalGeneration` (`generate_seq2seq`, `fill_in_spans`): greedy, temperature, top-k,
+nucleus.
 
 Shape legend: V vocab.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from model.layers import KVCache
 from model.llama import LlamaForCausalLM
+from model.t5 import T5ForConditionalGeneration
 
 
 def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
@@ -30,7 +34,7 @@ def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Te
 
 
 def _check_args(
-    model: LlamaForCausalLM,
+    model: LlamaForCausalLM | T5ForConditionalGeneration,
     prompt_ids: list[int],
     max_new_tokens: int,
     temperature: float,
@@ -84,11 +88,7 @@ def generate(
     _check_args(model, prompt_ids, max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
     max_pos = model.config.max_position_embeddings
-    generator = torch.Generator(device="cpu")
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = _generator(seed)
     ids = list(prompt_ids)
     cache: list[KVCache] | None = None
     for _ in range(max_new_tokens):
@@ -99,12 +99,97 @@ def generate(
             cache = model.new_kv_cache() if use_cache and len(ids) <= max_pos else None
         inputs = torch.tensor([window], dtype=torch.long, device=device)  # (1, T)
         logits = model(inputs, kv_cache=cache)[0, -1].float().cpu()  # (V,)
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            logits = _filter_logits(logits / temperature, top_k, top_p)
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        token = _pick(logits, temperature, top_k, top_p, generator)
         ids.append(token)
         if token == eos_id:
             break
     return ids[len(prompt_ids) :]
+
+
+def _pick(logits: Tensor, temperature: float, top_k, top_p, generator) -> int:
+    """The next token from logits (V,) float32: argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = _filter_logits(logits / temperature, top_k, top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    model: T5ForConditionalGeneration,
+    input_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> list[int]:
+    """Decode up to `max_new_tokens` target tokens for the encoder input `input_ids`.
+
+    The encoder runs once; the decoder starts from `decoder_start_token_id` and stops after the
+    config's `eos_token_id` (included in the result). Sampling as :func:`generate`. With
+    `use_cache` the decoder keeps per-layer self- and cross-attention keys and values (T5's
+    relative positions do not shift, so the cache is always valid); without it every step runs
+    the decoder over the whole prefix.
+
+    Returns:
+        the generated ids, without the start id.
+
+    Raises:
+        ValueError: as :func:`generate`.
+    """
+    _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    generator = _generator(seed)
+    memory = model.encode(torch.tensor([input_ids], dtype=torch.long, device=device))
+    ids = [model.config.decoder_start_token_id]
+    cache = model.new_cache() if use_cache else None
+    for _ in range(max_new_tokens):
+        window = ids[-1:] if cache is not None else ids
+        step = torch.tensor([window], dtype=torch.long, device=device)  # (1, T)
+        logits = model.decode(step, memory, cache=cache)[0, -1].float().cpu()  # (V,)
+        token = _pick(logits, temperature, top_k, top_p, generator)
+        ids.append(token)
+        if token == model.config.eos_token_id:
+            break
+    return ids[1:]
+
+
+def fill_in_spans(
+    input_ids: list[int], output_ids: list[int], sentinel_ids: np.ndarray | list[int], eos_id: int
+) -> list[int]:
+    """The input with each sentinel replaced by the span the model generated for it.
+
+    The output reads ``<extra_id_0> span0 <extra_id_1> span1 ... </s>`` (span corruption
+    targets); a sentinel of the input with no span in the output is left as it is.
+    """
+    sentinels = [int(s) for s in sentinel_ids]
+    index = {s: i for i, s in enumerate(sentinels)}
+    spans: dict[int, list[int]] = {}
+    current: int | None = None
+    for t in output_ids:
+        if t == eos_id:
+            break
+        if t in index:
+            current = index[t]
+            spans[current] = []
+        elif current is not None:
+            spans[current].append(t)
+    out: list[int] = []
+    for t in input_ids:
+        if t in index and index[t] in spans:
+            out += spans[index[t]]
+        elif t != eos_id:
+            out.append(t)
+    return out

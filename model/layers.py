@@ -1,4 +1,5 @@
-"""Transformer building blocks shared by the model families: RMSNorm, RoPE, attention, SwiGLU.
+"""Transformer building blocks shared by the model families: RMSNorm, RoPE, attention,
+gated feed-forward.
 
 Shape legend: B batch, T time (query positions), S key positions, D model dim, H query heads,
 K key/value heads, Dh head dim, F feed-forward inner dim.
@@ -136,17 +137,36 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-class SwiGLU(nn.Module):
-    """Gated feed-forward down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants", Eq. 6).
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF "gelu_new", T5's gated-gelu
+}
 
-    x: (B, T, D) -> (B, T, D); names match HF `LlamaMLP`; no biases.
+
+class GatedMLP(nn.Module):
+    """Gated feed-forward down(act(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve
+    Transformer": SwiGLU Eq. 6 with ``silu``, GEGLU Eq. 5 with ``gelu_tanh``).
+
+    x: (B, T, D) -> (B, T, D); no biases. Names match HF `LlamaMLP`; T5's `wi_0`, `wi_1`, `wo`
+    are `gate_proj`, `up_proj`, `down_proj` (the key map in `model.hf` renames them).
+    ``dropout`` applies to the gated product, as in T5's `T5DenseGatedActDense`.
+
+    Raises:
+        ValueError: unknown activation.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, activation: str = "silu", dropout=0.0
+    ) -> None:
         super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}; use one of {sorted(_ACTIVATIONS)}")
+        self.act = _ACTIVATIONS[activation]
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B,T,F) -> (B,T,D)
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        return self.down_proj(self.dropout(h))  # (B, T, D)

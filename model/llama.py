@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import LlamaConfig
-from model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_cos_sin
+from model.layers import Attention, GatedMLP, KVCache, RMSNorm, rope_cos_sin
 
 
 class DecoderLayer(nn.Module):
@@ -24,7 +24,7 @@ class DecoderLayer(nn.Module):
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "silu")
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None
@@ -118,6 +118,10 @@ class LlamaForCausalLM(nn.Module):
             std = residual_std if is_residual else cfg.initializer_range
             values = torch.empty(param.shape, dtype=torch.float32)
             param.copy_(values.normal_(0.0, std, generator=generator))
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated transformer blocks, in order (activation checkpointing wraps these)."""
+        return list(self.layers)
 
     def new_kv_cache(self) -> list[KVCache]:
         """An empty key/value cache, one `KVCache` per layer, for `forward(..., kv_cache=)`."""

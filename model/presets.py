@@ -1,11 +1,11 @@
-"""Named decoder presets: small factory functions in a registry. `vocab_size` stays None (the
-trainer fills it from the tokenizer); YAML experiments override fields on top of a preset."""
+"""Named model presets per family: small factory functions in registries. `vocab_size` stays
+None (the trainer fills it from the tokenizer); YAML experiments override fields on top."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from model.config import LlamaConfig
+from model.config import LlamaConfig, ModelConfig, T5Config
 
 
 def debug() -> LlamaConfig:
@@ -93,7 +93,52 @@ def llama_13b() -> LlamaConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], LlamaConfig]] = {
+def t5_debug() -> T5Config:
+    """Tiny T5 that trains on a CPU in seconds; ~0.2M non-embedding parameters. Shape chosen for
+    speed, not taken from a paper."""
+    return T5Config(
+        name="debug", d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+        num_heads=4,
+    )  # fmt: skip
+
+
+def t5_small() -> T5Config:
+    """T5 v1.1 small (google/t5-v1_1-small config.json): 512 wide, 8+8 layers, 6 heads of 64,
+    1024 gated-GELU inner; ~77M parameters with the 32128 vocabulary."""
+    return T5Config(
+        name="small", d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
+        num_heads=6,
+    )  # fmt: skip
+
+
+def t5_base() -> T5Config:
+    """T5 v1.1 base (google/t5-v1_1-base config.json): 768 wide, 12+12 layers, 12 heads of 64,
+    2048 inner; ~248M parameters with the 32128 vocabulary."""
+    return T5Config(
+        name="base", d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
+        num_heads=12,
+    )  # fmt: skip
+
+
+def t5_large() -> T5Config:
+    """T5 v1.1 large (google/t5-v1_1-large config.json): 1024 wide, 24+24 layers, 16 heads of
+    64, 2816 inner; ~783M parameters with the 32128 vocabulary."""
+    return T5Config(
+        name="large", d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
+        num_heads=16,
+    )  # fmt: skip
+
+
+def t5_xl() -> T5Config:
+    """T5 v1.1 XL (google/t5-v1_1-xl config.json): 2048 wide, 24+24 layers, 32 heads of 64,
+    5120 inner; ~2.85B parameters with the 32128 vocabulary."""
+    return T5Config(
+        name="xl", d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
+        num_heads=32,
+    )  # fmt: skip
+
+
+LLAMA_PRESETS: dict[str, Callable[[], LlamaConfig]] = {
     "debug": debug,
     "tiny": tiny,
     "125m": llama_125m,
@@ -103,17 +148,43 @@ PRESETS: dict[str, Callable[[], LlamaConfig]] = {
 }
 
 
-def preset_names() -> list[str]:
-    """Names accepted by `get_preset`, smallest first."""
+T5_PRESETS: dict[str, Callable[[], T5Config]] = {
+    "debug": t5_debug,
+    "small": t5_small,
+    "base": t5_base,
+    "large": t5_large,
+    "xl": t5_xl,
+}
+
+PRESETS: dict[str, dict[str, Callable[[], ModelConfig]]] = {
+    "llama": LLAMA_PRESETS,
+    "t5": T5_PRESETS,
+}
+
+
+def model_types() -> list[str]:
+    """The model families: ``model.model_type`` values."""
     return list(PRESETS)
 
 
-def get_preset(name: str) -> LlamaConfig:
-    """A fresh `LlamaConfig` for preset `name`.
+def preset_names(model_type: str = "llama") -> list[str]:
+    """Names accepted by `get_preset` for the family, smallest first.
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones).
+        ValueError: unknown family.
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {preset_names()}")
-    return PRESETS[name]()
+    if model_type not in PRESETS:
+        raise ValueError(f"unknown model_type {model_type!r}; choose one of {model_types()}")
+    return list(PRESETS[model_type])
+
+
+def get_preset(name: str, model_type: str = "llama") -> ModelConfig:
+    """A fresh config for preset `name` of the family `model_type`.
+
+    Raises:
+        ValueError: unknown family or name (the message lists the valid ones).
+    """
+    names = preset_names(model_type)
+    if name not in names:
+        raise ValueError(f"unknown {model_type} preset {name!r}; choose one of {names}")
+    return PRESETS[model_type][name]()

@@ -15,6 +15,10 @@ Training settings and why:
   4 special + 256 byte pieces.
 - ``split_digits=True``: numbers are spelled digit by digit (Llama, PaLM).
 - ``allow_whitespace_only_pieces=True``: runs of spaces (code indentation) get their own pieces.
+- Sentinels (``num_sentinels`` N > 0, for span corruption): ``<extra_id_0>`` ...
+  ``<extra_id_{N-1}>`` are user-defined pieces (the text ``<extra_id_3>`` encodes to that one
+  id) placed at the end of the vocabulary in T5's order, ``<extra_id_i>`` = ``vocab_size - 1 -
+  i``, so the model exports as a T5 tokenizer. They count in ``vocab_size``.
 - ``hard_vocab_limit=True`` (sentencepiece's default, kept on purpose): the tokenizer has exactly
   ``vocab_size`` pieces, so the config, the metadata and the model's embedding agree. A corpus
   too small for the requested size is a :class:`ValueError` that says which size fits.
@@ -36,6 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 UNK_ID = 0
 BOS_ID = 1
@@ -48,6 +53,12 @@ META_FORMAT_VERSION = 1
 MAX_SENTENCE_CHARS = 1 << 16
 _MAX_SENTENCE_BYTES = 4 * MAX_SENTENCE_CHARS
 _MIN_VOCAB_BYTE_FALLBACK = 4 + 256  # special pieces + one piece per byte value
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def sentinel_piece(i: int) -> str:
+    """The piece of sentinel ``i`` (T5's name): ``<extra_id_{i}>``."""
+    return f"<extra_id_{i}>"
 
 
 class Tokenizer:
@@ -111,6 +122,22 @@ class Tokenizer:
         """The padding id; -1 for a foreign tokenizer that defines none (Llama's own)."""
         return self._sp.pad_id()
 
+    @property
+    def sentinel_ids(self) -> np.ndarray:
+        """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... in sentinel order: ``(N,) int64``;
+        empty when the tokenizer has no sentinels (or they do not run 0..N-1 without a gap)."""
+        found: dict[int, int] = {}
+        for i in range(self.vocab_size):
+            if self._sp.is_unknown(i) or self._sp.is_control(i) or self._sp.is_byte(i):
+                continue
+            m = _SENTINEL.fullmatch(self._sp.id_to_piece(i))
+            if m:
+                found[int(m.group(1))] = i
+        n = 0
+        while n in found:
+            n += 1
+        return np.array([found[k] for k in range(n)], dtype=np.int64)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without BOS or EOS."""
         return self._sp.encode(text, out_type=int)
@@ -130,8 +157,9 @@ class Tokenizer:
     def token_bytes(self) -> np.ndarray:
         """UTF-8 byte length of the text each id stands for: ``(vocab_size,) int32``.
 
-        ``▁`` counts as one space byte, a byte-fallback piece ``<0xNN>`` as 1, control and unknown
-        pieces as 0. ``token_bytes()[ids].sum() == len(text.encode())`` for ``ids =
+        ``▁`` counts as one space byte, a byte-fallback piece ``<0xNN>`` as 1, control, unknown
+        and sentinel pieces as 0 (a sentinel stands for a span, not for text).
+        ``token_bytes()[ids].sum() == len(text.encode())`` for ``ids =
         encode(text)`` of any text without ``<unk>``; the denominator of bits-per-byte.
         """
         out = np.zeros(self.vocab_size, dtype=np.int32)
@@ -140,6 +168,8 @@ class Tokenizer:
                 continue
             if self._sp.is_byte(i):
                 out[i] = 1
+            elif _SENTINEL.fullmatch(self._sp.id_to_piece(i)):
+                continue
             else:
                 out[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
         return out
@@ -184,6 +214,7 @@ def train_tokenizer(
     input_sentence_size: int = 1_000_000,
     character_coverage: float = 0.9995,
     byte_fallback: bool = True,
+    num_sentinels: int = 0,
     seed: int = 0,
 ) -> Tokenizer:
     """Train a sentencepiece tokenizer on a sample of the lines of ``texts``.
@@ -203,6 +234,7 @@ def train_tokenizer(
             fall back to bytes (0.9995 for English; 0.98-0.9995 for Korean/CJK, lower for a
             small vocab).
         byte_fallback: unknown characters become ``<0xNN>`` pieces instead of ``<unk>``.
+        num_sentinels: T5 sentinel pieces reserved at the end of the vocabulary (0: none).
         seed: seed of the line sample.
 
     Raises:
@@ -220,11 +252,15 @@ def train_tokenizer(
             f"sentencepiece accepts; use 0.9995 (English) or 0.98-0.9995 (Korean, Chinese, "
             f"Japanese: rarer characters then fall back to bytes)"
         )
-    if byte_fallback and vocab_size <= _MIN_VOCAB_BYTE_FALLBACK:
+    if num_sentinels < 0:
+        raise ValueError(f"tokenizer.num_sentinels={num_sentinels} must be >= 0")
+    reserved = (_MIN_VOCAB_BYTE_FALLBACK if byte_fallback else 4) + num_sentinels
+    if vocab_size <= reserved:
         raise ValueError(
-            f"tokenizer.vocab_size={vocab_size} leaves no room for learned pieces: "
-            f"byte_fallback needs 4 special + 256 byte pieces; raise tokenizer.vocab_size "
-            f"above {_MIN_VOCAB_BYTE_FALLBACK} (a few thousand or more for real use)"
+            f"tokenizer.vocab_size={vocab_size} leaves no room for learned pieces: 4 special"
+            f"{' + 256 byte' if byte_fallback else ''} + {num_sentinels} sentinel pieces are "
+            f"reserved; raise tokenizer.vocab_size above {reserved} (a few thousand or more "
+            f"for real use)"
         )
     sample, seen = reservoir_sample_lines(texts, input_sentence_size, seed)
     if not sample:
@@ -255,12 +291,13 @@ def train_tokenizer(
             bos_piece="<s>",
             eos_piece="</s>",
             pad_piece="<pad>",
+            user_defined_symbols=[sentinel_piece(i) for i in range(num_sentinels)],
             num_threads=min(16, len(os.sched_getaffinity(0))),
             minloglevel=2,
         )
     except RuntimeError as e:
         raise _explain_trainer_error(e, vocab_size, character_coverage, len(sample)) from None
-    proto = model.getvalue()
+    proto = _sentinels_last(model.getvalue()) if num_sentinels else model.getvalue()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_path, proto)
     tok = Tokenizer(proto, out_path)
@@ -272,12 +309,27 @@ def train_tokenizer(
         "sha256": tok.sha256,
         "character_coverage": character_coverage,
         "byte_fallback": byte_fallback,
+        "num_sentinels": num_sentinels,
         "seed": seed,
         "sentences_seen": seen,
         "sentences_sampled": len(sample),
     }
     _atomic_write(out_path.parent / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return tok
+
+
+def _sentinels_last(proto: bytes) -> bytes:
+    """Move the sentinel pieces (sentencepiece puts user-defined pieces right after the special
+    ones) to the end of the vocabulary in T5's order: ``<extra_id_0>`` last. Encoding does not
+    change (pieces are matched by text and score, not id); the special ids stay 0-3."""
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(proto)
+    pieces = list(m.pieces)
+    sentinels = [p for p in pieces if _SENTINEL.fullmatch(p.piece)]
+    sentinels.sort(key=lambda p: -int(_SENTINEL.fullmatch(p.piece).group(1)))
+    del m.pieces[:]
+    m.pieces.extend([p for p in pieces if not _SENTINEL.fullmatch(p.piece)] + sentinels)
+    return m.SerializeToString()
 
 
 def _explain_trainer_error(

@@ -14,6 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample" / "tinyshakespeare" / "input.txt"
+T5_SENTINELS = 16
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,14 +30,10 @@ def _source(path: Path) -> str:
     return f"{{path: {path}, sample_by: paragraph}}"
 
 
-@pytest.fixture(scope="session")
-def prepared_data(tmp_path_factory) -> Path:
-    """A data root with a 512-piece tokenizer and the dataset `shakespeare` (seq_len 64) made
-    from the first 200 KB of the bundled sample, one document per paragraph."""
+def _prepare(root: Path, *extra: str) -> Path:
     from trainer.config import load_config
     from trainer.data.prepare import prepare_all
 
-    root = tmp_path_factory.mktemp("data")
     corpus = root / "shakespeare.txt"
     corpus.write_text(SAMPLE.read_text()[:200_000])
     cfg = load_config(
@@ -48,10 +45,28 @@ def prepared_data(tmp_path_factory) -> Path:
             "data.validation_fraction=0.05",
             f"data.datasets=[{{name: shakespeare, sources: [{_source(corpus)}]}}]",
             "tokenizer.vocab_size=512",
+            *extra,
         ],
     )
     prepare_all(cfg)
     return root
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    """A data root with a 512-piece tokenizer and the dataset `shakespeare` (seq_len 64) made
+    from the first 200 KB of the bundled sample, one document per paragraph."""
+    return _prepare(tmp_path_factory.mktemp("data"))
+
+
+T5_OVERRIDES = ("model.model_type=t5", f"tokenizer.num_sentinels={T5_SENTINELS}")
+
+
+@pytest.fixture(scope="session")
+def prepared_t5_data(tmp_path_factory) -> Path:
+    """As `prepared_data`, with a tokenizer that reserves 16 T5 sentinels (64 raw tokens make 3
+    noise spans at density 0.15, mean span 3)."""
+    return _prepare(tmp_path_factory.mktemp("t5data"), *T5_OVERRIDES)
 
 
 def train_config(tmp_path: Path, data_root: Path, **sections) -> Path:

@@ -60,7 +60,7 @@ def test_precedence_preset_yaml_cli(yaml_file):
         ("parallel.zero_stage=4", "parallel.zero_stage=4 is not a ZeRO stage"),
         ("parallel.offload_params=true", "needs parallel.zero_stage=3"),
         ("data.seq_len=4096", "max_position_embeddings"),
-        ("model.name=huge", "not a preset"),
+        ("model.name=huge", "not a llama preset"),
         ("train.precision=fp8", "train.precision='fp8'"),
     ],
 )

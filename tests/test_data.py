@@ -438,7 +438,8 @@ def test_packed_dataset_reads_and_checks(two_datasets):
 
 def test_train_and_validation_batches(two_datasets):
     data = open_train_data(two_datasets)
-    x, y, ids = data.batch(np.arange(64))
+    inputs, y, ids = data.batch(np.arange(64))
+    x = inputs["input_ids"]
     assert x.shape == y.shape == (64, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert ids.dtype == np.int64
@@ -451,9 +452,10 @@ def test_train_and_validation_batches(two_datasets):
     val = open_validation(two_datasets)
     n = len(val)
     assert n == sum(len(PackedDataset(two_datasets.dataset_dir(k), "validation")) for k in "ab")
-    vx, _, vids = data.validation_batch(np.arange(n + 2))
+    vinputs, _, vids = data.validation_batch(np.arange(n + 2))
+    vx = vinputs["input_ids"]
     assert torch.equal(vx[n:], vx[:2]) and np.array_equal(vids[n:], vids[:2])
-    assert torch.equal(val.batch(np.arange(n))[0], vx[:n])
+    assert torch.equal(val.batch(np.arange(n)).inputs["input_ids"], vx[:n])
     assert sorted(set((vids // SAMPLE_ID_STRIDE).tolist())) == [0, 1]
 
 

@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config import LlamaConfig
-from model.presets import get_preset, preset_names
+from model.config import LlamaConfig, T5Config
+from model.presets import get_preset, model_types, preset_names
+from trainer.objectives import span_corruption_lengths
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -53,6 +54,11 @@ class TokenizerConfig(_Section):
         0.9995, description="share of characters covered by pieces; the rest fall back to bytes"
     )
     byte_fallback: bool = Field(True, description="unknown characters become UTF-8 byte pieces")
+    num_sentinels: NonNegativeInt | None = Field(
+        None,
+        description="span-corruption sentinels <extra_id_0>... reserved at the end of the "
+        "vocabulary; None: 100 for model_type t5, 0 for llama",
+    )
     seed: int = Field(0, description="seed of the sentence sample")
 
 
@@ -130,6 +136,40 @@ class ParallelConfig(_Section):
     offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3 only)")
 
 
+class CausalLMObjective(_Section):
+    type: Literal["causal_lm"] = "causal_lm"
+    weight: PositiveFloat = Field(1.0, description="relative share of sequences")
+
+
+class SpanCorruptionObjective(_Section):
+    type: Literal["span_corruption"] = "span_corruption"
+    weight: PositiveFloat = Field(1.0, description="relative share of sequences")
+    noise_density: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.15, description="share of raw tokens hidden in noise spans (T5: 0.15)"
+    )
+    mean_noise_span_length: Annotated[float, Field(ge=1)] = Field(
+        3.0, description="mean tokens per noise span (T5: 3)"
+    )
+
+
+class PrefixLMObjective(_Section):
+    type: Literal["prefix_lm"] = "prefix_lm"
+    weight: PositiveFloat = Field(1.0, description="relative share of sequences")
+
+
+ObjectiveConfig = Annotated[
+    CausalLMObjective | SpanCorruptionObjective | PrefixLMObjective, Field(discriminator="type")
+]
+
+
+class ObjectiveSection(_Section):
+    mixture: list[ObjectiveConfig] | None = Field(
+        None,
+        description="weighted objectives, each sequence draws one; None: causal_lm for llama, "
+        "span_corruption for t5",
+    )
+
+
 class CheckpointConfig(_Section):
     save_every: PositiveInt = Field(1000, description="steps between checkpoints (and at the end)")
     keep_last: PositiveInt = Field(3, description="complete checkpoints kept; older are pruned")
@@ -151,7 +191,10 @@ class LaunchConfig(_Section):
 
 class KilnConfig(_Section):
     run_dir: str = Field("runs/default", description="checkpoints, metrics, config and wandb")
-    model: LlamaConfig = Field(default_factory=LlamaConfig)
+    model: Annotated[LlamaConfig | T5Config, Field(discriminator="model_type")] = Field(
+        default_factory=LlamaConfig
+    )
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -174,6 +217,7 @@ class KilnConfig(_Section):
             )
         if t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}; lower min_lr")
+        self._objective_rules()
         if m.vocab_size is None:
             m.vocab_size = pad_vocab(self.tokenizer.vocab_size)
         elif m.vocab_size < self.tokenizer.vocab_size:
@@ -182,7 +226,7 @@ class KilnConfig(_Section):
                 f"model.vocab_size={m.vocab_size}; raise model.vocab_size to at least "
                 f"{self.tokenizer.vocab_size} or leave it unset to derive it"
             )
-        if self.data.seq_len > m.max_position_embeddings:
+        if m.model_type == "llama" and self.data.seq_len > m.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{m.max_position_embeddings}; shorten data.seq_len or raise the limit"
@@ -191,6 +235,44 @@ class KilnConfig(_Section):
         if len(set(names)) != len(names):
             raise ConfigError(f"data.datasets names must be unique, got {names}")
         return self
+
+    def _objective_rules(self) -> None:
+        m, tok, obj = self.model, self.tokenizer, self.objective
+        t5 = m.model_type == "t5"
+        if tok.num_sentinels is None:
+            tok.num_sentinels = 100 if t5 else 0
+        if obj.mixture is None:
+            obj.mixture = [SpanCorruptionObjective() if t5 else CausalLMObjective()]
+        if not obj.mixture:
+            raise ConfigError("objective.mixture is empty; name at least one objective")
+        allowed = ("span_corruption", "prefix_lm") if t5 else ("causal_lm",)
+        for i, o in enumerate(obj.mixture):
+            if o.type not in allowed:
+                raise ConfigError(
+                    f"objective.mixture[{i}].type={o.type!r} does not train model.model_type="
+                    f"{m.model_type!r}; use one of {list(allowed)}"
+                )
+            if o.type != "span_corruption":
+                continue
+            n = span_corruption_lengths(
+                self.data.seq_len, o.noise_density, o.mean_noise_span_length
+            )
+            if o.mean_noise_span_length > n.num_noise_tokens:
+                raise ConfigError(
+                    f"objective.mixture[{i}].mean_noise_span_length={o.mean_noise_span_length} "
+                    f"cannot fit: data.seq_len={self.data.seq_len} x noise_density="
+                    f"{o.noise_density} gives {n.num_noise_tokens} noise tokens per sequence; "
+                    f"lower mean_noise_span_length or raise data.seq_len / noise_density"
+                )
+            if n.num_noise_spans > tok.num_sentinels:
+                raise ConfigError(
+                    f"objective.mixture[{i}] makes {n.num_noise_spans} noise spans per sequence "
+                    f"of data.seq_len={self.data.seq_len} tokens but tokenizer.num_sentinels="
+                    f"{tok.num_sentinels}; raise tokenizer.num_sentinels to at least "
+                    f"{n.num_noise_spans}, or raise mean_noise_span_length / shorten seq_len"
+                )
+        if t5 and self.data.seq_len < 2:
+            raise ConfigError("data.seq_len must be at least 2 for an encoder-decoder")
 
     # Paths derived from the config, so that every component agrees on them.
     @property
@@ -243,13 +325,19 @@ def config_from_dict(tree: dict[str, Any]) -> KilnConfig:
     model = tree.get("model") or {}
     if not isinstance(model, dict):
         raise ConfigError(f"model must be a mapping, got {model!r}")
+    family = model.get("model_type", "llama")
+    if family not in model_types():
+        raise ConfigError(
+            f"model.model_type={family!r} is not a model family; use one of {model_types()}"
+        )
     name = model.get("name", "debug")
     if name != "custom":
-        if name not in preset_names():
+        if name not in preset_names(family):
             raise ConfigError(
-                f"model.name={name!r} is not a preset; use one of {preset_names()} or 'custom'"
+                f"model.name={name!r} is not a {family} preset; use one of "
+                f"{preset_names(family)} or 'custom'"
             )
-        model = {**get_preset(name).model_dump(exclude={"vocab_size"}), **model}
+        model = {**get_preset(name, family).model_dump(exclude={"vocab_size"}), **model}
     try:
         return KilnConfig.model_validate({**tree, "model": model})
     except ValidationError as e:

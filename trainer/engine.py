@@ -106,7 +106,7 @@ def group_weight_decays(weight_decay: float) -> list[float]:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block of ``model.layers`` in backward instead of storing its activations.
+    """Recompute each of ``model.blocks()`` in backward instead of storing its activations.
 
     Only the block's ``forward`` is wrapped, so parameter names (and with them checkpoints and the
     Hugging Face key map) do not change; submodules still run through ``__call__``, so ZeRO-3's
@@ -114,7 +114,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """
     from torch.utils.checkpoint import checkpoint
 
-    for layer in model.layers:
+    for layer in model.blocks():
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.config import LlamaConfig
@@ -58,7 +59,9 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
     ``5 a s / h`` attention-matrix term is dropped because ``scaled_dot_product_attention`` with a
     fused kernel does not store it, and the result scales with the element size. With activation
     checkpointing only each layer's input (``2 s b h`` bytes at 2 bytes per value) is kept, plus
-    one layer being recomputed. The fp32 logits and their gradient (``2 * 4 s b V`` bytes) are
+    one layer being recomputed. For T5, encoder blocks count at the encoder length and decoder
+    blocks, which add cross-attention, at 1.5x the per-value term and the decoder length.
+    The fp32 logits and their gradient (``2 * 4 s b V`` bytes) are
     added on top. Fragmentation, communication buffers and the CUDA context are not included.
     """
     m, p = cfg.model, cfg.parallel
@@ -81,14 +84,23 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
         offloaded += weights
         weights = 0.0
 
-    s, b, h = plan.seq_len, plan.micro_batch_size, m.hidden_size
-    scale = BYTES[cfg.train.precision] / 2
-    per_layer = s * b * h * 34 * scale
-    if cfg.train.activation_checkpointing:
-        layers = m.num_hidden_layers * 2 * s * b * h * scale + per_layer
-    else:
-        layers = m.num_hidden_layers * per_layer
-    logits = 2 * 4 * s * b * float(m.vocab_size or 0)
+    b, scale = plan.micro_batch_size, BYTES[cfg.train.precision] / 2
+    if m.model_type == "llama":
+        h, stacks = m.hidden_size, [(m.num_hidden_layers, plan.seq_len, 34)]
+    else:  # encoder blocks at the encoder length; decoder blocks (with cross-attention) ~1.5x
+        from trainer.objectives import build_objective
+
+        enc_len, dec_len = build_objective(cfg, np.arange(10**6)).lengths()
+        h = m.d_model
+        stacks = [(m.num_layers, enc_len, 34), (m.num_decoder_layers, dec_len, 51)]
+    layers = 0.0
+    for n, s, per_value in stacks:
+        per_layer = s * b * h * per_value * scale
+        if cfg.train.activation_checkpointing:
+            layers += n * 2 * s * b * h * scale + per_layer
+        else:
+            layers += n * per_layer
+    logits = 2 * 4 * stacks[-1][1] * b * float(m.vocab_size or 0)
     return MemoryEstimate(weights, grads, optim, layers + logits, offloaded)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from model import LlamaForCausalLM
+from model import LlamaForCausalLM, T5ForConditionalGeneration, model_class
 from model.tokenizer import Tokenizer
 from trainer import checkpoint
 from trainer.config import config_from_dict
@@ -14,7 +14,7 @@ from trainer.config import config_from_dict
 
 def load_run(
     run_dir: str | Path, *, step: int | None = None, device: str = "cpu"
-) -> tuple[LlamaForCausalLM, Tokenizer]:
+) -> tuple[LlamaForCausalLM | T5ForConditionalGeneration, Tokenizer]:
     """The model (fp32, eval mode) and tokenizer of a run's latest checkpoint (or ``step``).
 
     Raises:
@@ -31,9 +31,9 @@ def load_run(
             raise FileNotFoundError(f"{ckpt} is not a complete checkpoint")
     cfg = config_from_dict(checkpoint.read_trainer_state(ckpt)["config"])
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg.model)
+        model = model_class(cfg.model)(cfg.model)
     model.to_empty(device=device)
-    model.init_weights(seed=0)  # fills the RoPE buffers; the weights are replaced below
+    model.init_weights(seed=0)  # fills buffers (RoPE); the weights are replaced below
     weights = checkpoint.load_model_weights(ckpt)
     model.load_state_dict(weights, strict=False)
     missing = {name for name, _ in model.named_parameters()} - set(weights)  # tied: listed once

@@ -27,17 +27,16 @@ from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import TrainData
 from trainer.distributed import World
 from trainer.engine import group_weight_decays
-from trainer.estimate import flops_per_token
-
-IGNORE_INDEX = -100
+from trainer.objectives import IGNORE_INDEX, flops_per_token
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-    """Cross-entropy of next-token prediction, in fp32.
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of the labelled positions, in fp32: next tokens of a decoder, targets of an
+    encoder-decoder.
 
     Args:
         logits: (B, T, V) any float dtype.
-        labels: (B, T) int64; ``-100`` marks positions that do not count.
+        labels: (B, T) int64 aligned with the logits; ``-100`` marks positions that do not count.
     """
     return F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
@@ -90,7 +89,7 @@ class Trainer:
         self.stopping = False  # all ranks agreed to stop after this step
         self.last_sample_ids = np.zeros(0, dtype=np.int64)  # this rank's, of the last step
         self.last_lr = 0.0
-        self._flops_per_token = flops_per_token(cfg.model, plan.seq_len)
+        self._flops_per_token = flops_per_token(cfg)
 
     # -- signals ------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -131,12 +130,10 @@ class Trainer:
         total = torch.zeros((), device=self.world.device)
         ids = []
         for micro in range(self.plan.gradient_accumulation_steps):
-            input_ids, labels, sample_ids = self.data.batch(
-                self.micro_batch_indices(self.step, micro)
-            )
-            ids.append(sample_ids)
-            logits = self.engine(input_ids.to(self.world.device))
-            loss = causal_lm_loss(logits, labels.to(self.world.device))
+            batch = self.data.batch(self.micro_batch_indices(self.step, micro))
+            ids.append(batch.sample_ids)
+            logits = self.engine(**self._to_device(batch.inputs))
+            loss = token_loss(logits, batch.labels.to(self.world.device))
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
@@ -146,12 +143,17 @@ class Trainer:
         self.tokens_seen += self.plan.tokens_per_step
         return total / self.plan.gradient_accumulation_steps
 
+    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.world.device) for k, v in inputs.items()}
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and bits per byte over ``eval_samples``
-        held-out sequences (all of them if fewer; ``{}`` if none), split over the ranks (every
-        rank runs the same number of forwards, as ZeRO-3 needs). Bits per byte = total nats /
-        ln 2 / UTF-8 bytes of the target text, so runs with different tokenizers compare."""
+        """Validation loss (nats per labelled token: next tokens of a decoder, target tokens of
+        an encoder-decoder), perplexity per labelled token and bits per byte over
+        ``eval_samples`` held-out sequences (all of them if fewer; ``{}`` if none), split over
+        the ranks (every rank runs the same number of forwards, as ZeRO-3 needs). Bits per byte
+        = total nats / ln 2 / UTF-8 bytes of the labelled text (sentinels and EOS count 0), so
+        runs with different tokenizers compare."""
         held_out = len(self.data.validation) if self.data.validation is not None else 0
         p, n = self.plan, min(self.cfg.train.eval_samples, held_out)
         if n == 0:
@@ -161,10 +163,10 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
         for start in range(0, n, per_round):
             idx = start + self.world.rank * p.micro_batch_size + np.arange(p.micro_batch_size)
-            input_ids, labels, _ = self.data.validation_batch(idx)
+            inputs, labels, _ = self.data.validation_batch(idx)
             labels[torch.as_tensor(idx >= n)] = IGNORE_INDEX  # padding rows of the last round
-            logits = self.engine(input_ids.to(self.world.device))
-            nats = causal_lm_loss(logits, labels.to(self.world.device), reduction="sum")
+            logits = self.engine(**self._to_device(inputs))
+            nats = token_loss(logits, labels.to(self.world.device), reduction="sum")
             valid = labels != IGNORE_INDEX
             sums += torch.stack(
                 [

@@ -30,12 +30,13 @@ from trainer.config import KilnConfig, batch_plan, load_config
 def train(cfg: KilnConfig) -> None:
     """Train (or resume) the run described by ``cfg`` in this process, one rank of the world."""
     world = distributed.init_distributed()
-    from model import LlamaForCausalLM
+    from model import build_model
     from model.tokenizer import Tokenizer
     from trainer.data.dataset import open_train_data
     from trainer.engine import build_engine
     from trainer.estimate import peak_flops
     from trainer.loop import Trainer
+    from trainer.objectives import build_objective, check_tokenizer
 
     plan = batch_plan(cfg, world.world_size)
     run_dir = Path(cfg.run_dir)
@@ -59,8 +60,9 @@ def train(cfg: KilnConfig) -> None:
             ckpt, universal = ckpt.with_name(ckpt.name + "-universal"), True
 
     tokenizer = Tokenizer.load(cfg.tokenizer_path)
-    data = open_train_data(cfg)
-    model = LlamaForCausalLM.from_config(cfg.model, seed=cfg.train.seed)
+    check_tokenizer(cfg, tokenizer)
+    data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids))
+    model = build_model(cfg.model, seed=cfg.train.seed)
     engine = build_engine(cfg, model, plan, load_universal=universal)
     meta = cfg.tokenizer_path.with_name("tokenizer_meta.json")
     trainer = Trainer(

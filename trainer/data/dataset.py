@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from trainer.config import KilnConfig
+from trainer.objectives import TRAIN_STREAM, VALIDATION_STREAM, Batch, CausalLM, Objective
 
 FORMAT_VERSION = 1  # of manifest.json and the shard layout (see trainer.data.prepare)
 MANIFEST_FILE = "manifest.json"
@@ -272,24 +272,26 @@ def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     return out
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
-
-
-def _as_batch(rows: np.ndarray, sample_ids: np.ndarray) -> Batch:
-    t = torch.from_numpy(rows)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous(), sample_ids
+def _as_batch(
+    objective: Objective, rows: np.ndarray, indices: np.ndarray, stream: int, ids: np.ndarray
+) -> Batch:
+    return objective(rows.astype(np.int64), indices, stream)._replace(sample_ids=ids)
 
 
 class ValidationData:
-    """The validation splits of several datasets, concatenated in config order, read in order.
+    """The validation splits of several datasets, concatenated in config order, read in order,
+    turned into batches by ``objective`` (default: causal LM).
 
     Raises:
         ValueError: the datasets disagree on seq_len.
     """
 
-    def __init__(self, datasets: Sequence[PackedDataset]) -> None:
+    def __init__(
+        self, datasets: Sequence[PackedDataset], objective: Objective | None = None
+    ) -> None:
         _check_same_seq_len(datasets)
         self.datasets = list(datasets)
+        self.objective = objective or CausalLM()
         self._ends = np.cumsum([len(d) for d in self.datasets], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -299,8 +301,10 @@ class ValidationData:
         """Sequences ``indices % len(self)`` of the concatenation, no shuffle.
 
         Returns:
-            (input_ids (n, seq_len) int64, labels (n, seq_len) int64, sample_ids (n,) int64
-            ``dataset_idx * 2**40 + seq_idx`` within that dataset's validation split).
+            a :class:`~trainer.objectives.Batch` (causal LM: inputs ``input_ids`` (n, seq_len),
+            labels (n, seq_len), int64), sample_ids (n,) int64 ``dataset_idx * 2**40 +
+            seq_idx`` within that dataset's validation split. Random objectives draw from
+            ``indices % len(self)``.
 
         Raises:
             ValueError: there is no validation sequence at all.
@@ -316,7 +320,7 @@ class ValidationData:
         d = np.searchsorted(self._ends, i, side="right")
         s = i - np.concatenate([[0], self._ends])[d]
         rows = np.stack([self.datasets[a][b] for a, b in zip(d.tolist(), s.tolist(), strict=True)])
-        return _as_batch(rows.astype(np.int64), d * SAMPLE_ID_STRIDE + s)
+        return _as_batch(self.objective, rows, i, VALIDATION_STREAM, d * SAMPLE_ID_STRIDE + s)
 
 
 class TrainData:
@@ -327,6 +331,7 @@ class TrainData:
         weights: relative shares, one per dataset.
         seed: the sampler's seed (``data.seed``).
         validation: the validation splits, for :meth:`validation_batch` (optional).
+        objective: turns packed rows into batches (default: causal LM).
 
     Raises:
         ValueError: the datasets disagree on seq_len, or as :class:`MixtureSampler`.
@@ -338,6 +343,7 @@ class TrainData:
         weights: Sequence[float],
         seed: int,
         validation: Sequence[PackedDataset] | None = None,
+        objective: Objective | None = None,
     ) -> None:
         _check_same_seq_len(datasets)
         empty = [d.name for d in datasets if len(d) == 0]
@@ -349,18 +355,24 @@ class TrainData:
         self.datasets = list(datasets)
         self.seq_len = self.datasets[0].seq_len
         self.sampler = MixtureSampler([len(d) for d in datasets], weights, seed)
-        self.validation = ValidationData(validation) if validation is not None else None
+        self.objective = objective or CausalLM()
+        self.validation = (
+            ValidationData(validation, self.objective) if validation is not None else None
+        )
 
     def batch(self, global_indices: np.ndarray | Sequence[int]) -> Batch:
         """The samples of ``global_indices`` (n,).
 
         Returns:
-            (input_ids (n, seq_len) int64, labels (n, seq_len) int64 (inputs shifted by one),
-            sample_ids (n,) int64 ``dataset_idx * 2**40 + seq_idx``).
+            a :class:`~trainer.objectives.Batch`: the objective's inputs and labels (causal LM:
+            ``input_ids`` (n, seq_len) and labels, the inputs shifted by one, int64), and
+            sample_ids (n,) int64 ``dataset_idx * 2**40 + seq_idx``. Random objectives draw
+            from the global index, so a sample is the same whichever rank reads it.
         """
-        d, s = self.sampler(global_indices)
+        g = np.asarray(global_indices, dtype=np.int64).reshape(-1)
+        d, s = self.sampler(g)
         rows = np.stack([self.datasets[a][b] for a, b in zip(d.tolist(), s.tolist(), strict=True)])
-        return _as_batch(rows.astype(np.int64), d * SAMPLE_ID_STRIDE + s)
+        return _as_batch(self.objective, rows, g, TRAIN_STREAM, d * SAMPLE_ID_STRIDE + s)
 
     def validation_batch(self, indices: np.ndarray | Sequence[int]) -> Batch:
         """As :meth:`ValidationData.batch`.
@@ -411,9 +423,9 @@ def _open_split(cfg: KilnConfig, split: Literal["train", "validation"]) -> list[
     return out
 
 
-def open_train_data(cfg: KilnConfig) -> TrainData:
+def open_train_data(cfg: KilnConfig, objective: Objective | None = None) -> TrainData:
     """The training mixture of ``cfg.data.datasets`` (weights ``weight``, seed ``data.seed``),
-    with their validation splits attached.
+    with their validation splits attached, batched by ``objective`` (default: causal LM).
 
     Raises:
         FileNotFoundError: a dataset is not prepared.
@@ -423,7 +435,11 @@ def open_train_data(cfg: KilnConfig) -> TrainData:
     train = _open_split(cfg, "train")
     validation = [PackedDataset(d.path, "validation") for d in train]
     return TrainData(
-        train, [d.weight for d in cfg.data.datasets], cfg.data.seed, validation=validation
+        train,
+        [d.weight for d in cfg.data.datasets],
+        cfg.data.seed,
+        validation=validation,
+        objective=objective,
     )
 
 

@@ -95,6 +95,7 @@ def train_tokenizer_from_config(cfg: KilnConfig) -> Tokenizer:
         input_sentence_size=t.input_sentence_size,
         character_coverage=t.character_coverage,
         byte_fallback=t.byte_fallback,
+        num_sentinels=t.num_sentinels,
         seed=t.seed,
     )
     logger.info("tokenizer written: %r", tok)

@@ -1,0 +1,357 @@
+"""The T5 v1.1 encoder-decoder (Raffel et al. 2020, "Exploring the Limits of Transfer Learning
+with a Unified Text-to-Text Transformer", Sec. 2.1; v1.1 changes in google-research/
+text-to-text-transfer-transformer `released_checkpoints.md`).
+
+Pre-norm blocks with RMSNorm (no mean subtraction, no bias), relative position buckets computed
+once per stack and added to the attention scores of every layer of it (bidirectional in the
+encoder, causal in the decoder; none in cross-attention), gated-GELU feed-forward, no biases
+anywhere, no 1/sqrt(d) score scaling (T5 folds it into the query initialisation), an untied
+output head, decoder inputs = targets shifted right behind the pad id.
+
+Shape legend: B batch, S encoder positions, T decoder positions, D d_model, H heads,
+Dk d_kv, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import T5Config
+from model.layers import GatedMLP, KVCache, RMSNorm
+
+
+def relative_position_bucket(
+    relative_position: Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Tensor:
+    """Bucket of each relative position ``key - query`` (int64 tensor, any shape).
+
+    Half of the buckets (per direction when bidirectional) hold the exact offsets 0..n/2-1; the
+    other half are logarithmically wider bins up to ``max_distance``, beyond which all offsets
+    share the last bucket. Causal (``bidirectional=False``): positive offsets (the future) fall
+    in bucket 0. Source: Mesh TensorFlow `transformer_layers._relative_position_bucket`, as used
+    by T5 (Raffel et al. 2020, Sec. 2.1), and HF `T5Attention._relative_position_bucket`.
+
+    Returns:
+        int64 tensor of ``relative_position``'s shape with values in ``[0, num_buckets)``.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # log-spaced bins; the clamp keeps log(0) out of the unused branch of the where
+    log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(
+        max_distance / max_exact
+    )
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned scalar per (bucket, head), added to the attention scores of every layer of a
+    stack. ``weight``: (num_buckets, H)."""
+
+    def __init__(self, cfg: T5Config, *, bidirectional: bool) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_attention_num_buckets
+        self.max_distance = cfg.relative_attention_max_distance
+        self.embedding = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+
+    def forward(self, query_length: int, key_length: int, offset: int = 0) -> Tensor:
+        """Bias for queries at positions ``offset .. offset + query_length - 1`` over keys at
+        ``0 .. key_length - 1``: (1, H, query_length, key_length) in the weight's dtype."""
+        device = self.embedding.weight.device
+        query = torch.arange(offset, offset + query_length, device=device)[:, None]
+        key = torch.arange(key_length, device=device)[None, :]
+        bucket = relative_position_bucket(
+            key - query,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )  # (Tq, Tk)
+        return self.embedding(bucket).permute(2, 0, 1).unsqueeze(0)  # (1, H, Tq, Tk)
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without score scaling, with an additive float bias (relative
+    positions and masks), through `F.scaled_dot_product_attention(scale=1.0)`.
+
+    A float ``attn_mask`` rules out the flash kernel; SDPA uses the memory-efficient kernel on
+    GPU (which takes an additive bias) and the math kernel on CPU.
+    """
+
+    def __init__(self, cfg: T5Config) -> None:
+        super().__init__()
+        self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
+        self.dropout = cfg.dropout_rate
+        self.q_proj = nn.Linear(cfg.d_model, cfg.inner_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.inner_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.inner_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.inner_dim, cfg.d_model, bias=False)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.d_kv).transpose(1, 2)  # (B, H, T, Dk)
+
+    def forward(
+        self,
+        x: Tensor,
+        bias: Tensor,
+        *,
+        memory: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, T, D) queries' input; bias: float, broadcastable to (B, H, T, S), added to the
+        scores (a large negative value masks); ``memory``: (B, S, D) encoder output for
+        cross-attention (None: self-attention over x). Returns (B, T, D) in x's dtype.
+
+        ``cache`` (inference): self-attention appends this call's keys and values; cross-
+        attention computes them from ``memory`` on the first call and reuses them after.
+        """
+        B, T, _ = x.shape
+        q = self._heads(self.q_proj(x))
+        if memory is None:
+            k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+            if cache is not None:
+                k, v = cache.update(k, v)
+        elif cache is not None and cache.k is not None:
+            k, v = cache.k, cache.v
+        else:
+            k, v = self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
+            if cache is not None:
+                cache.update(k, v)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=bias.to(q.dtype),
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0,
+        )  # (B, H, T, Dk)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.d_kv))
+
+
+class T5Block(nn.Module):
+    """x + attn(norm(x)) [+ cross(norm(x), memory)] + mlp(norm(x)), dropout on each branch."""
+
+    def __init__(self, cfg: T5Config, *, is_decoder: bool) -> None:
+        super().__init__()
+        eps = cfg.layer_norm_epsilon
+        self.self_attn_norm = RMSNorm(cfg.d_model, eps)
+        self.self_attn = T5Attention(cfg)
+        if is_decoder:
+            self.cross_attn_norm = RMSNorm(cfg.d_model, eps)
+            self.cross_attn = T5Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps)
+        self.mlp = GatedMLP(cfg.d_model, cfg.d_ff, "gelu_tanh", cfg.dropout_rate)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(
+        self,
+        x: Tensor,
+        bias: Tensor,
+        memory: Tensor | None = None,
+        memory_bias: Tensor | None = None,
+        cache: tuple[KVCache, KVCache] | None = None,
+    ) -> Tensor:
+        """x: (B, T, D); bias: self-attention bias (B|1, H, T, T'); memory: (B, S, D) and
+        memory_bias: (B, 1, 1, S) in decoder blocks. Returns (B, T, D)."""
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), bias, cache=self_cache))
+        if memory is not None:
+            h = self.cross_attn(
+                self.cross_attn_norm(x), memory_bias, memory=memory, cache=cross_cache
+            )
+            x = x + self.dropout(h)
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class T5Stack(nn.Module):
+    """The encoder (bidirectional) or decoder (causal, cross-attending) stack of T5 blocks with
+    the relative position bias of the stack and the final norm; the embedding is the model's."""
+
+    def __init__(self, cfg: T5Config, *, is_decoder: bool) -> None:
+        super().__init__()
+        self.is_decoder = is_decoder
+        n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
+        self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=not is_decoder)
+        self.layers = nn.ModuleList(T5Block(cfg, is_decoder=is_decoder) for _ in range(n))
+        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(
+        self,
+        x: Tensor,
+        pad_bias: Tensor | None = None,
+        memory: Tensor | None = None,
+        memory_bias: Tensor | None = None,
+        cache: list[tuple[KVCache, KVCache]] | None = None,
+    ) -> Tensor:
+        """x: (B, T, D) embedded tokens; pad_bias: (B, 1, 1, T) encoder key mask (encoder only);
+        memory, memory_bias: the encoder output and its key mask (decoder only); cache: one
+        (self, cross) pair per layer (decoder inference). Returns (B, T, D)."""
+        T = x.shape[1]
+        past = cache[0][0].length if cache is not None else 0
+        bias = self.relative_attention_bias(T, past + T, offset=past)  # (1, H, T, past + T)
+        if self.is_decoder:
+            future = torch.ones(T, past + T, dtype=torch.bool, device=x.device).triu(past + 1)
+            bias = bias.masked_fill(future, torch.finfo(bias.dtype).min)
+        elif pad_bias is not None:
+            bias = bias + pad_bias
+        x = self.dropout(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, bias, memory, memory_bias, None if cache is None else cache[i])
+        return self.dropout(self.final_layer_norm(x))
+
+
+def padding_bias(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, S) mask (1/True = token, 0 = padding) -> (B, 1, 1, S) additive bias: 0 or the
+    dtype's most negative value. None stays None (no padding)."""
+    if attention_mask is None:
+        return None
+    keep = attention_mask.bool()[:, None, None, :]
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+        ~keep, torch.finfo(dtype).min
+    )
+
+
+class T5ForConditionalGeneration(nn.Module):
+    """T5 v1.1 returning logits; the trainer computes the loss.
+
+    Children: ``shared`` (the embedding of both stacks), ``encoder``, ``decoder``, ``lm_head``.
+    Build, materialise and initialise are separate steps, as `LlamaForCausalLM`.
+
+    Raises:
+        ValueError: ``cfg.vocab_size`` is None.
+    """
+
+    def __init__(self, cfg: T5Config) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError(
+                "T5Config.vocab_size is None; set it (the trainer takes it from the tokenizer)"
+            )
+        self.config = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = T5Stack(cfg, is_decoder=False)
+        self.decoder = T5Stack(cfg, is_decoder=True)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: T5Config,
+        *,
+        seed: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> T5ForConditionalGeneration:
+        """Build on meta, materialise on `device`, `init_weights(seed)`, in `dtype`."""
+        with torch.device("meta"):
+            model = cls(cfg).to(dtype)
+        model.to_empty(device=device)
+        model.init_weights(seed)
+        return model
+
+    def tie_weights(self) -> None:
+        """Share `lm_head.weight` with `shared.weight` when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter from `seed` as the T5 reference (Mesh TensorFlow's
+        variance-scaling initialisers, reproduced by HF `T5PreTrainedModel._init_weights`),
+        all times ``initializer_factor`` c:
+
+        - embedding: N(0, c); q: N(0, c (D Dk)^-1/2) (the folded 1/sqrt(Dk) score scale);
+          k, v: N(0, c D^-1/2); o: N(0, c (H Dk)^-1/2); wi_0, wi_1: N(0, c D^-1/2);
+          wo: N(0, c F^-1/2); relative position bias: N(0, c D^-1/2); norms: ones.
+        - untied head: N(0, c D^-1/2), the fan-in variance scaling of Mesh TF's
+          `mtf.layers.dense` that T5 uses for its "logits" layer (HF draws it from N(0, c),
+          which gives initial logits a std of sqrt(D)). A tied head is the embedding and the
+          decoder output is then scaled by D^-1/2 in `forward`, as T5.
+
+        Values are drawn in fp32 from one CPU generator in `named_parameters()` order, so they
+        do not depend on the device.
+        """
+        cfg, c = self.config, self.config.initializer_factor
+        d, inner, ff = cfg.d_model, cfg.inner_dim, cfg.d_ff
+        self.tie_weights()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        stds = {
+            "shared.weight": c,
+            "lm_head.weight": c * d**-0.5,
+            "q_proj.weight": c * (d * cfg.d_kv) ** -0.5,
+            "k_proj.weight": c * d**-0.5,
+            "v_proj.weight": c * d**-0.5,
+            "o_proj.weight": c * inner**-0.5,
+            "gate_proj.weight": c * d**-0.5,
+            "up_proj.weight": c * d**-0.5,
+            "down_proj.weight": c * ff**-0.5,
+            "relative_attention_bias.embedding.weight": c * d**-0.5,
+        }
+        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for name, param in self.named_parameters():  # tied weights appear once
+            if id(param) in norm_weights:
+                param.fill_(1.0)
+                continue
+            std = next(s for suffix, s in stds.items() if name.endswith(suffix))
+            values = torch.empty(param.shape, dtype=torch.float32)
+            param.copy_(values.normal_(0.0, std, generator=generator))
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, encoder then decoder (activation checkpointing wraps these)."""
+        return [*self.encoder.layers, *self.decoder.layers]
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids: (B, S) int64, attention_mask: (B, S) 1 = token, 0 = padding (None: all
+        tokens) -> encoder output (B, S, D) in the parameters' dtype."""
+        x = self.shared(input_ids)
+        return self.encoder(x, pad_bias=padding_bias(attention_mask, x.dtype))
+
+    def decode(
+        self,
+        decoder_input_ids: Tensor,
+        memory: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: list[tuple[KVCache, KVCache]] | None = None,
+    ) -> Tensor:
+        """decoder_input_ids: (B, T) int64; memory: (B, S, D) from `encode`; attention_mask:
+        the encoder's (B, S) mask; cache (inference, from `new_cache`): the ids are the positions
+        after the cached ones. Returns logits (B, T, V)."""
+        x = self.shared(decoder_input_ids)
+        memory_bias = padding_bias(attention_mask, x.dtype)
+        if memory_bias is None:
+            memory_bias = torch.zeros(1, 1, 1, memory.shape[1], dtype=x.dtype, device=x.device)
+        h = self.decoder(x, memory=memory, memory_bias=memory_bias, cache=cache)
+        if self.config.tie_word_embeddings:
+            h = h * self.config.d_model**-0.5
+        return self.lm_head(h)
+
+    def new_cache(self) -> list[tuple[KVCache, KVCache]]:
+        """An empty (self, cross) key/value cache pair per decoder layer, for `decode`."""
+        return [(KVCache(), KVCache()) for _ in self.decoder.layers]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        decoder_input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids: (B, S) int64 encoder tokens; decoder_input_ids: (B, T) int64 (targets
+        shifted right behind ``decoder_start_token_id``); attention_mask: (B, S) encoder mask
+        (None: no padding). Returns logits (B, T, V) in the parameters' dtype."""
+        memory = self.encode(input_ids, attention_mask)
+        return self.decode(decoder_input_ids, memory, attention_mask)

@@ -1,0 +1,375 @@
+"""Training objectives: how packed token rows become model inputs and labels.
+
+- ``causal_lm`` (decoder): inputs ``row[:-1]``, labels ``row[1:]``.
+- ``span_corruption`` (encoder-decoder; Raffel et al. 2020, Sec. 3.1.4 and 3.3.4): noise spans of
+  the raw tokens are replaced by one sentinel each in the inputs; the targets list each sentinel
+  followed by the tokens it hides. Span layout as T5's `random_spans_noise_mask`, lengths as its
+  `random_spans_helper` (google-research/text-to-text-transfer-transformer,
+  `t5/data/preprocessors.py`), so inputs and targets have fixed lengths and no padding.
+- ``prefix_lm`` (encoder-decoder): the row is split at a point drawn per sequence; the encoder
+  reads the prefix and the decoder predicts the rest (T5 Sec. 3.2.3, UL2's S-denoiser).
+
+Several encoder-decoder objectives with weights form a UL2-style mixture (Tay et al. 2022): each
+sequence draws its objective. Every draw comes from ``numpy.random.default_rng((seed, split,
+index))`` of the sample's global index, so a batch is a pure function of (seed, index) and a
+resume replays it exactly, on any number of ranks.
+
+Tensors are int64; B sequences, R raw tokens (``data.seq_len``), I encoder length, L decoder
+length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from trainer.config import KilnConfig
+
+IGNORE_INDEX = -100
+TRAIN_STREAM, VALIDATION_STREAM = 0, 1
+
+
+class Batch(NamedTuple):
+    """One micro-batch: ``inputs`` are the model's keyword arguments ((B, ...) int64 tensors),
+    ``labels`` (B, T) int64 align with the logits (``-100``: no loss), ``sample_ids`` (B,) int64
+    name the packed rows (see `trainer.data.dataset`)."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    sample_ids: np.ndarray
+
+
+class CausalLM:
+    """Next-token prediction over packed rows of R + 1 tokens."""
+
+    def __call__(self, rows: np.ndarray, indices: np.ndarray, stream: int) -> Batch:
+        """rows: (B, R + 1) int64; indices, stream: unused (nothing is random)."""
+        t = torch.from_numpy(rows)
+        return Batch({"input_ids": t[:, :-1].contiguous()}, t[:, 1:].contiguous(), np.empty(0))
+
+    def lengths(self) -> tuple[int, int]:
+        return 0, 0
+
+
+@dataclass(frozen=True)
+class SpanLengths:
+    """Span corruption of R raw tokens: counts (tokens) and the resulting fixed lengths, EOS
+    included."""
+
+    raw_length: int
+    num_noise_tokens: int
+    num_noise_spans: int
+    inputs_length: int
+    targets_length: int
+
+
+def span_corruption_lengths(
+    raw_length: int, noise_density: float, mean_noise_span_length: float
+) -> SpanLengths:
+    """Counts of span corruption over ``raw_length`` tokens, as T5's `random_spans_noise_mask`
+    and `random_spans_helper`: noise = round(R x density) clamped to [1, R - 1], spans =
+    max(1, round(noise / mean span length)); inputs = non-noise + one sentinel per span + EOS,
+    targets = noise + one sentinel per span + EOS.
+
+    Raises:
+        ValueError: fewer than 2 raw tokens.
+    """
+    if raw_length < 2:
+        raise ValueError(f"span corruption needs at least 2 tokens, got {raw_length}")
+    noise = min(max(round(raw_length * noise_density), 1), raw_length - 1)
+    spans = max(round(noise / mean_noise_span_length), 1)
+    return SpanLengths(raw_length, noise, spans, raw_length - noise + spans + 1, noise + spans + 1)
+
+
+def raw_length_for_inputs(
+    inputs_length: int, noise_density: float, mean_noise_span_length: float
+) -> int:
+    """The longest raw length whose span-corrupted inputs fit ``inputs_length`` (T5's
+    `random_spans_helper`): 568 raw tokens for 512 inputs at density 0.15, mean span 3. Use it
+    to pick ``data.seq_len`` for a wanted encoder length.
+
+    Raises:
+        ValueError: ``inputs_length`` < 3 (no room for a token, a sentinel and EOS).
+    """
+    if inputs_length < 3:
+        raise ValueError(f"inputs_length={inputs_length} leaves no room; use at least 3")
+    raw = 2
+    while span_corruption_lengths(raw + 1, noise_density, mean_noise_span_length).inputs_length <= (
+        inputs_length
+    ):
+        raw += 1
+    return raw
+
+
+def random_spans_noise_mask(
+    length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Which of ``length`` tokens are noise: (length,) bool, alternating non-noise / noise spans,
+    starting with non-noise and ending with noise, with the counts of
+    :func:`span_corruption_lengths`; span lengths are a uniformly random composition of each
+    count into the number of spans (T5's `_random_segmentation`)."""
+    n = span_corruption_lengths(length, noise_density, mean_noise_span_length)
+
+    def segment(num_items: int, num_segments: int) -> np.ndarray:
+        # choose num_segments - 1 cut points among the num_items - 1 gaps
+        cuts = np.sort(rng.choice(num_items - 1, num_segments - 1, replace=False)) + 1
+        return np.diff(np.concatenate([[0], cuts, [num_items]]))
+
+    spans = n.num_noise_spans
+    noise = segment(n.num_noise_tokens, spans)
+    keep = segment(length - n.num_noise_tokens, spans)
+    lengths = np.stack([keep, noise], axis=1).reshape(-1)  # keep0, noise0, keep1, noise1, ...
+    return np.repeat(np.tile([False, True], spans), lengths)
+
+
+def span_corruption(
+    tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: np.ndarray, eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets of one sequence.
+
+    Inputs are the tokens with each noise span replaced by the next sentinel, then EOS; targets
+    are, per span, its sentinel then its tokens, then EOS.
+
+    Args:
+        tokens: (R,) int64 raw tokens.
+        noise_mask: (R,) bool from :func:`random_spans_noise_mask`.
+        sentinel_ids: (N,) ids of ``<extra_id_0>``... (N >= number of spans).
+        eos_id: appended to both.
+
+    Returns:
+        (inputs (R - noise + spans + 1,), targets (noise + spans + 1,)), int64.
+    """
+    starts = noise_mask & ~np.concatenate([[False], noise_mask[:-1]])  # first token of a span
+    spans = int(starts.sum())
+    if spans > len(sentinel_ids):
+        raise ValueError(f"{spans} noise spans but only {len(sentinel_ids)} sentinel ids")
+    span_sentinel = np.zeros_like(tokens)
+    span_sentinel[starts] = sentinel_ids[:spans]
+    keep = ~noise_mask | starts
+    inputs = np.where(starts, span_sentinel, tokens)[keep]
+    noise = np.flatnonzero(noise_mask)
+    opened = np.cumsum(starts[noise])  # spans opened up to and including each noise token
+    slot = np.arange(len(noise)) + opened  # a sentinel precedes each span
+    targets = np.empty(len(noise) + spans, dtype=np.int64)
+    targets[slot] = tokens[noise]
+    targets[slot[starts[noise]] - 1] = sentinel_ids[:spans]
+    return (
+        np.concatenate([inputs, [eos_id]]).astype(np.int64),
+        np.concatenate([targets, [eos_id]]),
+    )
+
+
+def prefix_lm(tokens: np.ndarray, split: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``tokens[:split]`` + EOS and targets ``tokens[split:]`` + EOS, int64."""
+    eos = np.array([eos_id], dtype=np.int64)
+    return np.concatenate([tokens[:split], eos]), np.concatenate([tokens[split:], eos])
+
+
+class Seq2Seq:
+    """Encoder-decoder examples from a weighted mixture of ``span_corruption`` and ``prefix_lm``
+    objectives (their configs from ``objective.mixture``).
+
+    Every example of a batch is padded to the longest the mixture can produce: I = the span
+    corruption inputs length (R with a prefix LM objective), L likewise for the targets. With
+    span corruption alone nothing is padded.
+
+    Args:
+        objectives: objective configs (``type``, ``weight`` and their settings).
+        raw_length: R, tokens of each packed row used (``data.seq_len``).
+        sentinel_ids: (N,) ids of ``<extra_id_0>``... from the tokenizer.
+        eos_id, pad_id, decoder_start_id: the special ids (decoder inputs start with
+            ``decoder_start_id``, T5's pad).
+        seed: ``data.seed``.
+
+    Raises:
+        ValueError: an objective of another family, or more noise spans than sentinels.
+    """
+
+    def __init__(
+        self,
+        objectives,
+        *,
+        raw_length: int,
+        sentinel_ids: np.ndarray,
+        eos_id: int,
+        pad_id: int,
+        decoder_start_id: int,
+        seed: int,
+    ) -> None:
+        self.objectives = list(objectives)
+        self.raw_length = raw_length
+        self.sentinel_ids = np.asarray(sentinel_ids, dtype=np.int64)
+        self.eos_id, self.pad_id, self.decoder_start_id = eos_id, pad_id, decoder_start_id
+        self.seed = seed
+        weights = np.array([o.weight for o in self.objectives], dtype=np.float64)
+        self.probs = weights / weights.sum()
+        inputs, targets = [], []
+        for o in self.objectives:
+            if o.type == "span_corruption":
+                n = span_corruption_lengths(raw_length, o.noise_density, o.mean_noise_span_length)
+                if n.num_noise_spans > len(self.sentinel_ids):
+                    raise ValueError(
+                        f"span corruption of {raw_length} tokens makes {n.num_noise_spans} "
+                        f"spans but the tokenizer has {len(self.sentinel_ids)} sentinels"
+                    )
+                inputs.append(n.inputs_length)
+                targets.append(n.targets_length)
+            elif o.type == "prefix_lm":
+                inputs.append(raw_length)  # split in [1, R - 1]: at most R - 1 tokens + EOS
+                targets.append(raw_length)
+            else:
+                raise ValueError(f"objective {o.type!r} is not an encoder-decoder objective")
+        self.inputs_length, self.targets_length = max(inputs), max(targets)
+
+    def lengths(self) -> tuple[int, int]:
+        """(I, L): encoder and decoder lengths of every batch."""
+        return self.inputs_length, self.targets_length
+
+    def example(self, tokens: np.ndarray, index: int, stream: int) -> tuple[np.ndarray, ...]:
+        """(inputs, targets, objective index) of the raw ``tokens`` (R,) of sample ``index``."""
+        rng = np.random.default_rng((self.seed, stream, index))
+        k = 0 if len(self.objectives) == 1 else int(rng.choice(len(self.objectives), p=self.probs))
+        o = self.objectives[k]
+        if o.type == "span_corruption":
+            mask = random_spans_noise_mask(
+                len(tokens), o.noise_density, o.mean_noise_span_length, rng
+            )
+            return (*span_corruption(tokens, mask, self.sentinel_ids, self.eos_id), k)
+        split = int(rng.integers(1, len(tokens)))
+        return (*prefix_lm(tokens, split, self.eos_id), k)
+
+    def __call__(self, rows: np.ndarray, indices: np.ndarray, stream: int) -> Batch:
+        """rows: (B, R + 1) packed rows (the last token is not used); indices: (B,) global
+        sample indices (the seed of each example); stream: train or validation.
+
+        Returns a :class:`Batch` with inputs ``input_ids`` (B, I), ``attention_mask`` (B, I)
+        (1 = token), ``decoder_input_ids`` (B, L) and labels (B, L) (``-100`` on padding).
+        """
+        B, (enc_len, dec_len) = len(rows), self.lengths()
+        input_ids = np.full((B, enc_len), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((B, enc_len), dtype=np.int64)
+        labels = np.full((B, dec_len), IGNORE_INDEX, dtype=np.int64)
+        for b, index in enumerate(np.asarray(indices).tolist()):
+            inputs, targets, _ = self.example(rows[b, : self.raw_length], index, stream)
+            input_ids[b, : len(inputs)] = inputs
+            attention_mask[b, : len(inputs)] = 1
+            labels[b, : len(targets)] = targets
+        decoder_input_ids = np.concatenate(
+            [np.full((B, 1), self.decoder_start_id), np.where(labels < 0, self.pad_id, labels)],
+            axis=1,
+        )[:, :dec_len]
+        inputs = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "decoder_input_ids": torch.from_numpy(decoder_input_ids),
+        }
+        return Batch(inputs, torch.from_numpy(labels), np.empty(0))
+
+
+Objective = CausalLM | Seq2Seq
+
+
+def build_objective(cfg: KilnConfig, sentinel_ids: np.ndarray | None = None) -> Objective:
+    """The objective of the run: causal LM for a decoder, the ``objective.mixture`` for an
+    encoder-decoder (which needs the tokenizer's ``sentinel_ids`` for span corruption).
+
+    Raises:
+        ValueError: as :class:`Seq2Seq`.
+    """
+    m = cfg.model
+    if m.model_type == "llama":
+        return CausalLM()
+    return Seq2Seq(
+        cfg.objective.mixture,
+        raw_length=cfg.data.seq_len,
+        sentinel_ids=np.zeros(0, np.int64) if sentinel_ids is None else sentinel_ids,
+        eos_id=m.eos_token_id,
+        pad_id=m.pad_token_id,
+        decoder_start_id=m.decoder_start_token_id,
+        seed=cfg.data.seed,
+    )
+
+
+def check_tokenizer(cfg: KilnConfig, tokenizer) -> None:
+    """Refuse a tokenizer the objective cannot use: span corruption needs at least as many
+    sentinels as the spans of one sequence, and the special ids the model config names.
+
+    Raises:
+        ValueError: the message says how to get a fitting tokenizer.
+    """
+    m = cfg.model
+    if m.model_type != "t5":
+        return
+    for field in ("pad_token_id", "eos_token_id"):
+        want = getattr(tokenizer, field.removesuffix("_token_id") + "_id")
+        if getattr(m, field) != want:
+            raise ValueError(
+                f"model.{field}={getattr(m, field)} but tokenizer {tokenizer.path} uses {want}; "
+                f"set model.{field}={want}"
+            )
+    have = len(tokenizer.sentinel_ids)
+    for o in cfg.objective.mixture:
+        if o.type != "span_corruption":
+            continue
+        need = span_corruption_lengths(
+            cfg.data.seq_len, o.noise_density, o.mean_noise_span_length
+        ).num_noise_spans
+        if have < need:
+            raise ValueError(
+                f"span corruption of data.seq_len={cfg.data.seq_len} tokens needs {need} "
+                f"sentinel pieces but tokenizer {tokenizer.path} has {have} (<extra_id_0>... "
+                f"missing: it was trained for a decoder?); train a tokenizer with "
+                f"tokenizer.num_sentinels>={need} (delete it, or point tokenizer.path at a new "
+                f"file, then re-run `kiln data prepare CONFIG --force`)"
+            )
+
+
+def flops_per_token(cfg: KilnConfig) -> float:
+    """Training FLOPs per raw token (``data.seq_len`` tokens per sequence), forward + backward.
+
+    Decoder: 6N + 12 L D T (Kaplan et al. 2020, Sec. 2.1, with the attention term of
+    Chowdhery et al. 2022, App. B). Encoder-decoder: 6 x (encoder parameters x I + (decoder
+    parameters + head) x L) + attention 12 D_inner (layers_enc I^2 + layers_dec (L^2 + L I)),
+    per sequence, divided by R (the T5 analogue of the same counting).
+    """
+    from trainer.estimate import flops_per_token as decoder_flops
+
+    m = cfg.model
+    if m.model_type == "llama":
+        return decoder_flops(m, cfg.data.seq_len)
+    enc_len, dec_len = build_objective(cfg, np.arange(10**6)).lengths()
+    enc, dec = m.stack_parameters()
+    head = m.vocab_size * m.d_model
+    dense = 6 * (enc * enc_len + (dec + head) * dec_len)
+    attn = (
+        12
+        * m.inner_dim
+        * (m.num_layers * enc_len**2 + m.num_decoder_layers * (dec_len**2 + dec_len * enc_len))
+    )
+    return (dense + attn) / cfg.data.seq_len
+
+
+def describe(cfg: KilnConfig) -> str:
+    """One line on the objective and its lengths, for logs and `--dry-run`."""
+    m = cfg.model
+    if m.model_type == "llama":
+        return f"causal LM over {cfg.data.seq_len} tokens"
+    enc_len, dec_len = build_objective(cfg, np.arange(10**6)).lengths()
+    parts = []
+    for o in cfg.objective.mixture:
+        if o.type == "span_corruption":
+            n = span_corruption_lengths(cfg.data.seq_len, o.noise_density, o.mean_noise_span_length)
+            parts.append(
+                f"span_corruption x{o.weight:g} (density {o.noise_density}, mean span "
+                f"{o.mean_noise_span_length}: {n.num_noise_tokens} noise tokens in "
+                f"{n.num_noise_spans} spans)"
+            )
+        else:
+            parts.append(f"prefix_lm x{o.weight:g}")
+    pad = " (padded)" if any(o.type == "prefix_lm" for o in cfg.objective.mixture) else ""
+    lengths = f"encoder {enc_len}, decoder {dec_len}{pad}"
+    return f"{' + '.join(parts)}: {cfg.data.seq_len} raw tokens -> {lengths}"
