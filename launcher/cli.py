@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from launcher.slurm import slurm
 from trainer.config import (
     ConfigError,
     KilnConfig,
@@ -239,6 +240,9 @@ def presets() -> None:
             f"{t.num_parameters() / 1e6:>9.1f}M"
         )
     click.echo("* with a 32000-piece vocabulary")
+
+
+cli.add_command(slurm)
 
 
 def main() -> None:
