@@ -77,21 +77,22 @@ def split_preset(preset: str) -> tuple[str, str]:
     return family or "llama", name
 
 
-def bench_config(args, preset: str, stage: int):
+def bench_config(args, preset: str, stage: int, pipeline_stages: int = 1, micro_batches: int = 0):
     from trainer.config import load_config
 
     family, name = split_preset(preset)
-    return load_config(
-        None,
-        [
-            f"model.model_type={family}",
-            f"model.name={name}",
-            f"tokenizer.vocab_size={args.vocab_size}",
-            f"data.seq_len={args.seq_len}",
-            f"train.micro_batch_size={args.micro_batch_size}",
-            f"parallel.zero_stage={stage}",
-        ],
-    )
+    overrides = [
+        f"model.model_type={family}",
+        f"model.name={name}",
+        f"tokenizer.vocab_size={args.vocab_size}",
+        f"data.seq_len={args.seq_len}",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        f"parallel.zero_stage={stage}",
+        f"parallel.pipeline_stages={pipeline_stages}",
+    ]
+    if micro_batches:
+        overrides.append(f"train.gradient_accumulation_steps={micro_batches}")
+    return load_config(None, overrides)
 
 
 class SyntheticTokens:
@@ -166,8 +167,13 @@ def worker(args) -> None:
     from trainer.engine import build_engine
     from trainer.loop import Trainer
 
+    if args.runner == "1t":  # the one-thread reference of the pipeline rows
+        torch.set_num_threads(1)
     try:
-        cfg = bench_config(args, args.preset, args.stage)
+        pipe = args.runner == "pipe"
+        cfg = bench_config(
+            args, args.preset, args.stage, args.nproc_pipeline if pipe else 1, args.micro_batches
+        )
         plan = batch_plan(cfg, world.world_size)
         samples = plan.global_batch_size * (args.warmup + args.steps)
         data = SyntheticTokens(cfg, plan.seq_len, samples)
@@ -223,15 +229,24 @@ def own_cpu_seconds() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def run_config(args, preset: str, runner: str, stage: int, nproc: int, steps: int, out: Path):
-    """Launch one configuration under torchrun; returns its figures, or ``{"error": ...}``."""
+def run_config(
+    args, preset: str, runner: str, stage: int, nproc: int, steps: int, out: Path, micro_batches=0
+):
+    """Launch one configuration under torchrun; returns its figures, or ``{"error": ...}``.
+
+    Runners: ``plain`` (the plain loop), ``kiln``, ``1t`` (Kiln on one thread: the reference of
+    the pipeline rows), ``pipe`` (Kiln with ``nproc`` pipeline stages, ``micro_batches`` per
+    step)."""
     worker_args = dict(runner=runner, preset=preset, stage=stage, steps=steps)
+    worker_args.update(micro_batches=micro_batches, nproc_pipeline=nproc)
     worker_args.update({k: getattr(args, k) for k in ("warmup", "seq_len", "micro_batch_size")})
     worker_args.update(vocab_size=args.vocab_size, out=out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={nproc}", str(Path(__file__).resolve()), "--worker"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in worker_args.items()]
     label = f"{preset:>8} {runner:5} ZeRO-{stage} x{nproc}"
+    if micro_batches:
+        label += f" m={micro_batches}"
     start, busy, own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
     log = out.with_suffix(".log")
     with log.open("w") as f:
@@ -278,9 +293,17 @@ def parse_args(argv=None):
     p.add_argument(
         "--json", type=Path, default=None, metavar="OUT", help="also write all figures here"
     )
+    p.add_argument(
+        "--pipeline-micro-batches",
+        type=csv(int),
+        default="1,2,4,8",
+        help="micro-batch counts of the 2-stage pipeline rows ('' to skip them)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for hidden, kind in [("--runner", str), ("--preset", str), ("--stage", int), ("--out", str)]:
-        p.add_argument(hidden, type=kind, help=argparse.SUPPRESS)
+    hidden = [("--runner", str), ("--preset", str), ("--stage", int), ("--out", str)]
+    hidden += [("--micro-batches", int), ("--nproc-pipeline", int)]
+    for flag, kind in hidden:
+        p.add_argument(flag, type=kind, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -296,7 +319,7 @@ def main(argv=None) -> None:
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=2.0)
     cores = torch.get_num_threads()
     print(f"machine peak: {peak / 1e9:.1f} GFLOP/s fp32 (1024^3 matmul, {cores} threads)")
-    rows = []
+    rows, pipe_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             family, name = split_preset(preset)
@@ -312,7 +335,57 @@ def main(argv=None) -> None:
                 if "tokens_per_s" in fig:
                     fig["mfu"] = fig["tokens_per_s"] * fpt / peak
                 rows.append(fig)
+            pipe_rows += pipeline_jobs(args, preset, steps, Path(tmp))
     report(args, rows, peak, time.perf_counter() - began)
+    if pipe_rows:
+        pipeline_report(pipe_rows)
+    if args.json:
+        dump = json.loads(args.json.read_text())
+        dump["pipeline"] = pipe_rows
+        args.json.write_text(json.dumps(dump, indent=1))
+
+
+PIPELINE_STAGES = 2
+
+
+def pipeline_jobs(args, preset: str, steps: int, tmp: Path) -> list[dict]:
+    """Kiln on one process with one thread (the reference), then 2 pipeline stages (2 processes
+    of one thread) at each of ``--pipeline-micro-batches`` micro-batches per step."""
+    out = []
+    jobs = [("1t", 1, 1)] + [("pipe", PIPELINE_STAGES, m) for m in args.pipeline_micro_batches]
+    for i, (runner, nproc, m) in enumerate(jobs):
+        path = tmp / f"{preset}-pipe-{i}.json"
+        fig = run_config(args, preset, runner, 0, nproc, steps, path, micro_batches=m)
+        fig.update(preset=preset, runner=runner, nproc=nproc, micro_batches=m)
+        out.append(fig)
+    return out
+
+
+def pipeline_report(rows: list[dict]) -> None:
+    """The pipeline table: tokens/s per micro-batch count beside the 1F1B schedule's bubble
+    (P - 1) / (m + P - 1) (Huang et al. 2019, GPipe, Sec. 2.3; Narayanan et al. 2021, Sec. 2.2)
+    and the measured idle share 1 - tokens/s / (P x the one-thread reference's tokens/s): the
+    time the P single-thread stages do not spend computing (bubble, send/receive, imbalance)."""
+    print(f"\n{'preset':>8} {'stages':>6} {'micro':>5} {'tokens/s':>9} {'bubble':>7} {'idle':>6}")
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        ref = [r for r in rows if r["preset"] == preset and r["runner"] == "1t"]
+        base = ref[0].get("tokens_per_s") if ref else None
+        if base:
+            print(f"{preset:>8} {1:>6} {'-':>5} {base:>9.1f} {'-':>7} {'-':>6}")
+        for r in rows:
+            if r["preset"] != preset or r["runner"] != "pipe":
+                continue
+            m, p = r["micro_batches"], r["nproc"]
+            bubble = (p - 1) / (m + p - 1)
+            if "tokens_per_s" not in r:
+                print(f"{preset:>8} {p:>6} {m:>5} {'FAILED':>9}")
+                continue
+            idle = f"{1 - r['tokens_per_s'] / (p * base):.3f}" if base else "-"
+            print(f"{preset:>8} {p:>6} {m:>5} {r['tokens_per_s']:>9.1f} {bubble:>7.3f} {idle:>6}")
+    print(
+        "bubble: the 1F1B schedule's idle share (P-1)/(m+P-1); idle: 1 - tokens/s / (P x the "
+        "1-stage one-thread tokens/s), measured (bubble + communication + imbalance)."
+    )
 
 
 def pair_ratios(rows: list[dict], preset: str) -> tuple[float, list[float]]:

@@ -217,6 +217,40 @@ def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, st
     return tok.decode(fill_in_spans(ids, new, sentinels, tok.eos_id))
 
 
+@cli.group("checkpoint")
+def checkpoint_group() -> None:
+    """Checkpoint commands."""
+
+
+@checkpoint_group.command("consolidate")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--step", type=int, default=None, help="checkpoint step (default: latest)")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="a .safetensors file")
+def checkpoint_consolidate(run_dir, step, out):
+    """Write the plain model's fp32 state dict of a checkpoint from any layout (ZeRO 0-3 shards,
+    pipeline stages) to one safetensors file, in one CPU process. Keys are those of
+    `LlamaForCausalLM` / `T5ForConditionalGeneration` (`model.hf` / `model.hf_t5` map them to
+    Hugging Face's)."""
+    from safetensors.torch import save_file
+
+    from trainer.checkpoint import find_checkpoint, load_model_weights
+
+    try:
+        ckpt = find_checkpoint(run_dir, step)
+        weights = load_model_weights(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    seen: set[int] = set()
+    tensors = {}
+    for k, v in weights.items():  # safetensors refuses shared storage: tied weights are copied
+        tensors[k] = v.contiguous().clone() if v.data_ptr() in seen else v.contiguous()
+        seen.add(v.data_ptr())
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out, metadata={"checkpoint": str(ckpt)})
+    n = sum(v.numel() for v in tensors.values())
+    click.echo(f"wrote {out}: {len(tensors)} tensors, {n:,} parameters from {ckpt}")
+
+
 @cli.command()
 def presets() -> None:
     """List the model presets of both families with their sizes."""

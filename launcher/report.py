@@ -15,6 +15,7 @@ def plan_report(cfg: KilnConfig, plan: BatchPlan) -> str:
     m = cfg.model
     mem = memory_estimate(cfg, plan)
     n = m.num_parameters()
+    world = plan.pipeline_stages * plan.data_parallel_size
     lines = [
         "# resolved config",
         cfg.to_yaml().rstrip(),
@@ -30,10 +31,13 @@ def plan_report(cfg: KilnConfig, plan: BatchPlan) -> str:
         f"\n{plan.micro_batch_size} x {plan.gradient_accumulation_steps} x "
         f"{plan.data_parallel_size} = {plan.global_batch_size} sequences",
         f"tokens_per_step:       {plan.tokens_per_step:,} (x seq_len {plan.seq_len})",
+        f"processes:             {plan.pipeline_stages} pipeline stage(s) x "
+        f"{plan.data_parallel_size} data-parallel = {world}",
         f"tokens in the run:     {plan.tokens_per_step * cfg.train.max_steps:,} "
         f"({cfg.train.max_steps} steps)",
         "",
         f"# memory per device (estimate; ZeRO stage {cfg.parallel.zero_stage}, "
+        f"{plan.pipeline_stages} pipeline stage(s), "
         f"{cfg.train.precision}, {plan.data_parallel_size} data-parallel ranks)",
         f"parameters:            {_gib(mem.parameters)}",
         f"gradients:             {_gib(mem.gradients)}",

@@ -4,6 +4,8 @@ repeats a sample, and SIGTERM leaves a resumable checkpoint."""
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import signal
 import subprocess
@@ -54,6 +56,18 @@ def test_zero_stages_agree(zero_runs):
     for stage in (1, 2, 3):
         got = torch.tensor([losses[stage][s] for s in range(1, 6)])
         torch.testing.assert_close(got, reference, rtol=0, atol=STAGE_TOLERANCE)
+    # the gradient norm before clipping: measured by the loop under ZeRO-0 (DeepSpeed keeps none
+    # there), by DeepSpeed's optimizers under ZeRO 1-3; the same number either way
+    norms = {stage: grad_norms(run) for stage, run in zero_runs.items()}
+    assert all(math.isfinite(v) and v > 0 for v in norms[0].values())
+    for stage in (1, 2, 3):
+        for s in range(1, 7):
+            assert norms[stage][s] == pytest.approx(norms[0][s], rel=1e-4), (stage, s)
+
+
+def grad_norms(run: Path) -> dict[int, float]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in records if "grad_norm" in r}
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

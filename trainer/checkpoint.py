@@ -56,6 +56,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpt
 
 
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The run's latest complete checkpoint, or the one of ``step``.
+
+    Raises:
+        FileNotFoundError: the run has no (such) complete checkpoint.
+    """
+    if step is None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it with `kiln train`")
+        return ckpt
+    ckpt = checkpoint_root(run_dir) / tag_for(step)
+    if not (ckpt / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint")
+    return ckpt
+
+
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
 
@@ -151,6 +168,25 @@ def needs_universal(state: dict[str, Any], zero_stage: int, world_size: int) -> 
     )
 
 
+def check_pipeline_layout(state: dict[str, Any], pipeline_stages: int, world_size: int) -> None:
+    """Pipeline checkpoints resume on the layout that wrote them (stage files hold a stage's
+    layers and its optimizer shard).
+
+    Raises:
+        ValueError: the stage count or world size differs; the message says what to run.
+    """
+    saved = state.get("pipeline_stages", 1)
+    if saved == pipeline_stages == 1:
+        return
+    if saved != pipeline_stages or state["world_size"] != world_size:
+        raise ValueError(
+            f"the checkpoint was written by {saved} pipeline stage(s) on {state['world_size']} "
+            f"processes; a pipeline checkpoint resumes on the same layout: run with "
+            f"parallel.pipeline_stages={saved} on {state['world_size']} processes (its weights "
+            f"can be consolidated into the plain model: `kiln checkpoint consolidate`)"
+        )
+
+
 def convert_to_universal(ckpt: Path) -> Path:
     """Convert a ZeRO checkpoint into DeepSpeed's universal format beside it (rank 0 only).
 
@@ -213,9 +249,17 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a checkpoint, on CPU, in one process.
 
     ZeRO stage 0 keeps the whole module in ``mp_rank_00_model_states.pt``; stages 1-3 are
-    consolidated from the fp32 master partitions with DeepSpeed's ``zero_to_fp32``.
+    consolidated from the fp32 master partitions with DeepSpeed's ``zero_to_fp32``; pipeline
+    checkpoints from their per-layer files (:func:`trainer.pipeline.consolidate`).
     """
-    stage = read_trainer_state(ckpt)["zero_stage"]
+    state = read_trainer_state(ckpt)
+    if state.get("pipeline_stages", 1) > 1:
+        from trainer.config import config_from_dict
+        from trainer.pipeline import consolidate
+
+        weights = consolidate(ckpt, config_from_dict(state["config"]).model)
+        return {k: v.float() for k, v in weights.items()}
+    stage = state["zero_stage"]
     if stage == 0:
         path = ckpt / "mp_rank_00_model_states.pt"
         states = torch.load(path, map_location="cpu", weights_only=True)

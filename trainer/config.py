@@ -132,6 +132,16 @@ class TrainConfig(_Section):
 
 class ParallelConfig(_Section):
     zero_stage: int = Field(0, description="DeepSpeed ZeRO stage, 0-3")
+    pipeline_stages: PositiveInt = Field(
+        1,
+        description="pipeline-parallel stages P (DeepSpeed pipeline engine when > 1); the "
+        "world is P x data-parallel ranks; micro-batches per step = gradient_accumulation_steps",
+    )
+    pipeline_partition: Literal["parameters", "uniform", "blocks"] = Field(
+        "parameters",
+        description="how layers are split over the stages: balance parameters, layer count, or "
+        "transformer blocks",
+    )
     offload_optimizer: bool = Field(False, description="optimizer state in CPU memory")
     offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3 only)")
 
@@ -215,6 +225,18 @@ class KilnConfig(_Section):
                 f"parallel.offload_params=true needs parallel.zero_stage=3 "
                 f"(got {p.zero_stage}); set parallel.zero_stage=3 or offload_params=false"
             )
+        if p.pipeline_stages > 1 and p.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.pipeline_stages={p.pipeline_stages} cannot run with parallel.zero_stage="
+                f"{p.zero_stage}: DeepSpeed's pipeline engine partitions optimizer states (ZeRO "
+                f"0 or 1) but not gradients or weights; use parallel.zero_stage=1, or ZeRO 3 "
+                f"without a pipeline"
+            )
+        if p.pipeline_stages > 1 and p.offload_optimizer:
+            raise ConfigError(
+                "parallel.offload_optimizer=true is not supported with parallel.pipeline_stages "
+                "> 1; turn one of them off"
+            )
         if t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}; lower min_lr")
         self._objective_rules()
@@ -225,6 +247,14 @@ class KilnConfig(_Section):
                 f"tokenizer.vocab_size={self.tokenizer.vocab_size} is larger than "
                 f"model.vocab_size={m.vocab_size}; raise model.vocab_size to at least "
                 f"{self.tokenizer.vocab_size} or leave it unset to derive it"
+            )
+        blocks = (
+            m.num_hidden_layers if m.model_type == "llama" else m.num_layers + m.num_decoder_layers
+        )
+        if p.pipeline_stages > blocks:
+            raise ConfigError(
+                f"parallel.pipeline_stages={p.pipeline_stages} exceeds the model's {blocks} "
+                f"transformer blocks; use at most {blocks} stages"
             )
         if m.model_type == "llama" and self.data.seq_len > m.max_position_embeddings:
             raise ConfigError(
@@ -366,6 +396,7 @@ class BatchPlan:
     data_parallel_size: int
     global_batch_size: int
     seq_len: int
+    pipeline_stages: int = 1
 
     @property
     def tokens_per_step(self) -> int:
@@ -373,7 +404,8 @@ class BatchPlan:
 
 
 def batch_plan(cfg: KilnConfig, world_size: int) -> BatchPlan:
-    """Derive the batch arithmetic for ``world_size`` processes (all data-parallel).
+    """Derive the batch arithmetic for ``world_size`` processes: ``parallel.pipeline_stages`` x
+    data-parallel ranks.
 
     ``global_batch_size`` (sequences) is the invariant when given: resuming on another number of
     processes changes ``gradient_accumulation_steps``, not the optimisation.
@@ -381,11 +413,16 @@ def batch_plan(cfg: KilnConfig, world_size: int) -> BatchPlan:
     Raises:
         ConfigError: the sizes do not divide, or two given sizes disagree.
     """
-    t = cfg.train
-    dp, micro = world_size, t.micro_batch_size
+    t, pp = cfg.train, cfg.parallel.pipeline_stages
+    if world_size % pp:
+        raise ConfigError(
+            f"parallel.pipeline_stages={pp} does not divide the {world_size} processes; the world "
+            f"is pipeline_stages x data-parallel ranks, so use a multiple of {pp} processes"
+        )
+    dp, micro = world_size // pp, t.micro_batch_size
     if t.global_batch_size is None:
         accum = t.gradient_accumulation_steps or 1
-        return BatchPlan(micro, accum, dp, micro * accum * dp, cfg.data.seq_len)
+        return BatchPlan(micro, accum, dp, micro * accum * dp, cfg.data.seq_len, pp)
     per_micro_step = micro * dp
     if t.global_batch_size % per_micro_step:
         raise ConfigError(
@@ -400,7 +437,7 @@ def batch_plan(cfg: KilnConfig, world_size: int) -> BatchPlan:
             f"train.global_batch_size={t.global_batch_size} / (micro_batch_size={micro} x "
             f"data_parallel_size={dp}) = {accum}; set only one of the two"
         )
-    return BatchPlan(micro, accum, dp, t.global_batch_size, cfg.data.seq_len)
+    return BatchPlan(micro, accum, dp, t.global_batch_size, cfg.data.seq_len, pp)
 
 
 def check_paths(cfg: KilnConfig) -> None:

@@ -121,15 +121,25 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_universal=False):
     """Wrap ``model`` in a DeepSpeed engine (ZeRO stage 0-3, offload, precision, AdamW, schedule).
 
+    With ``parallel.pipeline_stages`` > 1 the model is first cut into a `PipelineModule`
+    (:func:`trainer.pipeline.build_pipeline`) holding this stage's layers with ``model``'s
+    weights, and DeepSpeed returns its pipeline engine.
+
     The process group must already exist (:func:`trainer.distributed.init_distributed`).
 
     Returns:
         ``deepspeed.DeepSpeedEngine``; call it like the model, then ``engine.backward(loss)`` and
         ``engine.step()`` every micro-step (it steps the optimizer at accumulation boundaries).
+        A ``PipelineEngine`` instead runs a whole step with ``engine.train_batch(iterator)``.
     """
     import deepspeed
 
-    if cfg.train.activation_checkpointing:
+    if plan.pipeline_stages > 1:
+        from trainer.loop import token_loss
+        from trainer.pipeline import build_pipeline
+
+        model = build_pipeline(cfg, model, token_loss)
+    elif cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     on_gpu = torch.cuda.is_available()
     engine, *_ = deepspeed.initialize(
@@ -139,7 +149,7 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         dist_init_required=False,
     )
-    if plan.data_parallel_size == 1 and cfg.parallel.zero_stage == 0:
+    if plan.data_parallel_size == 1 and cfg.parallel.zero_stage == 0 and plan.pipeline_stages == 1:
         # DeepSpeed all-reduces gradients even in a world of one: it flattens every gradient into
         # a new buffer and copies it back (~13% of a 125M step on CPU, bench/throughput.py).
         engine.enable_backward_allreduce = False

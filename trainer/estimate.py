@@ -61,7 +61,9 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
     checkpointing only each layer's input (``2 s b h`` bytes at 2 bytes per value) is kept, plus
     one layer being recomputed. For T5, encoder blocks count at the encoder length and decoder
     blocks, which add cross-attention, at 1.5x the per-value term and the decoder length.
-    The fp32 logits and their gradient (``2 * 4 s b V`` bytes) are
+    With P pipeline stages a stage holds 1/P of the model states and, under DeepSpeed's 1F1B
+    schedule, the activations of up to min(P, micro-batches) micro-batches of its layers (the
+    first stage's worst case). The fp32 logits and their gradient (``2 * 4 s b V`` bytes) are
     added on top. Fragmentation, communication buffers and the CUDA context are not included.
     """
     m, p = cfg.model, cfg.parallel
@@ -69,7 +71,8 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
     mixed = cfg.train.precision != "fp32"
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
     nd = plan.data_parallel_size
-    weights, grads, optim = psi * weight_bytes, psi * grad_bytes, psi * optim_bytes
+    pp = plan.pipeline_stages  # a stage holds ~1/P of the layers
+    weights, grads, optim = (psi / pp * b for b in (weight_bytes, grad_bytes, optim_bytes))
     if p.zero_stage >= 1:
         optim /= nd
     if p.zero_stage >= 2:
@@ -101,6 +104,8 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
         else:
             layers += n * per_layer
     logits = 2 * 4 * stacks[-1][1] * b * float(m.vocab_size or 0)
+    if pp > 1:  # 1F1B: the first stage keeps up to P micro-batches of its 1/P of the layers
+        layers *= min(pp, plan.gradient_accumulation_steps) / pp
     return MemoryEstimate(weights, grads, optim, layers + logits, offloaded)
 
 

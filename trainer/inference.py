@@ -20,15 +20,7 @@ def load_run(
     Raises:
         FileNotFoundError: the run has no (such) complete checkpoint.
     """
-    run_dir = Path(run_dir)
-    if step is None:
-        ckpt = checkpoint.latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it with `kiln train`")
-    else:
-        ckpt = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)
-        if not (ckpt / checkpoint.STATE_FILE).is_file():
-            raise FileNotFoundError(f"{ckpt} is not a complete checkpoint")
+    ckpt = checkpoint.find_checkpoint(run_dir, step)
     cfg = config_from_dict(checkpoint.read_trainer_state(ckpt)["config"])
     with torch.device("meta"):
         model = model_class(cfg.model)(cfg.model)

@@ -1,9 +1,11 @@
 """The training loop: ``train_step``, ``evaluate``, ``save``, ``load``, ``fit``.
 
 Data order is a pure function of the global sample index: optimizer step ``s`` consumes the
-global indices ``[s * G, (s + 1) * G)`` (G = global batch size), and micro-step ``m`` of rank
-``r`` reads ``s * G + m * (b * n) + r * b + [0, b)`` (b = micro batch size, n = data-parallel
-size). The checkpoint stores the cursor, so a resume, on any number of processes, neither skips
+global indices ``[s * G, (s + 1) * G)`` (G = global batch size), and micro-step ``m`` of
+data-parallel rank ``r`` reads ``s * G + m * (b * n) + r * b + [0, b)`` (b = micro batch size,
+n = data-parallel size). With pipeline stages the micro-steps of a step are DeepSpeed's
+micro-batches (``engine.train_batch``), and the stages of one data-parallel replica read the same
+indices. The checkpoint stores the cursor, so a resume, on any number of processes, neither skips
 nor repeats a sample.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import resource
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -90,10 +93,23 @@ class Trainer:
         self.last_sample_ids = np.zeros(0, dtype=np.int64)  # this rank's, of the last step
         self.last_lr = 0.0
         self._flops_per_token = flops_per_token(cfg)
+        self.pipelined = plan.pipeline_stages > 1
+        # DeepSpeed reports no gradient norm for ZeRO-0 fp32 (it clips with torch's function and
+        # keeps no norm); the loop measures it then, before the optimizer step.
+        self._measure_grad_norm = (
+            cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not self.pipelined
+        )
+        self._grad_norm: float | None = None
+        self.dp_rank = engine.grid.data_parallel_id if self.pipelined else world.rank
 
     # -- signals ------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (Slurm preemption, Ray shutdown) finish the step, save and exit."""
+        """SIGTERM / SIGUSR1 (Slurm preemption, a scheduler's stop) finish the step, save and
+        exit. Python installs handlers only from the main thread; Ray Train runs the training
+        function in a worker thread, where stops come through Ray instead (the run resumes from
+        its last checkpoint), so nothing is installed there."""
+        if threading.current_thread() is not threading.main_thread():
+            return
 
         def request_stop(signum, _frame):
             self.stop_requested = True
@@ -115,7 +131,7 @@ class Trainer:
 
     # -- steps ----------------------------------------------------------------------------------
     def micro_batch_indices(self, step: int, micro: int) -> np.ndarray:
-        p, r = self.plan, self.world.rank
+        p, r = self.plan, self.dp_rank
         start = step * p.global_batch_size + micro * p.micro_batch_size * p.data_parallel_size
         start += r * p.micro_batch_size
         return np.arange(start, start + p.micro_batch_size, dtype=np.int64)
@@ -127,6 +143,8 @@ class Trainer:
         """
         self.engine.train()
         self.last_lr = self.engine.get_lr()[0]  # the rate this step uses
+        if self.pipelined:
+            return self._pipeline_train_step()
         total = torch.zeros((), device=self.world.device)
         ids = []
         for micro in range(self.plan.gradient_accumulation_steps):
@@ -135,13 +153,51 @@ class Trainer:
             logits = self.engine(**self._to_device(batch.inputs))
             loss = token_loss(logits, batch.labels.to(self.world.device))
             self.engine.backward(loss)
+            if self._measure_grad_norm and micro == self.plan.gradient_accumulation_steps - 1:
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                self._grad_norm = torch.nn.utils.get_total_norm(grads).item()
             self.engine.step()
             total += loss.detach()
         self.last_sample_ids = np.concatenate(ids)
+        self._advance()
+        return total / self.plan.gradient_accumulation_steps
+
+    def _advance(self) -> None:
         self.step += 1
         self.consumed_samples += self.plan.global_batch_size
         self.tokens_seen += self.plan.tokens_per_step
-        return total / self.plan.gradient_accumulation_steps
+
+    def _pipeline_inputs(self, inputs: dict[str, torch.Tensor]):
+        """The first stage's input: the tensor (decoder) or tuple (encoder-decoder) that
+        `trainer.pipeline`'s layers expect."""
+        if len(inputs) == 1:
+            return inputs["input_ids"].to(self.world.device)
+        keys = ("input_ids", "attention_mask", "decoder_input_ids")
+        return tuple(inputs[k].to(self.world.device) for k in keys)
+
+    def _pipeline_train_step(self) -> torch.Tensor:
+        batches = [
+            self.data.batch(self.micro_batch_indices(self.step, micro))
+            for micro in range(self.plan.gradient_accumulation_steps)
+        ]
+        device = self.world.device
+        micro_batches = [(self._pipeline_inputs(b.inputs), b.labels.to(device)) for b in batches]
+        self.engine.train_batch(iter(micro_batches))
+        self.last_sample_ids = np.concatenate([b.sample_ids for b in batches])
+        self._advance()
+        # this replica's mean micro-batch loss, broadcast from its last stage to every stage
+        return self.engine.dp_group_loss.detach().float().reshape(())
+
+    def _logits(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor | None:
+        """Forward one micro-batch without gradients; None on pipeline stages other than the
+        last (which alone holds the logits)."""
+        if not self.pipelined:
+            return self.engine(**self._to_device(inputs))
+        micro_batch = (self._pipeline_inputs(inputs), labels.to(self.world.device))
+        _, logits = self.engine.eval_batch(
+            iter([micro_batch]), return_logits=True, bcast_loss=False, num_micro_batches=1
+        )
+        return logits if self.engine.is_last_stage() else None
 
     def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.world.device) for k, v in inputs.items()}
@@ -162,10 +218,12 @@ class Trainer:
         per_round = p.micro_batch_size * p.data_parallel_size
         sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
         for start in range(0, n, per_round):
-            idx = start + self.world.rank * p.micro_batch_size + np.arange(p.micro_batch_size)
+            idx = start + self.dp_rank * p.micro_batch_size + np.arange(p.micro_batch_size)
             inputs, labels, _ = self.data.validation_batch(idx)
             labels[torch.as_tensor(idx >= n)] = IGNORE_INDEX  # padding rows of the last round
-            logits = self.engine(**self._to_device(inputs))
+            logits = self._logits(inputs, labels)
+            if logits is None:  # a pipeline stage before the last: it adds nothing
+                continue
             nats = token_loss(logits, labels.to(self.world.device), reduction="sum")
             valid = labels != IGNORE_INDEX
             sums += torch.stack(
@@ -192,6 +250,7 @@ class Trainer:
             "wandb_run_id": self.wandb_run_id,
             "world_size": self.world.world_size,
             "zero_stage": self.cfg.parallel.zero_stage,
+            "pipeline_stages": self.plan.pipeline_stages,
             "global_batch_size": self.plan.global_batch_size,
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -265,6 +324,8 @@ class Trainer:
         elapsed = time.perf_counter() - since
         tokens_per_s = steps * self.plan.tokens_per_step / elapsed
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._grad_norm
         return {
             "loss": mean_loss / self.world.world_size,
             "lr": self.last_lr,

@@ -49,6 +49,7 @@ def train(cfg: KilnConfig) -> None:
         checkpoint.remove_partial(run_dir)
     if ckpt is not None:
         state = checkpoint.read_trainer_state(ckpt)
+        checkpoint.check_pipeline_layout(state, plan.pipeline_stages, world.world_size)
         if checkpoint.needs_universal(state, cfg.parallel.zero_stage, world.world_size):
             if world.is_main:
                 print(
@@ -78,7 +79,7 @@ def train(cfg: KilnConfig) -> None:
     if ckpt is not None:
         trainer.load(ckpt)
     callbacks: list[Callback] = []
-    if cfg.train.log_sample_ids:
+    if cfg.train.log_sample_ids and getattr(engine, "stage_id", 0) == 0:  # one stage per replica
         callbacks.append(SampleIdLogger(run_dir, world.rank))
     if world.is_main:
         callbacks += [ConsoleProgress(), JsonlLogger(run_dir / "metrics.jsonl")]

@@ -1,0 +1,154 @@
+"""Pipeline parallelism through `kiln train` (DeepSpeed's pipeline engine, gloo, CPU): a 2-stage
+pipeline trains exactly as the plain model on the same batches and weights, for both families;
+2 stages x 2 data-parallel ranks (4 processes) train; pipeline checkpoints resume exactly and
+consolidate into the plain model's weights; bad layouts are refused before any process starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train_config
+from safetensors.torch import load_file
+from test_train_distributed import STAGE_TOLERANCE, continue_from, train
+
+from model import LlamaConfig, T5Config
+from trainer.checkpoint import latest_checkpoint, load_model_weights
+from trainer.config import ConfigError, batch_plan, load_config
+from trainer.pipeline import key_map
+
+# Same weights, same micro-batches, same accumulation order, fp32: the pipeline only moves the
+# activations between processes, so the losses come out bit-identical here (0.0 measured); the
+# bound leaves room for a different reduction order in another build.
+PIPELINE_TOLERANCE = 1e-6
+
+
+def t5(**sections):
+    return dict(model__model_type="t5", tokenizer__num_sentinels=T5_SENTINELS, **sections)
+
+
+@pytest.fixture(scope="module")
+def runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
+    """6 steps (global batch 8 = 4 micro-batches of 2) of each family: plain on 1 process and
+    2 pipeline stages on 2 processes (ZeRO 1), checkpoints at steps 3 and 6."""
+    out = {}
+    for family, data, extra in (("llama", prepared_data, {}), ("t5", prepared_t5_data, t5())):
+        for name, nproc, stages in (("plain", 1, 1), ("pipe", 2, 2)):
+            tmp = tmp_path_factory.mktemp(f"{family}-{name}")
+            config = train_config(
+                tmp, data, parallel__zero_stage=1, parallel__pipeline_stages=stages, **extra
+            )
+            out[f"{family}-{name}"] = train(config, nproc=nproc)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_two_stages_train_as_the_plain_model(runs, family):
+    plain, pipe = step_losses(runs[f"{family}-plain"]), step_losses(runs[f"{family}-pipe"])
+    assert sorted(pipe) == [1, 2, 3, 4, 5, 6]
+    assert pipe[6] < pipe[1]
+    for s in range(1, 7):
+        assert pipe[s] == pytest.approx(plain[s], abs=PIPELINE_TOLERANCE), (s, pipe[s], plain[s])
+    assert step_sample_ids(runs[f"{family}-pipe"]) == step_sample_ids(runs[f"{family}-plain"])
+
+
+# Weights after 6 AdamW steps. The decoder's pipeline computes exactly what the plain model does
+# (measured: bit-identical weights). T5's shared embedding is used on both stages: its gradient
+# is the encoder's part (stage 0) plus the decoder's (stage 1) summed by DeepSpeed's tied-weight
+# all-reduce, in another order than autograd's accumulation in one process; Adam's 1/sqrt(v)
+# magnifies that float32 rounding to ~1e-5 in a few weights (measured max 1e-5; most < 5e-7).
+WEIGHT_TOLERANCE = {"llama": 0.0, "t5": 5e-5}
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_consolidated_pipeline_checkpoint_equals_the_plain_model(runs, family, tmp_path):
+    pipe_ckpt = latest_checkpoint(runs[f"{family}-pipe"])
+    assert (pipe_ckpt / "layer_00-model_states.pt").is_file()
+    want = load_model_weights(latest_checkpoint(runs[f"{family}-plain"]))
+    got = load_model_weights(pipe_ckpt)
+    assert set(got) == set(want)
+    atol = WEIGHT_TOLERANCE[family]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol, msg=k)
+    out = tmp_path / "model.safetensors"
+    result = kiln("checkpoint", "consolidate", str(runs[f"{family}-pipe"]), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(torch.equal(v, got[k]) for k, v in load_file(out).items())
+
+
+def test_pipeline_resume_is_exact(runs, prepared_data, tmp_path):
+    reference = runs["llama-pipe"]
+    config = train_config(
+        tmp_path, prepared_data, parallel__zero_stage=1, parallel__pipeline_stages=2
+    )
+    run = continue_from(reference, 3, tmp_path)
+    train(config, nproc=2)
+    want, got = step_losses(reference), step_losses(run)
+    assert sorted(got) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
+    # another layout is refused with what to run instead
+    result = kiln("train", str(config), "--nproc", "1", "parallel.pipeline_stages=1",
+                  "train.max_steps=7", "--sample-prompt", "")  # fmt: skip
+    assert result.returncode != 0
+    assert "resumes on the same layout: run with parallel.pipeline_stages=2" in result.stderr
+
+
+def test_two_stages_by_two_data_parallel_ranks(runs, prepared_data, tmp_path):
+    """4 processes: 2 pipeline stages x 2 data-parallel replicas. The global batch is the same
+    8 sequences, split over the replicas instead of accumulated, so losses agree with the plain
+    run up to the reduction order."""
+    config = train_config(
+        tmp_path,
+        prepared_data,
+        parallel__zero_stage=1,
+        parallel__pipeline_stages=2,
+        train__max_steps=3,
+        checkpoint__save_every=1000,
+    )
+    losses, plain = step_losses(train(config, nproc=4)), step_losses(runs["llama-plain"])
+    assert sorted(losses) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert losses[s] == pytest.approx(plain[s], abs=STAGE_TOLERANCE), (s, losses[s])
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["parallel.pipeline_stages=2", "parallel.zero_stage=2"], "cannot run with"),
+        (["parallel.pipeline_stages=2", "parallel.zero_stage=3"], "ZeRO 3 without a pipeline"),
+        (["parallel.pipeline_stages=3"], "exceeds the model's 2 transformer blocks"),
+        (["parallel.pipeline_stages=2", "parallel.offload_optimizer=true"], "offload_optimizer"),
+        (["model.model_type=t5", "parallel.pipeline_stages=5"], "model's 4 transformer blocks"),
+    ],
+)
+def test_bad_pipeline_configs_are_refused(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["model.name=debug", *overrides])
+
+
+def test_stage_count_must_divide_the_world():
+    cfg = load_config(None, ["parallel.pipeline_stages=2", "train.micro_batch_size=1"])
+    assert batch_plan(cfg, 4).data_parallel_size == 2
+    with pytest.raises(ConfigError, match="does not divide the 3 processes"):
+        batch_plan(cfg, 3)
+    layout = ["parallel.pipeline_stages=2", "parallel.zero_stage=1", "--nproc", "3"]
+    result = kiln("train", "configs/sample.yaml", *layout, "--dry-run")
+    assert result.returncode != 0 and "does not divide the 3 processes" in result.stderr
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_key_map_covers_every_weight(tie):
+    from model import model_class
+
+    for cfg in (
+        LlamaConfig(vocab_size=64, tie_word_embeddings=tie),
+        T5Config(vocab_size=64, tie_word_embeddings=tie),
+    ):
+        with torch.device("meta"):
+            keys = set(model_class(cfg)(cfg).state_dict())
+        mapping = key_map(cfg)
+        assert set(mapping) == keys
+        targets = list(mapping.values())
+        assert len(set(targets)) == len(targets) - int(tie)  # only a tied head shares a slot
