@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from launcher.ray_cli import ray_group
 from launcher.slurm import slurm
 from trainer.config import (
     ConfigError,
@@ -163,8 +164,15 @@ def data() -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--force", is_flag=True, help="re-prepare datasets that are already prepared")
-def data_prepare(config, overrides, force):
-    """Tokenize, pack and shard every dataset of the config (training the tokenizer if missing)."""
+@click.option("--ray", "use_ray", is_flag=True, help="tokenize and pack as Ray Data tasks")
+@click.option("--address", help="with --ray: Ray cluster address (default RAY_ADDRESS or local)")
+@click.option("--num-blocks", type=int, help="with --ray: blocks per dataset (default by size)")
+def data_prepare(config, overrides, force, use_ray, address, num_blocks):
+    """Tokenize, pack and shard every dataset of the config (training the tokenizer if missing).
+
+    With --ray the work runs as Ray Data tasks over the cluster (data.root must be storage every
+    node mounts at the same path); the shards are the same as without it.
+    """
     from trainer.data.prepare import prepare_all
 
     cfg = _load(config, overrides)
@@ -172,7 +180,15 @@ def data_prepare(config, overrides, force):
         check_paths(cfg)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    for manifest in prepare_all(cfg, force=force):
+    if use_ray:
+        from launcher.ray_cli import prepare_on_ray
+
+        manifests = prepare_on_ray(cfg, force=force, address=address, num_blocks=num_blocks)
+    else:
+        if address is not None or num_blocks is not None:
+            raise click.UsageError("--address and --num-blocks need --ray")
+        manifests = prepare_all(cfg, force=force)
+    for manifest in manifests:
         t = manifest["splits"]["train"]
         click.echo(f"{manifest['name']}: {t['sequences']} train sequences, {t['tokens']} tokens")
 
@@ -277,6 +293,7 @@ def presets() -> None:
 
 
 cli.add_command(slurm)
+cli.add_command(ray_group)
 
 
 def main() -> None:

@@ -62,11 +62,39 @@ class ConsoleProgress(Callback):
         self.bar.close()
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite a JSON-lines log of ``{"step": ...}`` records for a run that starts at ``step``.
+
+    A run that resumes from the checkpoint of ``step`` trains the later steps again (after a
+    crash, a killed worker, a preemption), so their records are dropped, as is a line torn by a
+    killed process; a run that starts at step 0 starts the log afresh. This keeps one record per
+    step (and evaluation). The file is replaced atomically.
+    """
+    if not path.is_file():
+        return
+    text = path.read_text()
+    kept = []
+    for line in text.splitlines():
+        try:
+            if step > 0 and json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            pass  # the torn last line of a killed process
+    if "".join(kept) != text:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class JsonlLogger(Callback):
-    """Appends one JSON object per logged step / evaluation to ``<run_dir>/metrics.jsonl``."""
+    """Appends one JSON object per logged step / evaluation to ``<run_dir>/metrics.jsonl``;
+    on (re)start drops the records of steps after the one the run starts from."""
 
     def __init__(self, path: Path):
         self.path = path
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        drop_records_after(self.path, trainer.step)
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -139,6 +167,9 @@ class SampleIdLogger(Callback):
     def __init__(self, run_dir: Path, rank: int):
         self.path = run_dir / "sample_ids" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        drop_records_after(self.path, trainer.step)
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
         with open(self.path, "a") as f:

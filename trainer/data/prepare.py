@@ -116,6 +116,17 @@ def prepare_all(cfg: KilnConfig, *, force: bool = False) -> list[dict[str, Any]]
             usable document.
         FileNotFoundError: a source path matches nothing.
     """
+    tokenizer = load_or_train_tokenizer(cfg)
+    return [prepare_dataset(cfg, d, tokenizer, force=force) for d in cfg.data.datasets]
+
+
+def load_or_train_tokenizer(cfg: KilnConfig) -> Tokenizer:
+    """The tokenizer at ``cfg.tokenizer_path``, trained there first if the file is missing.
+
+    Raises:
+        ValueError: no datasets; the tokenizer is larger than ``model.vocab_size``.
+        FileNotFoundError: a source path matches nothing.
+    """
     if not cfg.data.datasets:
         raise ValueError("data.datasets is empty; name at least one dataset with its sources")
     if cfg.tokenizer_path.is_file():
@@ -129,7 +140,7 @@ def prepare_all(cfg: KilnConfig, *, force: bool = False) -> list[dict[str, Any]]
             f"model.vocab_size={model_vocab}; raise model.vocab_size (or leave it unset and set "
             f"tokenizer.vocab_size={tokenizer.vocab_size})"
         )
-    return [prepare_dataset(cfg, d, tokenizer, force=force) for d in cfg.data.datasets]
+    return tokenizer
 
 
 def prepare_dataset(
@@ -151,24 +162,11 @@ def prepare_dataset(
     """
     name, d = ds_cfg.name, cfg.data
     final = cfg.dataset_dir(name)
-    existing = _existing_manifest(final, tokenizer, d.seq_len, force)
+    existing = reusable_manifest(cfg, ds_cfg, tokenizer, force=force)
     if existing is not None:
-        if existing["sources"] != [s.model_dump() for s in ds_cfg.sources]:
-            logger.warning(
-                "dataset %r in %s was prepared from other sources than the config names; "
-                "pass force (`kiln data prepare --force`) to prepare it again",
-                name,
-                final,
-            )
-        logger.info("dataset %r already prepared in %s", name, final)
         return existing
-    if tokenizer.eos_id < 0:
-        raise ValueError(f"tokenizer {tokenizer.path} defines no EOS piece; packing needs one")
-    if not ds_cfg.sources:
-        raise ValueError(f"dataset {name!r} has no sources and is not prepared in {final}")
-
-    raw = [load_source(s, cache_dir=hf_cache_dir(cfg)) for s in ds_cfg.sources]
-    docs = raw[0] if len(raw) == 1 else datasets.concatenate_datasets(raw)
+    check_eos(tokenizer)
+    docs = load_documents(cfg, ds_cfg)
     n_docs = len(docs)
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -177,12 +175,7 @@ def prepare_dataset(
         status, tokenized = _tokenize(docs, tokenizer, tmp / "map-cache", d.num_proc)
         skipped = {r: int((status == _STATUS[r]).sum()) for r in SKIP_REASONS}
         usable = np.flatnonzero(status == 0)
-        if len(usable) == 0:
-            raise ValueError(
-                f"dataset {name!r} has no usable document: {n_docs} read, skipped {skipped}; "
-                f"check its sources ({[s.path for s in ds_cfg.sources]}): the files are empty, "
-                f"not UTF-8, or text_field names the wrong column"
-            )
+        check_usable(ds_cfg, n_docs, len(usable), skipped)
         is_val = _validation_mask(n_docs, usable, d.validation_fraction, d.seed, name)
 
         dtype = token_dtype(tokenizer.vocab_size)
@@ -202,28 +195,7 @@ def prepare_dataset(
         shutil.rmtree(tmp / "map-cache", ignore_errors=True)
         splits = {s: w.close() for s, w in writers.items()}
 
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "sources": [s.model_dump() for s in ds_cfg.sources],
-            "tokenizer": {
-                "path": str(tokenizer.path),
-                "sha256": tokenizer.sha256,
-                "vocab_size": tokenizer.vocab_size,
-            },
-            "seq_len": d.seq_len,
-            "dtype": dtype.name,
-            "seed": d.seed,
-            "validation_fraction": d.validation_fraction,
-            "documents": {
-                "total": n_docs,
-                "usable": len(usable),
-                "train": splits["train"]["documents"],
-                "validation": splits["validation"]["documents"],
-            },
-            "skipped": skipped,
-            "splits": splits,
-        }
+        manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, len(usable), skipped, splits)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_dir(tmp, final)
     except BaseException:
@@ -231,6 +203,98 @@ def prepare_dataset(
         raise
     _log_summary(manifest)
     return manifest
+
+
+def reusable_manifest(
+    cfg: KilnConfig, ds_cfg: DatasetConfig, tokenizer: Tokenizer, *, force: bool
+) -> dict[str, Any] | None:
+    """The manifest of ``ds_cfg`` if it is already prepared with this tokenizer and ``seq_len``
+    (and not ``force``), else None: the dataset must be prepared.
+
+    Raises:
+        ValueError: prepared with another tokenizer or seq_len and not ``force``; the folder
+            exists but is not a prepared dataset.
+    """
+    final = cfg.dataset_dir(ds_cfg.name)
+    existing = _existing_manifest(final, tokenizer, cfg.data.seq_len, force)
+    if existing is not None:
+        if existing["sources"] != [s.model_dump() for s in ds_cfg.sources]:
+            logger.warning(
+                "dataset %r in %s was prepared from other sources than the config names; "
+                "pass force (`kiln data prepare --force`) to prepare it again",
+                ds_cfg.name,
+                final,
+            )
+        logger.info("dataset %r already prepared in %s", ds_cfg.name, final)
+    return existing
+
+
+def load_documents(cfg: KilnConfig, ds_cfg: DatasetConfig) -> datasets.Dataset:
+    """The raw documents of ``ds_cfg`` (its sources concatenated in order, one ``text`` column).
+
+    Raises:
+        ValueError: the dataset names no sources.
+        FileNotFoundError: a source path matches nothing.
+    """
+    if not ds_cfg.sources:
+        raise ValueError(
+            f"dataset {ds_cfg.name!r} has no sources and is not prepared in "
+            f"{cfg.dataset_dir(ds_cfg.name)}"
+        )
+    raw = [load_source(s, cache_dir=hf_cache_dir(cfg)) for s in ds_cfg.sources]
+    return raw[0] if len(raw) == 1 else datasets.concatenate_datasets(raw)
+
+
+def check_eos(tokenizer: Tokenizer) -> None:
+    """Raises ValueError when ``tokenizer`` has no EOS piece (packing puts one after each doc)."""
+    if tokenizer.eos_id < 0:
+        raise ValueError(f"tokenizer {tokenizer.path} defines no EOS piece; packing needs one")
+
+
+def check_usable(ds_cfg: DatasetConfig, n_docs: int, n_usable: int, skipped: dict) -> None:
+    """Raises ValueError, saying what to check, when a dataset has no usable document."""
+    if n_usable == 0:
+        raise ValueError(
+            f"dataset {ds_cfg.name!r} has no usable document: {n_docs} read, skipped {skipped}; "
+            f"check its sources ({[s.path for s in ds_cfg.sources]}): the files are empty, "
+            f"not UTF-8, or text_field names the wrong column"
+        )
+
+
+def build_manifest(
+    cfg: KilnConfig,
+    ds_cfg: DatasetConfig,
+    tokenizer: Tokenizer,
+    n_docs: int,
+    n_usable: int,
+    skipped: dict[str, int],
+    splits: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The manifest of a prepared dataset (see the module docstring); ``splits`` maps each split
+    to its ``documents``, ``tokens``, ``sequences``, ``dropped_tokens`` and ``shards``."""
+    d = cfg.data
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": ds_cfg.name,
+        "sources": [s.model_dump() for s in ds_cfg.sources],
+        "tokenizer": {
+            "path": str(tokenizer.path),
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+        },
+        "seq_len": d.seq_len,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "seed": d.seed,
+        "validation_fraction": d.validation_fraction,
+        "documents": {
+            "total": n_docs,
+            "usable": n_usable,
+            "train": splits["train"]["documents"],
+            "validation": splits["validation"]["documents"],
+        },
+        "skipped": skipped,
+        "splits": splits,
+    }
 
 
 def _existing_manifest(

@@ -1,0 +1,208 @@
+"""The driver of a Kiln Ray job (``kiln ray submit``): prepare the data, then train with Ray Train.
+
+It runs on the cluster as the job's entrypoint::
+
+    python -m launcher.ray_driver --num-workers 4 --gpus-per-worker 1 --max-failures 3
+
+and reads the resolved config from the ``KILN_CONFIG`` environment variable (YAML, set by
+``kiln ray submit`` in the job's runtime environment) or from a file given with ``--config``.
+
+1. Data: every dataset that is not prepared yet is tokenized and packed as Ray Data tasks
+   (:mod:`launcher.ray_prepare`); the tokenizer is trained first when missing.
+2. Training: Ray Train's ``TorchTrainer`` starts one worker per rank (``ScalingConfig``); Ray
+   creates the process group (gloo on CPU, NCCL on GPU) and every worker runs
+   :func:`trainer.main.train`, the function torchrun and srun run. Each rank reads its share of
+   the prepared data through the deterministic sampler; checkpoints, ``metrics.jsonl`` and wandb
+   go to ``run_dir``, which must be storage every node mounts at the same path.
+3. Faults: ``FailureConfig(max_failures=K)``. When a worker dies Ray tears the group down and
+   starts it again; ``train`` then resumes from the newest complete checkpoint in ``run_dir``
+   (also on another number of workers when ``--num-workers MIN-MAX`` lets Ray resize the group:
+   the sampler reshards and ZeRO states go through DeepSpeed's universal checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config import KilnConfig, batch_plan, check_paths, config_from_dict, load_config
+
+CONFIG_ENV = "KILN_CONFIG"
+
+
+def parse_num_workers(text: str) -> int | tuple[int, int]:
+    """``"4"`` -> 4; ``"2-8"`` -> (2, 8), an elastic range for Ray Train.
+
+    Raises:
+        ValueError: not ``N`` or ``MIN-MAX`` with 1 <= MIN <= MAX.
+    """
+    parts = text.split("-")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) == 1 and nums[0] >= 1:
+        return nums[0]
+    if len(nums) == 2 and 1 <= nums[0] <= nums[1]:
+        return nums[0] if nums[0] == nums[1] else (nums[0], nums[1])
+    raise ValueError(f"{text!r} is not a worker count: give N (4) or a range MIN-MAX (2-8)")
+
+
+def worker_counts(num_workers: int | tuple[int, int]) -> range:
+    lo, hi = (num_workers, num_workers) if isinstance(num_workers, int) else num_workers
+    return range(lo, hi + 1)
+
+
+def check_batches(cfg: KilnConfig, num_workers: int | tuple[int, int]) -> None:
+    """``batch_plan`` for every world size the job may run on.
+
+    Raises:
+        ConfigError: the global batch does not divide for one of them (the message says which).
+    """
+    for n in worker_counts(num_workers):
+        batch_plan(cfg, n)
+
+
+def absolute_paths(cfg: KilnConfig, base: Path) -> KilnConfig:
+    """A copy of ``cfg`` whose relative paths (run_dir, data.root, tokenizer.path, source paths)
+    are made absolute against ``base``, so that every worker agrees on them whatever its cwd."""
+    tree = cfg.model_dump(mode="json")
+
+    def fix(p: str) -> str:
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else str(base / p)
+
+    tree["run_dir"] = fix(tree["run_dir"])
+    tree["data"]["root"] = fix(tree["data"]["root"])
+    if tree["tokenizer"]["path"] is not None:
+        tree["tokenizer"]["path"] = fix(tree["tokenizer"]["path"])
+    for d in tree["data"]["datasets"]:
+        for s in d["sources"]:
+            s["path"] = fix(s["path"])
+    return config_from_dict(tree)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker = one rank: :func:`trainer.main.train` on the process group Ray made.
+
+    ``config["config"]`` is the resolved config as YAML.
+    """
+    from trainer import main
+
+    # Ray Train calls this in a worker thread: Trainer.install_signal_handlers then installs
+    # nothing (signal.signal works only in the main thread); `ray job stop` ends the workers.
+    main.train(config_from_dict(yaml.safe_load(config["config"])))
+
+
+def run(
+    cfg: KilnConfig,
+    *,
+    num_workers: int | tuple[int, int],
+    gpus_per_worker: float = 0,
+    cpus_per_worker: float = 1,
+    max_failures: int = 3,
+    num_blocks: int | None = None,
+) -> int:
+    """Prepare the data (Ray Data) and train (Ray Train) on the cluster this process is in.
+
+    Args:
+        num_workers: ranks, or (min, max) for an elastic group.
+        gpus_per_worker: 0 trains on CPU (gloo), 1 gives each rank a GPU (NCCL).
+        cpus_per_worker: CPUs Ray reserves per worker (also its torch threads).
+        max_failures: worker-group restarts Ray makes before it gives up (-1: no limit).
+        num_blocks: Ray Data blocks per dataset (see :func:`launcher.ray_prepare.prepare_all_ray`).
+
+    Returns:
+        the step of the newest checkpoint at the end.
+
+    Raises:
+        ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+        ConfigError: a batch that does not divide, a data source that matches nothing.
+        ValueError, FileNotFoundError: the data cannot be prepared (the message says why).
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from launcher.ray_prepare import prepare_all_ray
+    from model.tokenizer import Tokenizer
+    from trainer import checkpoint
+
+    if not ray.is_initialized():
+        ray.init()
+    check_batches(cfg, num_workers)
+    check_paths(cfg)
+    prepare_all_ray(cfg, num_blocks=num_blocks)
+    vocab = Tokenizer.load(cfg.tokenizer_path).vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(
+            f"{cfg.tokenizer_path} has {vocab} pieces, more than model.vocab_size="
+            f"{cfg.model.vocab_size}; raise model.vocab_size or leave it unset"
+        )
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
+        print(f"resuming {run_dir} from {ckpt.name}", flush=True)
+
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_yaml()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str(run_dir.resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    trainer.fit()  # raises TrainingFailedError past max_failures
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    step = checkpoint.read_trainer_state(ckpt)["step"] if ckpt is not None else 0
+    print(f"training ended at step {step} of {cfg.train.max_steps}; run folder {run_dir}")
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Driver of a Kiln Ray job (see `kiln ray submit`): prepare data, train."
+    )
+    parser.add_argument("--config", help=f"config YAML (default: the {CONFIG_ENV} variable)")
+    parser.add_argument("--num-workers", required=True, help="ranks: N, or MIN-MAX (elastic)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0)
+    parser.add_argument("--cpus-per-worker", type=float, default=1)
+    parser.add_argument("--max-failures", type=int, default=3)
+    parser.add_argument("--num-blocks", type=int)
+    parser.add_argument("--workdir", help="relative config paths are resolved against this")
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        cfg = load_config(args.config)
+    elif CONFIG_ENV in os.environ:
+        cfg = config_from_dict(yaml.safe_load(os.environ[CONFIG_ENV]))
+    else:
+        parser.error(f"give --config FILE or set {CONFIG_ENV} to the config YAML")
+    base = Path(os.path.expanduser(args.workdir)) if args.workdir else Path.cwd()
+    cfg = absolute_paths(cfg, base)
+    step = run(
+        cfg,
+        num_workers=parse_num_workers(args.num_workers),
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        num_blocks=args.num_blocks,
+    )
+    if step < cfg.train.max_steps:
+        print(f"the run stopped before train.max_steps={cfg.train.max_steps}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

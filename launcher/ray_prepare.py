@@ -1,0 +1,350 @@
+"""``kiln data prepare --ray``: tokenize and pack datasets as Ray Data tasks across a cluster.
+
+The output is the local path's (:mod:`trainer.data.prepare`) byte for byte: the same shard files,
+checksums and ``manifest.json`` for the same inputs and settings, whatever the number of blocks
+or nodes. That holds by construction:
+
+1. The driver reads the sources (``load_documents``), numbers the documents and cuts them into
+   ``num_blocks`` Arrow blocks.
+2. Ray Data tokenizes the blocks in parallel (the local path's ``_tokenize_batch``: classify,
+   encode, EOS after each document), keeping each document's number.
+3. The driver collects the small per-document columns (status, token count), draws the
+   validation documents exactly as the local path does and computes where each document's
+   tokens start in its split's packed stream (an exclusive cumulative sum in document order),
+   hence every shard's extent. It creates the shard files at their final sizes.
+4. Ray Data writes every block's tokens at their positions (``os.pwrite``) in parallel; the tail
+   of each split shorter than one sequence is not written (the local path drops it too).
+5. Ray tasks checksum the shards; the driver writes the manifest and renames the folder into
+   place, as the local path does.
+
+``data.root`` must be storage every node reaches at the same path (NFS, a shared disk): the
+tasks write the shards there and the training workers read them there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from model.tokenizer import Tokenizer
+from trainer.config import DatasetConfig, KilnConfig
+from trainer.data.dataset import MANIFEST_FILE, SPLITS
+from trainer.data.prepare import (
+    _MAP_BATCH,
+    _STATUS,
+    _log_summary,
+    _replace_dir,
+    _tokenize_batch,
+    _validation_mask,
+    build_manifest,
+    check_eos,
+    check_usable,
+    load_documents,
+    load_or_train_tokenizer,
+    reusable_manifest,
+    token_dtype,
+)
+from trainer.data.sources import SKIP_REASONS
+
+logger = logging.getLogger(__name__)
+
+DOCS_PER_BLOCK = 10_000  # default block size; more blocks when the cluster has more CPUs
+
+
+def prepare_all_ray(
+    cfg: KilnConfig, *, force: bool = False, num_blocks: int | None = None
+) -> list[dict[str, Any]]:
+    """:func:`trainer.data.prepare.prepare_all` with tokenization and packing as Ray Data tasks.
+
+    Connects to Ray first if this process has not (``ray.init()``: ``RAY_ADDRESS``, else a
+    cluster started on this machine, else a new local one). The tokenizer, when missing, is
+    trained in this process as the local path does.
+
+    Args:
+        num_blocks: blocks each dataset is cut into (the unit of parallel work); default
+            ``max(2 x cluster CPUs, documents / 10,000)``. The output does not depend on it.
+
+    Returns:
+        the manifest of each dataset, in config order.
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`trainer.data.prepare.prepare_all`;
+            ``num_blocks < 1``.
+    """
+    if num_blocks is not None and num_blocks < 1:
+        raise ValueError(f"num_blocks={num_blocks}; give at least 1 (or leave it unset)")
+    tokenizer = load_or_train_tokenizer(cfg)
+    return [
+        prepare_dataset_ray(cfg, d, tokenizer, force=force, num_blocks=num_blocks)
+        for d in cfg.data.datasets
+    ]
+
+
+def prepare_dataset_ray(
+    cfg: KilnConfig,
+    ds_cfg: DatasetConfig,
+    tokenizer: Tokenizer,
+    *,
+    force: bool = False,
+    num_blocks: int | None = None,
+) -> dict[str, Any]:
+    """:func:`trainer.data.prepare.prepare_dataset` run as Ray Data tasks (same output).
+
+    Returns:
+        the manifest (see :mod:`trainer.data.prepare`).
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`trainer.data.prepare.prepare_dataset`.
+    """
+    import ray
+
+    existing = reusable_manifest(cfg, ds_cfg, tokenizer, force=force)
+    if existing is not None:
+        return existing
+    check_eos(tokenizer)
+    docs = load_documents(cfg, ds_cfg)
+    n_docs = len(docs)
+    if not ray.is_initialized():
+        ray.init()
+
+    d, final = cfg.data, cfg.dataset_dir(ds_cfg.name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tokenized = _tokenize(docs, tokenizer, num_blocks)
+        status, lengths = _document_columns(tokenized, n_docs)
+        skipped = {r: int((status == _STATUS[r]).sum()) for r in SKIP_REASONS}
+        usable = status == 0
+        check_usable(ds_cfg, n_docs, int(usable.sum()), skipped)
+        is_val = _validation_mask(
+            n_docs, np.flatnonzero(usable), d.validation_fraction, d.seed, ds_cfg.name
+        )
+        dtype = token_dtype(tokenizer.vocab_size)
+        layout = _Layout(tmp, usable, is_val, lengths, d.seq_len + 1, d.shard_tokens, dtype)
+        layout.create_files()
+        written = tokenized.map_batches(
+            _write_tokens,
+            fn_kwargs={"layout": layout},
+            batch_format="pyarrow",
+            batch_size=_MAP_BATCH,
+        ).take_all()  # one small row per batch (an aggregate would shuffle)
+        expected = sum(s["sequences"] * layout.row for s in layout.splits.values())
+        assert sum(r["written"] for r in written) == expected, (written, expected)
+        del tokenized
+        splits = layout.finish(_checksums(tmp, layout.files()))
+        manifest = build_manifest(
+            cfg, ds_cfg, tokenizer, n_docs, int(usable.sum()), skipped, splits
+        )
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log_summary(manifest)
+    return manifest
+
+
+def _tokenize(docs, tokenizer: Tokenizer, num_blocks: int | None):
+    """A materialized Ray Dataset of (``doc``, ``status``, ``input_ids``, ``tokens``), one row per
+    document, cut into ``num_blocks`` blocks before tokenizing."""
+    import ray
+
+    n_docs = len(docs)
+    table = docs.select_columns(["text"]).with_format("arrow")[:]
+    table = table.append_column("doc", pa.array(np.arange(n_docs, dtype=np.int64)))
+    if num_blocks is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        num_blocks = max(2 * cpus, math.ceil(n_docs / DOCS_PER_BLOCK))
+    num_blocks = max(1, min(num_blocks, n_docs))
+    bounds = np.linspace(0, n_docs, num_blocks + 1).round().astype(int)
+    blocks = [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
+    logger.info("tokenizing %d documents in %d Ray Data blocks", n_docs, len(blocks))
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            _tokenize_block,
+            fn_kwargs={"tokenizer": tokenizer},
+            batch_format="pyarrow",
+            batch_size=_MAP_BATCH,
+        )
+        .materialize()
+    )
+
+
+def _tokenize_block(batch: pa.Table, *, tokenizer: Tokenizer) -> pa.Table:
+    out = _tokenize_batch({"text": batch.column("text").to_pylist()}, tokenizer)
+    ids = pa.array(out["input_ids"], type=pa.list_(pa.int32()))
+    return pa.table(
+        {
+            "doc": batch.column("doc"),
+            "status": pa.array(out["status"], type=pa.int8()),
+            "input_ids": ids,
+            "tokens": pa.array([len(x) for x in out["input_ids"]], type=pa.int64()),
+        }
+    )
+
+
+def _document_columns(tokenized, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(status (n_docs,) int8, token count (n_docs,) int64) in document order."""
+    import ray
+
+    meta = tokenized.select_columns(["doc", "status", "tokens"])
+    table = pa.concat_tables(ray.get(meta.to_arrow_refs()))
+    doc = table.column("doc").to_numpy()
+    assert len(doc) == n_docs and np.array_equal(np.sort(doc), np.arange(n_docs))
+    status = np.empty(n_docs, np.int8)
+    lengths = np.empty(n_docs, np.int64)
+    status[doc] = table.column("status").to_numpy()
+    lengths[doc] = table.column("tokens").to_numpy()
+    return status, lengths
+
+
+class _Layout:
+    """Where every document's tokens go: its split, its offset in the split's packed stream, and
+    the shard files that stream is cut into (``shard_tokens // row`` sequences per shard, the
+    last shard shorter, the tail under one sequence dropped), as ``_SplitWriter`` cuts them."""
+
+    def __init__(
+        self,
+        root: Path,
+        usable: np.ndarray,
+        is_val: np.ndarray,
+        lengths: np.ndarray,
+        row: int,
+        shard_tokens: int,
+        dtype: np.dtype,
+    ) -> None:
+        self.root, self.row, self.dtype = root, row, dtype
+        self.is_val = is_val
+        self.shard_sequences = max(1, shard_tokens // row)
+        self.start = np.zeros(len(lengths), np.int64)  # offset in its split's stream (tokens)
+        self.splits: dict[str, dict[str, Any]] = {}
+        for split, member in (("train", ~is_val), ("validation", is_val)):
+            n = np.where(member, lengths, 0)
+            self.start[member] = (np.cumsum(n) - n)[member]
+            tokens = int(n.sum())
+            sequences = tokens // row
+            full, rest = divmod(sequences, self.shard_sequences)
+            self.splits[split] = {
+                "documents": int((usable & member).sum()),
+                "tokens": tokens,
+                "sequences": sequences,
+                "dropped_tokens": tokens - sequences * row,
+                "shard_sequences": [self.shard_sequences] * full + ([rest] if rest else []),
+            }
+
+    def files(self) -> list[str]:
+        return [
+            f"{split}/shard-{i:05d}.bin"
+            for split in SPLITS
+            for i in range(len(self.splits[split]["shard_sequences"]))
+        ]
+
+    def create_files(self) -> None:
+        for split in SPLITS:
+            (self.root / split).mkdir()
+            for i, seqs in enumerate(self.splits[split]["shard_sequences"]):
+                with open(self.root / f"{split}/shard-{i:05d}.bin", "wb") as f:
+                    f.truncate(seqs * self.row * self.dtype.itemsize)
+
+    def write(self, split: str, start: int, ids: np.ndarray) -> int:
+        """Write ``ids`` at token offset ``start`` of ``split``'s stream; returns tokens written
+        (those past the last whole sequence are dropped)."""
+        shard_len = self.shard_sequences * self.row
+        end = min(start + len(ids), self.splits[split]["sequences"] * self.row)
+        pos, done = start, 0
+        while pos < end:
+            shard, offset = divmod(pos, shard_len)
+            n = min(end - pos, shard_len - offset)
+            chunk = np.ascontiguousarray(ids[pos - start : pos - start + n], dtype=self.dtype)
+            fd = os.open(self.root / f"{split}/shard-{shard:05d}.bin", os.O_WRONLY)
+            try:
+                view = memoryview(chunk).cast("B")
+                while view:  # pwrite may write less than asked
+                    k = os.pwrite(fd, view, offset * self.dtype.itemsize)
+                    view, offset = view[k:], offset + k // self.dtype.itemsize
+            finally:
+                os.close(fd)
+            pos, done = pos + n, done + n
+        return done
+
+    def finish(self, checksums: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """The manifest's ``splits`` (the local writer's keys, in its order)."""
+        out = {}
+        for split in SPLITS:
+            s = self.splits[split]
+            shards = [
+                {"file": f, "sequences": n, "sha256": checksums[f]}
+                for f, n in (
+                    (f"{split}/shard-{i:05d}.bin", n) for i, n in enumerate(s["shard_sequences"])
+                )
+            ]
+            out[split] = {
+                "documents": s["documents"],
+                "tokens": s["tokens"],
+                "sequences": s["sequences"],
+                "dropped_tokens": s["dropped_tokens"],
+                "shards": shards,
+            }
+        return out
+
+
+def _write_tokens(batch: pa.Table, *, layout: _Layout) -> pa.Table:
+    """Write one batch's tokens into the shards. A batch is a run of documents in order, so each
+    split's documents in it form one contiguous piece of that split's stream."""
+    doc = batch.column("doc").to_numpy()
+    ids = batch.column("input_ids").combine_chunks()
+    offsets = ids.offsets.to_numpy()
+    values = ids.values.to_numpy()
+    order = np.argsort(doc, kind="stable")
+    written = 0
+    for split in SPLITS:
+        rows = order[layout.is_val[doc[order]] == (split == "validation")]
+        rows = rows[offsets[rows + 1] > offsets[rows]]  # skipped documents have no tokens
+        if not len(rows):
+            continue
+        starts = layout.start[doc[rows]]
+        lens = offsets[rows + 1] - offsets[rows]
+        breaks = np.flatnonzero(starts[1:] != starts[:-1] + lens[:-1]) + 1
+        for piece in np.split(np.arange(len(rows)), breaks):
+            tokens = np.concatenate([values[offsets[r] : offsets[r + 1]] for r in rows[piece]])
+            written += layout.write(split, int(starts[piece[0]]), tokens)
+    return pa.table({"written": pa.array([written], type=pa.int64())})
+
+
+def _checksums(root: Path, files: list[str]) -> dict[str, str]:
+    """sha256 of each shard file, computed by Ray tasks (a few files per task)."""
+    import ray
+
+    if not files:
+        return {}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    rows = (
+        ray.data.from_items([{"file": f} for f in files], override_num_blocks=min(len(files), cpus))
+        .map_batches(_sha256_batch, fn_kwargs={"root": str(root)}, batch_format="pyarrow")
+        .take_all()
+    )
+    return {r["file"]: r["sha256"] for r in rows}
+
+
+def _sha256_batch(batch: pa.Table, *, root: str) -> pa.Table:
+    files = batch.column("file").to_pylist()
+    sums = []
+    for f in files:
+        h = hashlib.sha256()
+        with open(Path(root) / f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        sums.append(h.hexdigest())
+    return pa.table({"file": files, "sha256": sums})

@@ -1,0 +1,347 @@
+"""Ray on a real local cluster (`ray start --head`, 2 CPUs): Ray Data preparation gives the local
+path's shards byte for byte; a `kiln ray submit --wait` job trains the debug model on 2 Ray Train
+workers with the losses of `kiln train --nproc 2`; a worker killed with SIGKILL is restarted and
+the run resumes from its last checkpoint to the same losses, each step logged once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import (
+    REPO,
+    SAMPLE,
+    _source,
+    kiln,
+    step_losses,
+    step_sample_ids,
+    train_config,
+)
+
+from trainer.checkpoint import latest_checkpoint, read_trainer_state
+from trainer.config import load_config
+from trainer.distributed import free_port
+
+RAY = Path(sys.executable).with_name("ray")
+CLUSTER_YAMLS = sorted((REPO / "configs" / "ray").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A one-node Ray cluster with the dashboard (Jobs API), stopped at the end.
+
+    `ray start --block` runs in a session of its own; tearing that session down stops the
+    cluster's processes without touching any other Ray on the machine."""
+    temp = tmp_path_factory.mktemp("ray")
+    ports = {
+        "port": free_port(),
+        "dashboard-port": free_port(),
+        "node-manager-port": free_port(),
+        "object-manager-port": free_port(),
+        "ray-client-server-port": free_port(),
+        "dashboard-agent-listen-port": free_port(),
+        "dashboard-agent-grpc-port": free_port(),
+        "runtime-env-agent-port": free_port(),
+        "metrics-export-port": free_port(),
+    }
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run this venv's python
+    env["RAY_DEDUP_LOGS"] = "0"
+    cmd = [str(RAY), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp}"]
+    cmd += [f"--{k}={v}" for k, v in ports.items()]
+    cmd += ["--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats"]
+    log = open(temp / "ray-start.log", "w")  # noqa: SIM115 (open for the cluster's lifetime)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        _wait_for_jobs_api(dashboard, proc, temp / "ray-start.log")
+        yield {"address": f"127.0.0.1:{ports['port']}", "dashboard": dashboard}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_for_jobs_api(dashboard: str, proc: subprocess.Popen, log: Path) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            JobSubmissionClient(dashboard).list_jobs()
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def _data_args(root: Path, corpus: Path, tokenizer: Path) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.seq_len=32",
+        "data.num_proc=1",
+        "data.validation_fraction=0.1",
+        "data.shard_tokens=2000",  # many shards, and shard boundaries inside blocks
+        f"data.datasets=[{{name: shakespeare, sources: [{_source(corpus)}]}}]",
+        f"tokenizer.path={tokenizer}",
+    ]
+
+
+def test_ray_prepare_equals_local(ray_cluster, prepared_data, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    # 60 KB in paragraphs, with an empty paragraph's worth of whitespace to be skipped
+    corpus.write_text(SAMPLE.read_text()[:60_000] + "\n\n   \n\n" + SAMPLE.read_text()[-2000:])
+    tokenizer = prepared_data / "tokenizer" / "tokenizer.model"
+    manifests, checksums = {}, {}
+    modes = [("local", []), ("ray3", ["--num-blocks", "3"]), ("ray7", ["--num-blocks", "7"])]
+    for mode, extra in modes:
+        root = tmp_path / mode
+        config = tmp_path / f"{mode}.yaml"
+        config.write_text(load_config(None, _data_args(root, corpus, tokenizer)).to_yaml())
+        args = ["data", "prepare", str(config)]
+        if mode != "local":
+            args += ["--ray", "--address", ray_cluster["address"], *extra]
+        result = kiln(*args)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        man = json.loads((root / "shakespeare" / "manifest.json").read_text())
+        manifests[mode] = man
+        checksums[mode] = {
+            f.relative_to(root / "shakespeare").as_posix(): _sha256(f)
+            for f in sorted((root / "shakespeare").rglob("*.bin"))
+        }
+    local = manifests["local"]
+    assert len(local["splits"]["train"]["shards"]) > 5
+    assert local["skipped"]["empty"] >= 1
+    for mode in ("ray3", "ray7"):
+        assert manifests[mode] == local, mode
+        assert checksums[mode] == checksums["local"], mode
+    # the files' checksums are the manifest's
+    listed = {s["file"]: s["sha256"] for sp in local["splits"].values() for s in sp["shards"]}
+    assert checksums["local"] == listed
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- training -----------------------------------------------------------------------------------
+
+STEPS, SAVE_EVERY = 30, 10
+
+
+def _submit(config: Path, cluster: dict, *extra: str) -> list[str]:
+    args = ["ray", "submit", str(config), "--address", cluster["dashboard"], "--num-workers", "2"]
+    return [*args, "--wait", *extra]
+
+
+@pytest.fixture(scope="module")
+def local_reference(prepared_data, tmp_path_factory) -> Path:
+    """The debug model trained by `kiln train --nproc 2` (torchrun), uninterrupted."""
+    tmp = tmp_path_factory.mktemp("local")
+    config = train_config(
+        tmp, prepared_data, train__max_steps=STEPS, checkpoint__save_every=SAVE_EVERY
+    )
+    result = kiln("train", str(config), "--nproc", "2", "--sample-prompt", "")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return tmp / "run"
+
+
+def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, tmp_path):
+    config = train_config(
+        tmp_path, prepared_data, train__max_steps=STEPS, checkpoint__save_every=SAVE_EVERY
+    )
+    result = kiln(*_submit(config, ray_cluster))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-6000:]
+    assert "submitted Ray job raysubmit_" in out and "ray job logs" in out
+    assert "Started training worker group of size 2" in out
+    run = tmp_path / "run"
+    assert read_trainer_state(latest_checkpoint(run))["step"] == STEPS
+    want, got = step_losses(local_reference), step_losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == want  # same ranks, same gloo reductions, same threads: bitwise equal
+    assert step_sample_ids(run) == step_sample_ids(local_reference)
+
+
+def test_submit_refuses_a_bad_config_before_submitting(ray_cluster, prepared_data, tmp_path):
+    config = train_config(tmp_path, prepared_data)  # global batch 8 = 2 x accumulation x ranks
+    result = kiln(*_submit(config, ray_cluster), "train.micro_batch_size=3")
+    assert result.returncode != 0
+    assert "global_batch_size" in result.stderr and "submitted" not in result.stdout
+
+
+def test_killed_worker_is_restarted_and_the_run_resumes(
+    ray_cluster, prepared_data, local_reference, tmp_path
+):
+
+    config = train_config(
+        tmp_path, prepared_data, train__max_steps=STEPS, checkpoint__save_every=SAVE_EVERY
+    )
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launcher.cli", *_submit(config, ray_cluster)]
+    log = tmp_path / "submit.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # kill a worker once a checkpoint exists and some steps after it are logged
+            deadline = time.time() + 300
+            while not _logged_steps(run) or max(_logged_steps(run)) < SAVE_EVERY + 2:
+                assert proc.poll() is None, log.read_text()[-5000:]
+                assert time.time() < deadline, "the run did not get past the first checkpoint"
+                time.sleep(0.05)
+            workers = _train_workers(ray_cluster)
+            assert len(workers) == 2
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed_at = max(_logged_steps(run))
+            resume_from = read_trainer_state(latest_checkpoint(run))["step"]
+            proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-6000:]
+    assert SAVE_EVERY <= resume_from < killed_at < STEPS, (resume_from, killed_at)
+    # Ray started a new group of workers after the kill, and the run went on from a checkpoint
+    assert text.count("Started training worker group of size 2") == 2, text[-6000:]
+    killed = {w.actor_id for w in workers}
+    job = workers[0].job_id
+    restarted = [
+        a
+        for a in _train_workers(ray_cluster, alive=False)
+        if a.job_id == job and a.actor_id not in killed
+    ]
+    assert len(restarted) == 2, restarted
+    # every step once, losses and data as in the uninterrupted local run
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert steps == list(range(1, STEPS + 1))
+    want, got = step_losses(local_reference), step_losses(run)
+    for s in range(1, STEPS + 1):
+        assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
+    assert step_sample_ids(run) == step_sample_ids(local_reference)
+    assert read_trainer_state(latest_checkpoint(run))["step"] == STEPS
+
+
+def _logged_steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            steps.append(json.loads(line)["step"])
+    return steps
+
+
+def _train_workers(cluster: dict, alive: bool = True) -> list:
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "RayTrainWorker")]
+    if alive:
+        filters.append(("state", "=", "ALIVE"))
+    return list_actors(address=cluster["dashboard"], filters=filters, limit=1000)
+
+
+# -- cluster launcher YAMLs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_cluster_yaml_is_valid_for_rays_launcher(path):
+    """What `ray up` does before it starts a node: fill the provider's defaults, validate against
+    Ray's schema. Kiln is copied to and installed on every node."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load(path.read_text()))
+    validate_config(config)
+    assert config["file_mounts"] == {"~/kiln": "."}
+    assert "cd ~/kiln && ./setup.sh" in config["setup_commands"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert all(c.startswith("source ~/kiln/.venv/bin/activate") for c in config[key])
+    workers = [t for t in config["available_node_types"].values() if t["max_workers"] > 0]
+    assert sum(t["min_workers"] for t in workers) >= 2
+
+
+def test_cluster_yamls_exist():
+    assert {p.name for p in CLUSTER_YAMLS} >= {"onprem.yaml", "aws.yaml"}
+
+
+# -- submit-side checks (no cluster needed) -----------------------------------------------------
+
+
+def test_num_workers_is_a_count_or_an_elastic_range():
+    from launcher.ray_driver import parse_num_workers
+
+    assert parse_num_workers("4") == 4
+    assert parse_num_workers("2-8") == (2, 8)
+    assert parse_num_workers("3-3") == 3
+    for bad in ("0", "8-2", "two", "1-2-3", ""):
+        with pytest.raises(ValueError, match="is not a worker count"):
+            parse_num_workers(bad)
+
+
+def test_every_size_of_an_elastic_range_must_divide_the_batch(prepared_data, tmp_path):
+    from launcher.ray_driver import check_batches
+    from trainer.config import ConfigError
+
+    cfg = load_config(train_config(tmp_path, prepared_data))  # global 8, micro 2
+    check_batches(cfg, (1, 2))
+    check_batches(cfg, 4)
+    with pytest.raises(ConfigError, match="data_parallel_size=3"):
+        check_batches(cfg, (2, 4))
+
+
+def test_relative_paths_are_resolved_in_the_workdir(tmp_path):
+    from launcher.ray_driver import absolute_paths
+
+    cfg = load_config(
+        None,
+        [
+            "run_dir=runs/x",
+            "data.root=/shared/data",
+            "data.datasets=[{name: a, sources: [{path: corpus/*.txt}, {path: /abs/b.txt}]}]",
+        ],
+    )
+    fixed = absolute_paths(cfg, tmp_path)
+    assert fixed.run_dir == str(tmp_path / "runs/x")
+    assert fixed.data.root == "/shared/data"
+    assert [s.path for s in fixed.data.datasets[0].sources] == [
+        str(tmp_path / "corpus/*.txt"),
+        "/abs/b.txt",
+    ]
+    assert fixed.model_dump(exclude={"run_dir", "data"}) == cfg.model_dump(
+        exclude={"run_dir", "data"}
+    )
+
+
+def test_submit_refuses_relative_paths_without_a_workdir(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(load_config(None, ["run_dir=runs/x"]).to_yaml())
+    result = kiln("ray", "submit", str(config), "--address", "http://127.0.0.1:1")
+    assert result.returncode != 0
+    assert "relative paths run_dir=runs/x" in result.stderr and "--workdir" in result.stderr
