@@ -299,6 +299,9 @@ def parse_args(argv=None):
         default="1,2,4,8",
         help="micro-batch counts of the 2-stage pipeline rows ('' to skip them)",
     )
+    p.add_argument(
+        "--pipeline-only", action="store_true", help="run only the pipeline rows of the presets"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     hidden = [("--runner", str), ("--preset", str), ("--stage", int), ("--out", str)]
     hidden += [("--micro-batches", int), ("--nproc-pipeline", int)]
@@ -321,7 +324,7 @@ def main(argv=None) -> None:
     print(f"machine peak: {peak / 1e9:.1f} GFLOP/s fp32 (1024^3 matmul, {cores} threads)")
     rows, pipe_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.presets:
+        for preset in args.presets if not args.pipeline_only else []:
             family, name = split_preset(preset)
             get_preset(name, family)  # fail early on a wrong name
             steps = args.steps or DEFAULT_STEPS.get(preset, 10)
@@ -336,11 +339,15 @@ def main(argv=None) -> None:
                     fig["mfu"] = fig["tokens_per_s"] * fpt / peak
                 rows.append(fig)
             pipe_rows += pipeline_jobs(args, preset, steps, Path(tmp))
-    report(args, rows, peak, time.perf_counter() - began)
+        for preset in args.presets if args.pipeline_only else []:
+            steps = args.steps or DEFAULT_STEPS.get(preset, 10)
+            pipe_rows += pipeline_jobs(args, preset, steps, Path(tmp))
+    if rows:
+        report(args, rows, peak, time.perf_counter() - began)
     if pipe_rows:
         pipeline_report(pipe_rows)
     if args.json:
-        dump = json.loads(args.json.read_text())
+        dump = json.loads(args.json.read_text()) if rows else {}
         dump["pipeline"] = pipe_rows
         args.json.write_text(json.dumps(dump, indent=1))
 
@@ -349,10 +356,13 @@ PIPELINE_STAGES = 2
 
 
 def pipeline_jobs(args, preset: str, steps: int, tmp: Path) -> list[dict]:
-    """Kiln on one process with one thread (the reference), then 2 pipeline stages (2 processes
-    of one thread) at each of ``--pipeline-micro-batches`` micro-batches per step."""
+    """For each of ``--pipeline-micro-batches`` m: Kiln on one process of one thread with m
+    micro-batches per step (the reference: same optimizer steps per token), then 2 pipeline
+    stages (2 processes of one thread) with m micro-batches per step."""
     out = []
-    jobs = [("1t", 1, 1)] + [("pipe", PIPELINE_STAGES, m) for m in args.pipeline_micro_batches]
+    jobs = []
+    for m in args.pipeline_micro_batches:
+        jobs += [("1t", 1, m), ("pipe", PIPELINE_STAGES, m)]
     for i, (runner, nproc, m) in enumerate(jobs):
         path = tmp / f"{preset}-pipe-{i}.json"
         fig = run_config(args, preset, runner, 0, nproc, steps, path, micro_batches=m)
@@ -366,25 +376,28 @@ def pipeline_report(rows: list[dict]) -> None:
     (P - 1) / (m + P - 1) (Huang et al. 2019, GPipe, Sec. 2.3; Narayanan et al. 2021, Sec. 2.2)
     and the measured idle share 1 - tokens/s / (P x the one-thread reference's tokens/s): the
     time the P single-thread stages do not spend computing (bubble, send/receive, imbalance)."""
-    print(f"\n{'preset':>8} {'stages':>6} {'micro':>5} {'tokens/s':>9} {'bubble':>7} {'idle':>6}")
+    head = f"{'preset':>8} {'micro':>5} {'1 stage':>9} {'2 stages':>9} {'bubble':>7} {'idle':>6}"
+    print(f"\n{head}")
     for preset in dict.fromkeys(r["preset"] for r in rows):
-        ref = [r for r in rows if r["preset"] == preset and r["runner"] == "1t"]
-        base = ref[0].get("tokens_per_s") if ref else None
-        if base:
-            print(f"{preset:>8} {1:>6} {'-':>5} {base:>9.1f} {'-':>7} {'-':>6}")
         for r in rows:
             if r["preset"] != preset or r["runner"] != "pipe":
                 continue
             m, p = r["micro_batches"], r["nproc"]
+            ref = [x for x in rows if x["preset"] == preset and x["runner"] == "1t"]
+            base = next((x.get("tokens_per_s") for x in ref if x["micro_batches"] == m), None)
             bubble = (p - 1) / (m + p - 1)
-            if "tokens_per_s" not in r:
-                print(f"{preset:>8} {p:>6} {m:>5} {'FAILED':>9}")
+            if "tokens_per_s" not in r or not base:
+                print(f"{preset:>8} {m:>5} {'FAILED':>9}")
                 continue
-            idle = f"{1 - r['tokens_per_s'] / (p * base):.3f}" if base else "-"
-            print(f"{preset:>8} {p:>6} {m:>5} {r['tokens_per_s']:>9.1f} {bubble:>7.3f} {idle:>6}")
+            idle = 1 - r["tokens_per_s"] / (p * base)
+            r.update(bubble=bubble, idle=idle, reference_tokens_per_s=base)
+            tps = r["tokens_per_s"]
+            print(f"{preset:>8} {m:>5} {base:>9.1f} {tps:>9.1f} {bubble:>7.3f} {idle:>6.3f}")
     print(
-        "bubble: the 1F1B schedule's idle share (P-1)/(m+P-1); idle: 1 - tokens/s / (P x the "
-        "1-stage one-thread tokens/s), measured (bubble + communication + imbalance)."
+        "tokens/s of 1 stage (one process, one thread) and 2 pipeline stages (two processes of "
+        "one thread) at m micro-batches per step; bubble: the 1F1B schedule's idle share "
+        "(P-1)/(m+P-1); idle: 1 - tokens/s(2 stages) / (2 x tokens/s(1 stage)), measured "
+        "(bubble + send/receive + imbalance)."
     )
 
 
