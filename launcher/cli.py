@@ -142,8 +142,15 @@ def tokenizer() -> None:
 @tokenizer.command("train")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-def tokenizer_train(config, overrides):
-    """Train the sentencepiece tokenizer on a sample of the config's data sources."""
+@click.option("--ray", "use_ray", is_flag=True, help="sample the corpus with Ray Data tasks")
+@click.option("--address", help="with --ray: Ray cluster address (default RAY_ADDRESS or local)")
+@click.option("--num-blocks", type=int, help="with --ray: blocks of documents (default by size)")
+def tokenizer_train(config, overrides, use_ray, address, num_blocks):
+    """Train the sentencepiece tokenizer on a sample of the config's data sources.
+
+    With --ray, Ray Data tasks sample the lines of blocks of documents and this process merges
+    them: the same sample, hence the same tokenizer, as without it.
+    """
     from trainer.data.prepare import train_tokenizer_from_config
 
     cfg = _load(config, overrides)
@@ -151,7 +158,14 @@ def tokenizer_train(config, overrides):
         check_paths(cfg)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    tok = train_tokenizer_from_config(cfg)
+    if use_ray:
+        from launcher.ray_cli import train_tokenizer_on_ray_cluster
+
+        tok = train_tokenizer_on_ray_cluster(cfg, address=address, num_blocks=num_blocks)
+    elif address is not None or num_blocks is not None:
+        raise click.UsageError("--address and --num-blocks need --ray")
+    else:
+        tok = train_tokenizer_from_config(cfg)
     click.echo(f"wrote {cfg.tokenizer_path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
 
 

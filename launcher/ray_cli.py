@@ -40,6 +40,22 @@ def prepare_on_ray(
         ray.shutdown()
 
 
+def train_tokenizer_on_ray_cluster(cfg: KilnConfig, *, address: str | None, num_blocks):
+    """``kiln tokenizer train --ray``: sample the corpus on the cluster at ``address``, train
+    here (:func:`launcher.ray_prepare.train_tokenizer_on_ray`)."""
+    import ray
+
+    from launcher.ray_prepare import train_tokenizer_on_ray
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        return train_tokenizer_on_ray(cfg, num_blocks=num_blocks)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        ray.shutdown()
+
+
 @click.group("ray")
 def ray_group() -> None:
     """Ray cluster: up, down, submit a training job."""

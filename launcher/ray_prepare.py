@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, keyed_line_sample, merge_line_samples
 from trainer.config import DatasetConfig, KilnConfig
 from trainer.data.dataset import MANIFEST_FILE, SPLITS
 from trainer.data.prepare import (
@@ -50,12 +50,13 @@ from trainer.data.prepare import (
     build_manifest,
     check_eos,
     check_usable,
+    hf_cache_dir,
     load_documents,
     load_or_train_tokenizer,
     reusable_manifest,
     token_dtype,
 )
-from trainer.data.sources import SKIP_REASONS
+from trainer.data.sources import SKIP_REASONS, classify, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def prepare_all_ray(
 
     Connects to Ray first if this process has not (``ray.init()``: ``RAY_ADDRESS``, else a
     cluster started on this machine, else a new local one). The tokenizer, when missing, is
-    trained in this process as the local path does.
+    trained on a line sample drawn by Ray tasks (:func:`train_tokenizer_on_ray`), the same lines
+    the local path samples.
 
     Args:
         num_blocks: blocks each dataset is cut into (the unit of parallel work); default
@@ -84,7 +86,9 @@ def prepare_all_ray(
     """
     if num_blocks is not None and num_blocks < 1:
         raise ValueError(f"num_blocks={num_blocks}; give at least 1 (or leave it unset)")
-    tokenizer = load_or_train_tokenizer(cfg)
+    tokenizer = load_or_train_tokenizer(
+        cfg, lambda c: train_tokenizer_on_ray(c, num_blocks=num_blocks)
+    )
     return [
         prepare_dataset_ray(cfg, d, tokenizer, force=force, num_blocks=num_blocks)
         for d in cfg.data.datasets
@@ -155,6 +159,99 @@ def prepare_dataset_ray(
     return manifest
 
 
+def train_tokenizer_on_ray(cfg: KilnConfig, num_blocks: int | None = None) -> Tokenizer:
+    """:func:`trainer.data.prepare.train_tokenizer_from_config` with the corpus sampled by Ray
+    Data tasks: each block of documents keeps the bottom-k of its lines by
+    :func:`model.tokenizer.line_key` (:func:`model.tokenizer.keyed_line_sample`), and the driver
+    merges them into the sample of the whole corpus, which is the local path's line for line
+    (the documents are numbered the same way, skipped ones included), so the tokenizer is too.
+
+    Raises:
+        ValueError, FileNotFoundError: as the local path.
+    """
+    import ray
+
+    from model.tokenizer import train_tokenizer_on_sample
+
+    if not ray.is_initialized():
+        ray.init()
+    t = cfg.tokenizer
+    sources = [s for d in cfg.data.datasets for s in d.sources]
+    if not sources:
+        raise ValueError(
+            "data.datasets names no sources to train the tokenizer on; add a dataset with "
+            "sources, or set tokenizer.path to an existing tokenizer.model"
+        )
+    cache = hf_cache_dir(cfg)
+    tables = [
+        load_source(s, cache_dir=cache).select_columns(["text"]).with_format("arrow")[:]
+        for s in sources
+    ]
+    table = pa.concat_tables(tables)
+    n_docs = len(table)
+    table = table.append_column("doc", pa.array(np.arange(n_docs, dtype=np.int64)))
+    blocks = _blocks(table, num_blocks)
+    logger.info("sampling tokenizer lines from %d documents in %d Ray blocks", n_docs, len(blocks))
+    parts = (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            _sample_block,
+            fn_kwargs={"k": t.input_sentence_size, "seed": t.seed},
+            batch_format="pyarrow",
+            batch_size=None,  # a whole block: contiguous documents
+        )
+        .iter_rows()
+    )
+    sample, seen = merge_line_samples(
+        (
+            ([(int(key), line) for key, line in zip(r["keys"], r["lines"], strict=True)], r["seen"])
+            for r in parts
+        ),
+        t.input_sentence_size,
+    )
+    tok = train_tokenizer_on_sample(
+        sample,
+        seen,
+        cfg.tokenizer_path,
+        vocab_size=t.vocab_size,
+        model_type=t.model_type,
+        character_coverage=t.character_coverage,
+        byte_fallback=t.byte_fallback,
+        num_sentinels=t.num_sentinels,
+        seed=t.seed,
+    )
+    logger.info("tokenizer written: %r", tok)
+    return tok
+
+
+def _sample_block(batch: pa.Table, *, k: int, seed: int) -> pa.Table:
+    """One row: the block's bottom-k lines (keys as uint64, lines) and its non-blank lines."""
+    texts = [t if classify(t) is None else "" for t in batch.column("text").to_pylist()]
+    first = batch.column("doc")[0].as_py() if len(batch) else 0
+    pairs, seen = keyed_line_sample(texts, k, seed, first_doc=first)
+    return pa.table(
+        {
+            "keys": pa.array([[key for key, _ in pairs]], type=pa.list_(pa.uint64())),
+            "lines": pa.array([[line for _, line in pairs]], type=pa.list_(pa.string())),
+            "seen": pa.array([seen], type=pa.int64()),
+        }
+    )
+
+
+def _blocks(table: pa.Table, num_blocks: int | None) -> list[pa.Table]:
+    """``table`` cut into ``num_blocks`` contiguous blocks (default: 2 per cluster CPU, at least
+    one per :data:`DOCS_PER_BLOCK` rows)."""
+    import ray
+
+    n = len(table)
+    if num_blocks is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        num_blocks = max(2 * cpus, math.ceil(n / DOCS_PER_BLOCK))
+    num_blocks = max(1, min(num_blocks, n))
+    bounds = np.linspace(0, n, num_blocks + 1).round().astype(int)
+    return [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
+
+
 def _tokenize(docs, tokenizer: Tokenizer, num_blocks: int | None):
     """A materialized Ray Dataset of (``doc``, ``status``, ``input_ids``, ``tokens``), one row per
     document, cut into ``num_blocks`` blocks before tokenizing."""
@@ -163,12 +260,7 @@ def _tokenize(docs, tokenizer: Tokenizer, num_blocks: int | None):
     n_docs = len(docs)
     table = docs.select_columns(["text"]).with_format("arrow")[:]
     table = table.append_column("doc", pa.array(np.arange(n_docs, dtype=np.int64)))
-    if num_blocks is None:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        num_blocks = max(2 * cpus, math.ceil(n_docs / DOCS_PER_BLOCK))
-    num_blocks = max(1, min(num_blocks, n_docs))
-    bounds = np.linspace(0, n_docs, num_blocks + 1).round().astype(int)
-    blocks = [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
+    blocks = _blocks(table, num_blocks)
     logger.info("tokenizing %d documents in %d Ray Data blocks", n_docs, len(blocks))
     return (
         ray.data.from_arrow(blocks)

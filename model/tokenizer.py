@@ -29,10 +29,10 @@ This module must not import ``trainer``, ``deepspeed``, ``torch.distributed`` or
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import os
-import random
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -175,34 +175,76 @@ class Tokenizer:
         return out
 
 
-def reservoir_sample_lines(texts: Iterable[str], k: int, seed: int = 0) -> tuple[list[str], int]:
-    """Uniform sample of at most ``k`` non-blank lines of ``texts``, in one pass.
+def line_key(seed: int, doc: int, line: int) -> int:
+    """The sampling key of line ``line`` of document ``doc`` (0-based, non-blank lines only):
+    a 64-bit hash (BLAKE2b) of ``(seed, doc, line)``, uniform and independent of the rest."""
+    h = hashlib.blake2b(f"{seed}/{doc}/{line}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
 
-    Algorithm R with ``random.Random(seed)``: memory holds ``k`` lines whatever the corpus size.
-    Lines over :data:`MAX_SENTENCE_CHARS` characters are cut to that length.
+
+def keyed_line_sample(
+    texts: Iterable[str], k: int, seed: int = 0, first_doc: int = 0
+) -> tuple[list[tuple[int, str]], int]:
+    """The ``k`` non-blank lines of ``texts`` with the smallest :func:`line_key`, in one pass.
+
+    A bottom-k sample (Cohen & Kaplan 2007, "Summarizing data using bottom-k sketches"): uniform
+    without replacement, memory ``k`` lines, and mergeable, since the bottom k of a union is the
+    bottom k of the parts' bottom k. So parts of a corpus sampled anywhere (Ray tasks) and merged
+    with :func:`merge_line_samples` give exactly the sample of the whole. Document ``i`` of
+    ``texts`` is document ``first_doc + i`` of the corpus. Lines over
+    :data:`MAX_SENTENCE_CHARS` characters are cut to that length.
 
     Returns:
-        (the sampled lines, the number of non-blank lines seen).
+        ((key, line) pairs sorted by key, the number of non-blank lines seen).
+
+    Raises:
+        ValueError: ``k`` < 1.
     """
     if k <= 0:
         raise ValueError(f"input_sentence_size must be positive, got {k}")
-    rng = random.Random(seed)
-    sample: list[str] = []
+    heap: list[tuple[int, str]] = []  # max-heap of the k smallest keys, as negated keys
     seen = 0
-    for text in texts:
+    for doc, text in enumerate(texts, start=first_doc):
+        line_no = 0
         for line in text.split("\n"):
             if not line.strip():
                 continue
-            if len(line) > MAX_SENTENCE_CHARS:
-                line = line[:MAX_SENTENCE_CHARS]
-            if seen < k:
-                sample.append(line)
-            else:
-                j = rng.randrange(seen + 1)
-                if j < k:
-                    sample[j] = line
+            key = line_key(seed, doc, line_no)
+            line_no += 1
             seen += 1
-    return sample, seen
+            if len(heap) < k:
+                heapq.heappush(heap, (-key, line[:MAX_SENTENCE_CHARS]))
+            elif key < -heap[0][0]:
+                heapq.heapreplace(heap, (-key, line[:MAX_SENTENCE_CHARS]))
+    return sorted((-neg, line) for neg, line in heap), seen
+
+
+def merge_line_samples(
+    parts: Iterable[tuple[list[tuple[int, str]], int]], k: int
+) -> tuple[list[str], int]:
+    """Merge :func:`keyed_line_sample` results of disjoint parts of a corpus into the sample of
+    the whole: (the ``k`` lines with the smallest keys, in key order; lines seen in all).
+    Memory: ``k`` lines plus one part at a time."""
+    heap: list[tuple[int, str]] = []  # the k smallest so far, keys negated (a max-heap)
+    seen = 0
+    for part, n in parts:
+        seen += n
+        for key, line in part:
+            if len(heap) < k:
+                heapq.heappush(heap, (-key, line))
+            elif key < -heap[0][0]:
+                heapq.heapreplace(heap, (-key, line))
+    return [line for _, line in sorted(heap, key=lambda x: -x[0])], seen
+
+
+def sample_lines(texts: Iterable[str], k: int, seed: int = 0) -> tuple[list[str], int]:
+    """Uniform sample of at most ``k`` non-blank lines of ``texts`` (documents), in one pass:
+    :func:`keyed_line_sample` of the whole stream.
+
+    Returns:
+        (the sampled lines in key order, the number of non-blank lines seen).
+    """
+    return merge_line_samples([keyed_line_sample(texts, k, seed)], k)
 
 
 def train_tokenizer(
@@ -219,10 +261,10 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a sentencepiece tokenizer on a sample of the lines of ``texts``.
 
-    ``texts`` is streamed once; a seeded reservoir keeps at most ``input_sentence_size`` lines
-    (sentences), so the corpus may be larger than memory. Writes ``out_path`` (the
-    ``tokenizer.model``) atomically and ``tokenizer_meta.json`` beside it (model type, vocab size,
-    special ids, sha256 of the model file, sentences seen and sampled).
+    ``texts`` is streamed once; a seeded bottom-k sample (:func:`sample_lines`) keeps at most
+    ``input_sentence_size`` lines (sentences), so the corpus may be larger than memory. Writes
+    ``out_path`` (the ``tokenizer.model``) atomically and ``tokenizer_meta.json`` beside it
+    (model type, vocab size, special ids, sha256 of the model file, sentences seen and sampled).
 
     Args:
         texts: documents (any number of lines each).
@@ -243,26 +285,42 @@ def train_tokenizer(
             characters and bytes it must hold, or larger than the text can fill); the message
             says what to change.
     """
+    _check_training_args(vocab_size, model_type, character_coverage, byte_fallback, num_sentinels)
+    sample, seen = sample_lines(texts, input_sentence_size, seed)
+    return train_tokenizer_on_sample(
+        sample,
+        seen,
+        out_path,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        num_sentinels=num_sentinels,
+        seed=seed,
+    )
+
+
+def train_tokenizer_on_sample(
+    sample: Sequence[str],
+    seen: int,
+    out_path: str | Path,
+    *,
+    vocab_size: int,
+    model_type: Literal["bpe", "unigram"] = "bpe",
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = True,
+    num_sentinels: int = 0,
+    seed: int = 0,
+) -> Tokenizer:
+    """:func:`train_tokenizer` on lines already sampled (e.g. by Ray tasks with
+    :func:`keyed_line_sample` and :func:`merge_line_samples`); ``seen`` is the number of lines
+    the sample was drawn from (recorded in the metadata).
+
+    Raises:
+        ValueError: as :func:`train_tokenizer`.
+    """
     out_path = Path(out_path)
-    if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"tokenizer.model_type={model_type!r}; use 'bpe' or 'unigram'")
-    if not 0.98 <= character_coverage <= 1.0:
-        raise ValueError(
-            f"tokenizer.character_coverage={character_coverage} is outside [0.98, 1], the range "
-            f"sentencepiece accepts; use 0.9995 (English) or 0.98-0.9995 (Korean, Chinese, "
-            f"Japanese: rarer characters then fall back to bytes)"
-        )
-    if num_sentinels < 0:
-        raise ValueError(f"tokenizer.num_sentinels={num_sentinels} must be >= 0")
-    reserved = (_MIN_VOCAB_BYTE_FALLBACK if byte_fallback else 4) + num_sentinels
-    if vocab_size <= reserved:
-        raise ValueError(
-            f"tokenizer.vocab_size={vocab_size} leaves no room for learned pieces: 4 special"
-            f"{' + 256 byte' if byte_fallback else ''} + {num_sentinels} sentinel pieces are "
-            f"reserved; raise tokenizer.vocab_size above {reserved} (a few thousand or more "
-            f"for real use)"
-        )
-    sample, seen = reservoir_sample_lines(texts, input_sentence_size, seed)
+    _check_training_args(vocab_size, model_type, character_coverage, byte_fallback, num_sentinels)
     if not sample:
         raise ValueError(
             "no non-blank line of text to train the tokenizer on; check the data sources"
@@ -316,6 +374,30 @@ def train_tokenizer(
     }
     _atomic_write(out_path.parent / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return tok
+
+
+def _check_training_args(
+    vocab_size: int, model_type: str, character_coverage: float, byte_fallback: bool,
+    num_sentinels: int,
+) -> None:  # fmt: skip
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"tokenizer.model_type={model_type!r}; use 'bpe' or 'unigram'")
+    if not 0.98 <= character_coverage <= 1.0:
+        raise ValueError(
+            f"tokenizer.character_coverage={character_coverage} is outside [0.98, 1], the range "
+            f"sentencepiece accepts; use 0.9995 (English) or 0.98-0.9995 (Korean, Chinese, "
+            f"Japanese: rarer characters then fall back to bytes)"
+        )
+    if num_sentinels < 0:
+        raise ValueError(f"tokenizer.num_sentinels={num_sentinels} must be >= 0")
+    reserved = (_MIN_VOCAB_BYTE_FALLBACK if byte_fallback else 4) + num_sentinels
+    if vocab_size <= reserved:
+        raise ValueError(
+            f"tokenizer.vocab_size={vocab_size} leaves no room for learned pieces: 4 special"
+            f"{' + 256 byte' if byte_fallback else ''} + {num_sentinels} sentinel pieces are "
+            f"reserved; raise tokenizer.vocab_size above {reserved} (a few thousand or more "
+            f"for real use)"
+        )
 
 
 def _sentinels_last(proto: bytes) -> bytes:

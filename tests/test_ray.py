@@ -96,6 +96,32 @@ def _wait_for_jobs_api(dashboard: str, proc: subprocess.Popen, log: Path) -> Non
 # -- data ---------------------------------------------------------------------------------------
 
 
+def test_ray_tokenizer_equals_local(ray_cluster, tmp_path):
+    """Ray tasks sample the lines of 5 blocks of documents; the merged sample, and so the trained
+    tokenizer (with T5 sentinels), equals the local path's byte for byte."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SAMPLE.read_text()[:120_000] + "\n\n   \n\n" + SAMPLE.read_text()[-3000:])
+    shas, metas = {}, {}
+    for mode in ("local", "ray"):
+        args = [
+            f"data.root={tmp_path / mode}",
+            f"data.datasets=[{{name: s, sources: [{_source(corpus)}]}}]",
+            "tokenizer.vocab_size=600",
+            "tokenizer.num_sentinels=8",
+            "tokenizer.input_sentence_size=500",  # fewer than the corpus lines: a real sample
+        ]
+        extra = ["--ray", "--address", ray_cluster["address"], "--num-blocks", "5"]
+        result = kiln("tokenizer", "train", "configs/sample.yaml", *args,
+                      *(extra if mode == "ray" else []))  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        folder = tmp_path / mode / "tokenizer"
+        shas[mode] = _sha256(folder / "tokenizer.model")
+        metas[mode] = json.loads((folder / "tokenizer_meta.json").read_text())
+    assert shas["ray"] == shas["local"]
+    assert metas["ray"]["sentences_seen"] == metas["local"]["sentences_seen"] > 500
+    assert metas["ray"]["sentences_sampled"] == metas["local"]["sentences_sampled"] == 500
+
+
 def _data_args(root: Path, corpus: Path, tokenizer: Path) -> list[str]:
     return [
         f"data.root={root}",

@@ -18,7 +18,9 @@ from model.tokenizer import (
     PAD_ID,
     UNK_ID,
     Tokenizer,
-    reservoir_sample_lines,
+    keyed_line_sample,
+    merge_line_samples,
+    sample_lines,
     train_tokenizer,
 )
 
@@ -130,15 +132,25 @@ def test_training_is_deterministic(texts, tmp_path):
     assert a.sha256 == b.sha256
 
 
-def test_reservoir_sample_is_seeded_and_bounded():
+def test_line_sample_is_seeded_bounded_and_mergeable():
     docs = [f"doc {i}\n\nline {i}\n   \n" for i in range(1000)]
-    sample, seen = reservoir_sample_lines(iter(docs), 50, seed=1)
+    sample, seen = sample_lines(iter(docs), 50, seed=1)
     assert seen == 2000 and len(sample) == 50  # blank and whitespace-only lines are not counted
-    assert sample == reservoir_sample_lines(iter(docs), 50, seed=1)[0]
-    assert sample != reservoir_sample_lines(iter(docs), 50, seed=2)[0]
+    assert sample == sample_lines(iter(docs), 50, seed=1)[0]
+    assert sample != sample_lines(iter(docs), 50, seed=2)[0]
     # a uniform sample reaches the end of the stream, not just its first lines
     assert max(int(s.split()[1]) for s in sample) > 500
-    assert reservoir_sample_lines(["a\nb"], 10) == (["a", "b"], 2)
+    assert sorted(sample_lines(["a\nb"], 10)[0]) == ["a", "b"]
+    # parts of the corpus sampled apart (as Ray tasks do) and merged give the same sample
+    parts = [
+        keyed_line_sample(docs[a : a + 300], 50, seed=1, first_doc=a) for a in (0, 300, 600, 900)
+    ]
+    assert merge_line_samples(parts, 50) == (sample, 2000)
+    # every line is about equally likely: lines of the first and the second half of the corpus
+    # each make about half of a large sample
+    big, _ = sample_lines(iter(docs), 1000, seed=3)
+    first_half = sum(int(s.split()[1]) < 500 for s in big)
+    assert 430 < first_half < 570
 
 
 def test_input_sentence_size_caps_the_sample(texts, tmp_path):

@@ -332,15 +332,23 @@ def load_plain_state_dict(pipe: nn.Module, state: dict[str, Tensor], cfg: ModelC
 
 
 def _local_layers(pipe) -> list[tuple[int, nn.Module]]:
-    """(global layer index, module) of this stage's layers; tied modules once, at their first
-    layer."""
-    out, seen = [], set()
+    """(global layer index, module) of this stage's layers. A tied module is listed once, at
+    the first layer of its key in the whole pipeline (where :func:`key_map` puts its weights),
+    even on a stage that holds only a later use of it (a tied head)."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    out, tied = [], set()
+    for key, module in pipe.tied_modules.items():
+        first = next(
+            i
+            for i, spec in enumerate(pipe._layer_specs)
+            if isinstance(spec, TiedLayerSpec) and spec.key == key
+        )
+        out.append((first, module))
+        tied.add(id(module))
     for local, fn in enumerate(pipe.forward_funcs):
-        module = fn if isinstance(fn, nn.Module) else getattr(fn, "args", (None,))[0]
-        if not isinstance(module, nn.Module) or id(module) in seen:
-            continue
-        seen.add(id(module))
-        out.append((pipe._local_start + local, module))
+        if isinstance(fn, nn.Module) and id(fn) not in tied:
+            out.append((pipe._local_start + local, fn))
     return out
 
 

@@ -39,6 +39,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def train_tokenizer_from_config(cfg: KilnConfig) -> Tokenizer:
         "training a %s tokenizer (vocab %d) -> %s", t.model_type, t.vocab_size, cfg.tokenizer_path
     )
     tok = train_tokenizer(
-        iter_texts(sources, cache_dir=hf_cache_dir(cfg)),
+        iter_texts(sources, cache_dir=hf_cache_dir(cfg), keep_positions=True),
         cfg.tokenizer_path,
         vocab_size=t.vocab_size,
         model_type=t.model_type,
@@ -120,8 +121,11 @@ def prepare_all(cfg: KilnConfig, *, force: bool = False) -> list[dict[str, Any]]
     return [prepare_dataset(cfg, d, tokenizer, force=force) for d in cfg.data.datasets]
 
 
-def load_or_train_tokenizer(cfg: KilnConfig) -> Tokenizer:
-    """The tokenizer at ``cfg.tokenizer_path``, trained there first if the file is missing.
+def load_or_train_tokenizer(
+    cfg: KilnConfig, train: Callable[[KilnConfig], Tokenizer] | None = None
+) -> Tokenizer:
+    """The tokenizer at ``cfg.tokenizer_path``, trained there first if the file is missing (by
+    ``train``, default :func:`train_tokenizer_from_config`; the Ray path passes its own).
 
     Raises:
         ValueError: no datasets; the tokenizer is larger than ``model.vocab_size``.
@@ -132,7 +136,7 @@ def load_or_train_tokenizer(cfg: KilnConfig) -> Tokenizer:
     if cfg.tokenizer_path.is_file():
         tokenizer = Tokenizer.load(cfg.tokenizer_path)
     else:
-        tokenizer = train_tokenizer_from_config(cfg)
+        tokenizer = (train or train_tokenizer_from_config)(cfg)
     model_vocab = cfg.model.vocab_size
     if model_vocab is not None and tokenizer.vocab_size > model_vocab:
         raise ValueError(

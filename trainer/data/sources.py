@@ -243,8 +243,12 @@ def iter_texts(
     *,
     cache_dir: str | Path | None = None,
     batch_size: int = 1000,
+    keep_positions: bool = False,
 ) -> Iterator[str]:
     """Stream the usable documents of ``sources`` in order (skipped ones per :func:`classify`).
+
+    With ``keep_positions`` a skipped document yields ``""`` instead, so the i-th text is the
+    i-th document of the sources (the numbering the tokenizer's line sample keys on).
 
     Raises:
         as :func:`load_source`.
@@ -255,3 +259,5 @@ def iter_texts(
             for text in batch["text"]:
                 if classify(text) is None:
                     yield text
+                elif keep_positions:
+                    yield ""
