@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.tokenizer import Tokenizer, keyed_line_sample, merge_line_samples
-from trainer.config import DatasetConfig, KilnConfig
+from trainer.config import DatasetConfig, KilnConfig, SourceConfig
 from trainer.data.dataset import MANIFEST_FILE, SPLITS
 from trainer.data.prepare import (
     _MAP_BATCH,
@@ -55,6 +55,7 @@ from trainer.data.prepare import (
     load_or_train_tokenizer,
     reusable_manifest,
     token_dtype,
+    train_tokenizer_from_config,
 )
 from trainer.data.sources import SKIP_REASONS, classify, load_source
 
@@ -160,28 +161,31 @@ def prepare_dataset_ray(
 
 
 def train_tokenizer_on_ray(cfg: KilnConfig, num_blocks: int | None = None) -> Tokenizer:
-    """:func:`trainer.data.prepare.train_tokenizer_from_config` with the corpus sampled by Ray
-    Data tasks: each block of documents keeps the bottom-k of its lines by
-    :func:`model.tokenizer.line_key` (:func:`model.tokenizer.keyed_line_sample`), and the driver
-    merges them into the sample of the whole corpus, which is the local path's line for line
-    (the documents are numbered the same way, skipped ones included), so the tokenizer is too.
+    """:func:`trainer.data.prepare.train_tokenizer_from_config` with the line sample drawn by
+    Ray Data tasks (:func:`sample_lines_on_ray`): the same lines, so the same tokenizer.
 
     Raises:
         ValueError, FileNotFoundError: as the local path.
     """
-    import ray
+    return train_tokenizer_from_config(
+        cfg, lambda c, sources: sample_lines_on_ray(c, sources, num_blocks)
+    )
 
-    from model.tokenizer import train_tokenizer_on_sample
+
+def sample_lines_on_ray(
+    cfg: KilnConfig, sources: list[SourceConfig], num_blocks: int | None = None
+) -> tuple[list[str], int]:
+    """:func:`trainer.data.prepare.sample_tokenizer_lines` as Ray Data tasks: each block of
+    documents keeps the bottom-k of its lines by :func:`model.tokenizer.line_key`
+    (:func:`model.tokenizer.keyed_line_sample`) and this process merges them
+    (:func:`model.tokenizer.merge_line_samples`) into the sample of the whole corpus, which is
+    the local path's line for line (documents are numbered the same way, skipped ones
+    included). Returns (the lines in key order, the non-blank lines seen)."""
+    import ray
 
     if not ray.is_initialized():
         ray.init()
     t = cfg.tokenizer
-    sources = [s for d in cfg.data.datasets for s in d.sources]
-    if not sources:
-        raise ValueError(
-            "data.datasets names no sources to train the tokenizer on; add a dataset with "
-            "sources, or set tokenizer.path to an existing tokenizer.model"
-        )
     cache = hf_cache_dir(cfg)
     tables = [
         load_source(s, cache_dir=cache).select_columns(["text"]).with_format("arrow")[:]
@@ -202,26 +206,13 @@ def train_tokenizer_on_ray(cfg: KilnConfig, num_blocks: int | None = None) -> To
         )
         .iter_rows()
     )
-    sample, seen = merge_line_samples(
+    return merge_line_samples(
         (
             ([(int(key), line) for key, line in zip(r["keys"], r["lines"], strict=True)], r["seen"])
             for r in parts
         ),
         t.input_sentence_size,
     )
-    tok = train_tokenizer_on_sample(
-        sample,
-        seen,
-        cfg.tokenizer_path,
-        vocab_size=t.vocab_size,
-        model_type=t.model_type,
-        character_coverage=t.character_coverage,
-        byte_fallback=t.byte_fallback,
-        num_sentinels=t.num_sentinels,
-        seed=t.seed,
-    )
-    logger.info("tokenizer written: %r", tok)
-    return tok
 
 
 def _sample_block(batch: pa.Table, *, k: int, seed: int) -> pa.Table:

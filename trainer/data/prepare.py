@@ -48,8 +48,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from model.tokenizer import Tokenizer, train_tokenizer
-from trainer.config import DatasetConfig, KilnConfig
+from model.tokenizer import Tokenizer, sample_lines, train_tokenizer_on_sample
+from trainer.config import DatasetConfig, KilnConfig, SourceConfig
 from trainer.data.dataset import FORMAT_VERSION, MANIFEST_FILE, SPLITS, read_manifest
 from trainer.data.sources import SKIP_REASONS, classify, iter_texts, load_source
 
@@ -69,9 +69,20 @@ def hf_cache_dir(cfg: KilnConfig) -> Path:
     return Path(cfg.data.root) / ".cache" / "huggingface"
 
 
-def train_tokenizer_from_config(cfg: KilnConfig) -> Tokenizer:
-    """Train the tokenizer on the sources of all ``cfg.data.datasets``; writes
-    ``cfg.tokenizer_path`` (and ``tokenizer_meta.json`` beside it).
+LineSampler = Callable[[KilnConfig, list[SourceConfig]], tuple[list[str], int]]
+
+
+def sample_tokenizer_lines(cfg: KilnConfig, sources: list[SourceConfig]) -> tuple[list[str], int]:
+    """The tokenizer's line sample of ``sources`` in this process (:func:`model.tokenizer
+    .sample_lines`; documents numbered with the skipped ones, as the Ray path numbers them)."""
+    texts = iter_texts(sources, cache_dir=hf_cache_dir(cfg), keep_positions=True)
+    return sample_lines(texts, cfg.tokenizer.input_sentence_size, cfg.tokenizer.seed)
+
+
+def train_tokenizer_from_config(cfg: KilnConfig, sampler: LineSampler | None = None) -> Tokenizer:
+    """Train the tokenizer on a line sample of the sources of all ``cfg.data.datasets``; writes
+    ``cfg.tokenizer_path`` (and ``tokenizer_meta.json`` beside it). ``sampler`` draws the sample
+    (default :func:`sample_tokenizer_lines`; the Ray path draws the same lines on a cluster).
 
     Raises:
         ValueError: no datasets, or the sample does not fit ``tokenizer.vocab_size`` (the message
@@ -88,12 +99,13 @@ def train_tokenizer_from_config(cfg: KilnConfig) -> Tokenizer:
     logger.info(
         "training a %s tokenizer (vocab %d) -> %s", t.model_type, t.vocab_size, cfg.tokenizer_path
     )
-    tok = train_tokenizer(
-        iter_texts(sources, cache_dir=hf_cache_dir(cfg), keep_positions=True),
+    sample, seen = (sampler or sample_tokenizer_lines)(cfg, sources)
+    tok = train_tokenizer_on_sample(
+        sample,
+        seen,
         cfg.tokenizer_path,
         vocab_size=t.vocab_size,
         model_type=t.model_type,
-        input_sentence_size=t.input_sentence_size,
         character_coverage=t.character_coverage,
         byte_fallback=t.byte_fallback,
         num_sentinels=t.num_sentinels,
