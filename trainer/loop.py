@@ -99,7 +99,7 @@ class Trainer:
         self._measure_grad_norm = (
             cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not self.pipelined
         )
-        self._grad_norm: float | None = None
+        self._grad_norm: torch.Tensor | None = None  # a device tensor: read when logged
         self.dp_rank = engine.grid.data_parallel_id if self.pipelined else world.rank
 
     # -- signals ------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class Trainer:
             self.engine.backward(loss)
             if self._measure_grad_norm and micro == self.plan.gradient_accumulation_steps - 1:
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                self._grad_norm = torch.nn.utils.get_total_norm(grads).item()
+                self._grad_norm = torch.nn.utils.get_total_norm(grads)
             self.engine.step()
             total += loss.detach()
         self.last_sample_ids = np.concatenate(ids)
