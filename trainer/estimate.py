@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from model.config import LlamaConfig
@@ -91,9 +90,9 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
     if m.model_type == "llama":
         h, stacks = m.hidden_size, [(m.num_hidden_layers, plan.seq_len, 34)]
     else:  # encoder blocks at the encoder length; decoder blocks (with cross-attention) ~1.5x
-        from trainer.objectives import build_objective
+        from trainer.objectives import mixture_lengths
 
-        enc_len, dec_len = build_objective(cfg, np.arange(10**6)).lengths()
+        enc_len, dec_len = mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
         h = m.d_model
         stacks = [(m.num_layers, enc_len, 34), (m.num_decoder_layers, dec_len, 51)]
     layers = 0.0

@@ -51,9 +51,6 @@ class CausalLM:
         t = torch.from_numpy(rows)
         return Batch({"input_ids": t[:, :-1].contiguous()}, t[:, 1:].contiguous(), np.empty(0))
 
-    def lengths(self) -> tuple[int, int]:
-        return 0, 0
-
 
 @dataclass(frozen=True)
 class SpanLengths:
@@ -169,6 +166,27 @@ def prefix_lm(tokens: np.ndarray, split: int, eos_id: int) -> tuple[np.ndarray, 
     return np.concatenate([tokens[:split], eos]), np.concatenate([tokens[split:], eos])
 
 
+def mixture_lengths(objectives, raw_length: int) -> tuple[int, int]:
+    """(I, L): the encoder and decoder lengths every batch of an encoder-decoder mixture is
+    padded to, the longest any of its objectives produces from ``raw_length`` tokens.
+
+    Raises:
+        ValueError: an objective that is not an encoder-decoder one.
+    """
+    inputs, targets = [], []
+    for o in objectives:
+        if o.type == "span_corruption":
+            n = span_corruption_lengths(raw_length, o.noise_density, o.mean_noise_span_length)
+            inputs.append(n.inputs_length)
+            targets.append(n.targets_length)
+        elif o.type == "prefix_lm":
+            inputs.append(raw_length)  # split in [1, R - 1]: at most R - 1 tokens + EOS
+            targets.append(raw_length)
+        else:
+            raise ValueError(f"objective {o.type!r} is not an encoder-decoder objective")
+    return max(inputs), max(targets)
+
+
 class Seq2Seq:
     """Encoder-decoder examples from a weighted mixture of ``span_corruption`` and ``prefix_lm``
     objectives (their configs from ``objective.mixture``).
@@ -207,23 +225,16 @@ class Seq2Seq:
         self.seed = seed
         weights = np.array([o.weight for o in self.objectives], dtype=np.float64)
         self.probs = weights / weights.sum()
-        inputs, targets = [], []
         for o in self.objectives:
-            if o.type == "span_corruption":
-                n = span_corruption_lengths(raw_length, o.noise_density, o.mean_noise_span_length)
-                if n.num_noise_spans > len(self.sentinel_ids):
-                    raise ValueError(
-                        f"span corruption of {raw_length} tokens makes {n.num_noise_spans} "
-                        f"spans but the tokenizer has {len(self.sentinel_ids)} sentinels"
-                    )
-                inputs.append(n.inputs_length)
-                targets.append(n.targets_length)
-            elif o.type == "prefix_lm":
-                inputs.append(raw_length)  # split in [1, R - 1]: at most R - 1 tokens + EOS
-                targets.append(raw_length)
-            else:
-                raise ValueError(f"objective {o.type!r} is not an encoder-decoder objective")
-        self.inputs_length, self.targets_length = max(inputs), max(targets)
+            if o.type != "span_corruption":
+                continue
+            n = span_corruption_lengths(raw_length, o.noise_density, o.mean_noise_span_length)
+            if n.num_noise_spans > len(self.sentinel_ids):
+                raise ValueError(
+                    f"span corruption of {raw_length} tokens makes {n.num_noise_spans} spans "
+                    f"but the tokenizer has {len(self.sentinel_ids)} sentinels"
+                )
+        self.inputs_length, self.targets_length = mixture_lengths(self.objectives, raw_length)
 
     def lengths(self) -> tuple[int, int]:
         """(I, L): encoder and decoder lengths of every batch."""
@@ -341,7 +352,7 @@ def flops_per_token(cfg: KilnConfig) -> float:
     m = cfg.model
     if m.model_type == "llama":
         return decoder_flops(m, cfg.data.seq_len)
-    enc_len, dec_len = build_objective(cfg, np.arange(10**6)).lengths()
+    enc_len, dec_len = mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
     enc, dec = m.stack_parameters()
     head = m.vocab_size * m.d_model
     dense = 6 * (enc * enc_len + (dec + head) * dec_len)
@@ -358,7 +369,7 @@ def describe(cfg: KilnConfig) -> str:
     m = cfg.model
     if m.model_type == "llama":
         return f"causal LM over {cfg.data.seq_len} tokens"
-    enc_len, dec_len = build_objective(cfg, np.arange(10**6)).lengths()
+    enc_len, dec_len = mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
     parts = []
     for o in cfg.objective.mixture:
         if o.type == "span_corruption":

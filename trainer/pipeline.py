@@ -34,8 +34,6 @@ from model.t5 import RelativePositionBias, T5Block, padding_bias
 if TYPE_CHECKING:
     from trainer.config import KilnConfig
 
-PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform"}
-
 
 # -- decoder layers ---------------------------------------------------------------------------
 class LlamaEmbedPipe(nn.Module):
