@@ -116,6 +116,13 @@ def train(
         click.echo(
             f"\nsample from {ckpt.name}:\n{_sample(run_dir, sample_prompt, 200, 0.8, 50, None, 0)}"
         )
+    published = run_dir / "hf" / ckpt.name if ckpt is not None else None
+    if finished and node_rank == 0 and cfg.checkpoint.publish_at_end and published.is_dir():
+        from trainer.publish import load_snippet
+
+        lines = load_snippet(published, cfg.model.model_type)
+        click.echo(f"\npublished in the transformers layout: {published}")
+        click.echo("\n".join(f"  {line}" for line in lines))
 
 
 def _check_tokenizer_fits(cfg: KilnConfig) -> None:
@@ -279,6 +286,76 @@ def checkpoint_consolidate(run_dir, step, out):
     save_file(tensors, out, metadata={"checkpoint": str(ckpt)})
     n = sum(v.numel() for v in tensors.values())
     click.echo(f"wrote {out}: {len(tensors)} tensors, {n:,} parameters from {ckpt}")
+
+
+@cli.command(context_settings={"show_default": True})
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder to write")
+@click.option("--step", type=int, default=None, help="checkpoint step (default: latest)")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
+@click.option("--max-shard-size", default="5GB", help="safetensors files are cut above this")
+@click.option("--license", "license_", default=None, help="model card licence id [other]")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out folder")
+@click.option("--push-to-hub", "repo_id", default=None, help="upload to this Hub repo (user/name)")
+@click.option("--private", is_flag=True, help="with --push-to-hub: create the repo private")
+@click.option("--revision", default=None, help="with --push-to-hub: branch to upload to [main]")
+@click.option("--dry-run", is_flag=True, help="with --push-to-hub: list the upload, send nothing")
+def publish(
+    run_dir, out, step, dtype, max_shard_size, license_, overwrite, repo_id, private, revision,
+    dry_run,
+):  # fmt: skip
+    """Publish RUN_DIR's checkpoint in the Hugging Face transformers layout into --out.
+
+    Consolidates any layout (ZeRO 0-3 shards, pipeline stages) on this one CPU process, writes
+    config.json, model.safetensors (sharded with an index above --max-shard-size),
+    generation_config.json, the tokenizer (tokenizer.model and tokenizer.json) and a model card
+    README.md, then loads the folder back with transformers and compares its logits and token
+    ids with Kiln's model. Only a folder that passes appears at --out; otherwise the command
+    fails and leaves nothing there. --push-to-hub uploads it with huggingface_hub (needs HF_TOKEN
+    or `hf auth login`).
+    """
+    from trainer import publish as pub
+
+    if not repo_id and (private or revision or dry_run):
+        raise click.UsageError("--private, --revision and --dry-run need --push-to-hub")
+    if repo_id and not dry_run:
+        try:
+            pub.require_hub_token()  # before minutes of consolidation
+        except pub.PublishError as e:
+            raise click.ClickException(str(e)) from None
+    try:
+        report = pub.publish(
+            run_dir,
+            out,
+            step=step,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            license=license_,
+            overwrite=overwrite,
+            hub_repo=repo_id,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, pub.PublishError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(pub.describe(report))
+    if not repo_id:
+        return
+    where = f"{repo_id}@{revision or 'main'}" + (" (private)" if private else "")
+    if dry_run:
+        plan = pub.upload_plan(Path(out))
+        total = sum(size for _, size in plan)
+        click.echo(
+            f"\n--dry-run: would upload {len(plan)} files ({total / 2**20:.2f} MiB) to {where}:"
+        )
+        for name, size in plan:
+            click.echo(f"  {name:<40} {size:>14,} bytes")
+        if pub.hub_token() is None:
+            click.echo("no Hub token is configured: set HF_TOKEN or run `hf auth login` first")
+        return
+    url = pub.push_to_hub(
+        Path(out), repo_id, private=private, revision=revision,
+        message=f"Kiln: {Path(run_dir).name} step {report.step}",
+    )  # fmt: skip
+    click.echo(f"uploaded to {where}: {url}")
 
 
 @cli.command()

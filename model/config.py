@@ -7,6 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+INIT_FROM_DESCRIPTION = (
+    "Hugging Face checkpoint folder (config.json + safetensors) to continue pretraining from: "
+    "its config.json gives the architecture, its weights the start (a resumed run takes its "
+    "checkpoint's), its tokenizer.model the tokenizer"
+)
+
 
 class LlamaConfig(BaseModel):
     """Shape and numerics of a Llama-architecture decoder (Touvron et al. 2023).
@@ -20,6 +26,7 @@ class LlamaConfig(BaseModel):
 
     model_type: Literal["llama"] = Field("llama", description="Model family: decoder-only.")
     name: str = Field("custom", description="Preset these values came from (informational).")
+    init_from: str | None = Field(None, description=INIT_FROM_DESCRIPTION)
     vocab_size: int | None = Field(
         None, description="Vocabulary size; None = filled in by the trainer from the tokenizer."
     )
@@ -116,6 +123,7 @@ class T5Config(BaseModel):
 
     model_type: Literal["t5"] = Field("t5", description="Model family: encoder-decoder.")
     name: str = Field("custom", description="Preset these values came from (informational).")
+    init_from: str | None = Field(None, description=INIT_FROM_DESCRIPTION)
     vocab_size: int | None = Field(
         None, description="Vocabulary size; None = filled in by the trainer from the tokenizer."
     )

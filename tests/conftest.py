@@ -13,6 +13,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests never reach the network: transformers and huggingface_hub read local folders only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SAMPLE = REPO / "sample" / "tinyshakespeare" / "input.txt"
 T5_SENTINELS = 16
 
@@ -101,9 +103,12 @@ def train_config(tmp_path: Path, data_root: Path, **sections) -> Path:
     return path
 
 
-def kiln(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
-    """Run the `kiln` CLI in a subprocess, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def kiln(
+    *args: str, timeout: float = 600, extra_env: dict[str, str] | None = None, **popen
+) -> subprocess.CompletedProcess:
+    """Run the `kiln` CLI in a subprocess, as a user would (``extra_env`` added to its
+    environment)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "-m", "launcher.cli", *args],
         cwd=REPO,
@@ -113,6 +118,63 @@ def kiln(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedProce
         timeout=timeout,
         **popen,
     )
+
+
+def train(config: Path, *extra: str, nproc: int = 2) -> Path:
+    """`kiln train CONFIG --nproc N` to completion; returns the run folder."""
+    result = kiln("train", str(config), "--nproc", str(nproc), "--sample-prompt", "", *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return config.parent / "run"
+
+
+def t5_sections(**sections) -> dict[str, object]:
+    """`train_config` sections for the T5 debug preset on `prepared_t5_data`'s tokenizer."""
+    return dict(model__model_type="t5", tokenizer__num_sentinels=T5_SENTINELS, **sections)
+
+
+# Run folders several test modules read (session-scoped: each is trained once per session).
+@pytest.fixture(scope="session")
+def zero_runs(prepared_data, tmp_path_factory) -> dict[int, Path]:
+    """6 steps of the debug decoder under each ZeRO stage on 2 processes, checkpoints at steps
+    3 and 6."""
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        tmp = tmp_path_factory.mktemp(f"zero{stage}")
+        runs[stage] = train(train_config(tmp, prepared_data, parallel__zero_stage=stage))
+    return runs
+
+
+@pytest.fixture(scope="session")
+def t5_runs(prepared_t5_data, tmp_path_factory) -> dict[int, Path]:
+    """6 steps of the T5 debug preset under each ZeRO stage on 2 processes, checkpoints at steps
+    3 and 6, a validation pass at steps 0, 3 and 6."""
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        tmp = tmp_path_factory.mktemp(f"t5zero{stage}")
+        config = train_config(
+            tmp, prepared_t5_data, **t5_sections(parallel__zero_stage=stage, train__eval_every=3)
+        )
+        runs[stage] = train(config)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
+    """6 steps (global batch 8 = 4 micro-batches of 2) of each family: `{family}-plain` on 1
+    process and `{family}-pipe`, 2 pipeline stages on 2 processes (ZeRO 1), checkpoints at steps
+    3 and 6."""
+    out = {}
+    for family, data, extra in (
+        ("llama", prepared_data, {}),
+        ("t5", prepared_t5_data, t5_sections()),
+    ):
+        for name, nproc, stages in (("plain", 1, 1), ("pipe", 2, 2)):
+            tmp = tmp_path_factory.mktemp(f"{family}-{name}")
+            config = train_config(
+                tmp, data, parallel__zero_stage=1, parallel__pipeline_stages=stages, **extra
+            )
+            out[f"{family}-{name}"] = train(config, nproc=nproc)
+    return out
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

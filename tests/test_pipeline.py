@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train_config
+from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train, train_config
 from safetensors.torch import load_file
-from test_train_distributed import STAGE_TOLERANCE, continue_from, train
+from test_train_distributed import STAGE_TOLERANCE, continue_from
 
 from model import LlamaConfig, T5Config
 from trainer.checkpoint import latest_checkpoint, load_model_weights
@@ -28,19 +28,9 @@ def t5(**sections):
     return dict(model__model_type="t5", tokenizer__num_sentinels=T5_SENTINELS, **sections)
 
 
-@pytest.fixture(scope="module")
-def runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
-    """6 steps (global batch 8 = 4 micro-batches of 2) of each family: plain on 1 process and
-    2 pipeline stages on 2 processes (ZeRO 1), checkpoints at steps 3 and 6."""
-    out = {}
-    for family, data, extra in (("llama", prepared_data, {}), ("t5", prepared_t5_data, t5())):
-        for name, nproc, stages in (("plain", 1, 1), ("pipe", 2, 2)):
-            tmp = tmp_path_factory.mktemp(f"{family}-{name}")
-            config = train_config(
-                tmp, data, parallel__zero_stage=1, parallel__pipeline_stages=stages, **extra
-            )
-            out[f"{family}-{name}"] = train(config, nproc=nproc)
-    return out
+@pytest.fixture
+def runs(pipeline_runs) -> dict[str, Path]:
+    return pipeline_runs
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])

@@ -15,19 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kiln, step_losses, step_sample_ids, train_config
+from conftest import REPO, kiln, step_losses, step_sample_ids, train, train_config
 
 from trainer.checkpoint import latest_checkpoint, read_trainer_state
 
 # fp32, same seed, same data: the stages differ only in how gradients are reduced and the
 # optimizer state is partitioned, so losses agree to float32 reduction-order noise.
 STAGE_TOLERANCE = 2e-5
-
-
-def train(config: Path, *extra: str, nproc: int = 2) -> Path:
-    result = kiln("train", str(config), "--nproc", str(nproc), "--sample-prompt", "", *extra)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return config.parent / "run"
 
 
 def continue_from(reference: Path, step: int, tmp_path: Path) -> Path:
@@ -37,16 +31,6 @@ def continue_from(reference: Path, step: int, tmp_path: Path) -> Path:
     shutil.copytree(reference / "checkpoints" / tag, run / "checkpoints" / tag)
     (run / "checkpoints" / "latest").write_text(tag)
     return run
-
-
-@pytest.fixture(scope="module")
-def zero_runs(prepared_data, tmp_path_factory) -> dict[int, Path]:
-    """6 steps of the debug model under each ZeRO stage, checkpoints at steps 3 and 6."""
-    runs = {}
-    for stage in (0, 1, 2, 3):
-        tmp = tmp_path_factory.mktemp(f"zero{stage}")
-        runs[stage] = train(train_config(tmp, prepared_data, parallel__zero_stage=stage))
-    return runs
 
 
 def test_zero_stages_agree(zero_runs):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train_config
-from test_train_distributed import STAGE_TOLERANCE, continue_from, train
+from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train, train_config
+from test_train_distributed import STAGE_TOLERANCE, continue_from
 
 from model.generate import fill_in_spans, generate_seq2seq
 from trainer.inference import load_run
@@ -21,18 +21,6 @@ def t5_config(tmp: Path, data_root: Path, **sections) -> Path:
     return train_config(
         tmp, data_root, model__model_type="t5", tokenizer__num_sentinels=T5_SENTINELS, **sections
     )
-
-
-@pytest.fixture(scope="module")
-def t5_runs(prepared_t5_data, tmp_path_factory) -> dict[int, Path]:
-    """6 steps of the T5 debug preset under each ZeRO stage, checkpoints at steps 3 and 6, a
-    validation pass at steps 0, 3 and 6."""
-    runs = {}
-    for stage in (0, 1, 2, 3):
-        tmp = tmp_path_factory.mktemp(f"t5zero{stage}")
-        config = t5_config(tmp, prepared_t5_data, parallel__zero_stage=stage, train__eval_every=3)
-        runs[stage] = train(config)
-    return runs
 
 
 def test_t5_zero_stages_agree(t5_runs):

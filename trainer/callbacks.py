@@ -175,3 +175,49 @@ class SampleIdLogger(Callback):
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": trainer.step, "ids": trainer.last_sample_ids.tolist()}))
             f.write("\n")
+
+
+class Publisher(Callback):
+    """Rank 0 publishes checkpoints in the `transformers` layout into ``<run_dir>/hf/step-N``:
+    every ``checkpoint.publish_every`` steps (right after the Checkpointer saved that step) and,
+    with ``checkpoint.publish_at_end``, the final step after its evaluation. Each publish runs in
+    a background CPU process (``python -m trainer.publish``, log in ``hf/step-N.log``) so training
+    goes on; :meth:`wait` collects them once training is over."""
+
+    def __init__(self, run_dir: Path, every: int | None, at_end: bool, dtype: str):
+        self.run_dir, self.every, self.at_end, self.dtype = run_dir, every, at_end, dtype
+        self.started: list[tuple[int, Path, Any]] = []
+
+    def _start(self, step: int) -> None:
+        from trainer.checkpoint import tag_for
+        from trainer.publish import start_publish
+
+        out = self.run_dir / "hf" / tag_for(step)
+        self.started.append((step, out, start_publish(self.run_dir, step, out, self.dtype)))
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
+        step = trainer.step
+        if self.every and step % self.every == 0 and step < trainer.cfg.train.max_steps:
+            self._start(step)  # the final step is published by on_train_end, after its eval
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        step = trainer.step
+        if step == trainer.cfg.train.max_steps and (
+            self.at_end or (self.every and step % self.every == 0)
+        ):
+            self._start(step)
+
+    def wait(self) -> bool:
+        """Wait for every publish started; print where each went. Returns whether all passed."""
+        ok = True
+        for step, out, proc in self.started:
+            if proc.wait() == 0:
+                print(f"published step {step} to {out}")
+                continue
+            ok = False
+            print(
+                f"publishing step {step} failed (exit {proc.returncode}; see {out}.log); the "
+                f"checkpoint is intact: retry with `kiln publish {self.run_dir} --step {step} "
+                f"--out {out}`"
+            )
+        return ok

@@ -8,6 +8,7 @@ must happen before ``deepspeed`` is first imported, so call :func:`select_accele
 from __future__ import annotations
 
 import os
+import platform
 import socket
 from dataclasses import dataclass
 
@@ -71,6 +72,22 @@ def init_distributed() -> World:
             dist_backend="nccl" if accelerator == "cuda" else "gloo", verbose=False
         )
     return World(rank, local_rank, world_size, local_world_size, device)
+
+
+def hardware(world: World) -> dict[str, str | int]:
+    """What the run trains on, for the record (trainer state, model card): the accelerator
+    (``cuda`` | ``cpu``), a readable device description, processes and processes per node."""
+    if world.device.type == "cuda":
+        name = f"{world.world_size} x {torch.cuda.get_device_name(world.device)}"
+    else:
+        name = f"{world.world_size} CPU processes ({platform.processor() or platform.machine()})"
+    nodes = max(1, world.world_size // world.local_world_size)
+    return {
+        "accelerator": world.device.type,
+        "device_name": f"{name} on {nodes} node{'s' if nodes > 1 else ''}",
+        "processes": world.world_size,
+        "processes_per_node": world.local_world_size,
+    }
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -252,6 +252,7 @@ class Trainer:
             "zero_stage": self.cfg.parallel.zero_stage,
             "pipeline_stages": self.plan.pipeline_stages,
             "global_batch_size": self.plan.global_batch_size,
+            "hardware": distributed.hardware(self.world),
             "config": self.cfg.model_dump(mode="json"),
         }
 

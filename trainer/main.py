@@ -23,6 +23,7 @@ from trainer.callbacks import (
     Checkpointer,
     ConsoleProgress,
     JsonlLogger,
+    Publisher,
     SampleIdLogger,
     WandbLogger,
 )
@@ -66,6 +67,13 @@ def train(cfg: KilnConfig) -> None:
     check_tokenizer(cfg, tokenizer)
     data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids))
     model = build_model(cfg.model, seed=cfg.train.seed)
+    if ckpt is None and cfg.model.init_from is not None:  # a resumed run takes its checkpoint's
+        from model.hf_checkpoint import load_hf_weights
+
+        # Into the plain model on every rank: ZeRO partitions and the pipeline cut copy from it.
+        model.load_state_dict(load_hf_weights(cfg.model.init_from, cfg.model), strict=True)
+        if world.is_main:
+            print(f"initialised the model from the Hugging Face checkpoint {cfg.model.init_from}")
     engine = build_engine(cfg, model, plan, load_universal=universal)
     meta = cfg.tokenizer_path.with_name("tokenizer_meta.json")
     trainer = Trainer(
@@ -87,7 +95,12 @@ def train(cfg: KilnConfig) -> None:
         callbacks += [ConsoleProgress(), JsonlLogger(run_dir / "metrics.jsonl")]
         if cfg.tracking.wandb_mode != "disabled":
             callbacks.append(WandbLogger(trainer))
-    callbacks.append(Checkpointer())  # last: metrics of a step are logged before it is saved
+    callbacks.append(Checkpointer())  # metrics of a step are logged before it is saved
+    publisher = None
+    c = cfg.checkpoint
+    if world.is_main and (c.publish_every or c.publish_at_end):
+        publisher = Publisher(run_dir, c.publish_every, c.publish_at_end, c.publish_dtype)
+        callbacks.append(publisher)  # after the Checkpointer: it publishes what was just saved
     trainer.callbacks = callbacks
     trainer.install_signal_handlers()
     try:
@@ -96,6 +109,8 @@ def train(cfg: KilnConfig) -> None:
         distributed.close()
     if world.is_main and trainer.stopping:
         print(f"stopped by signal at step {trainer.step}; resume with the same command")
+    if publisher is not None:
+        publisher.wait()  # outside the process group: the other ranks are not held up
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ so a crash never leaves a folder that looks prepared. The output does not depend
 
 ``manifest.json``::
 
-    {"format_version": 1, "name", "sources": [SourceConfig...],
+    {"format_version": 1, "name", "sources": [SourceConfig...], "license": str | None,
      "tokenizer": {"path", "sha256", "vocab_size"}, "seq_len", "dtype": "uint16" | "uint32",
      "seed", "validation_fraction",
      "documents": {"total", "usable", "train", "validation"},
@@ -47,8 +47,15 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from sentencepiece import sentencepiece_model_pb2
 
-from model.tokenizer import Tokenizer, sample_lines, train_tokenizer_on_sample
+from model.tokenizer import (
+    META_FILE,
+    META_FORMAT_VERSION,
+    Tokenizer,
+    sample_lines,
+    train_tokenizer_on_sample,
+)
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
 from trainer.data.dataset import FORMAT_VERSION, MANIFEST_FILE, SPLITS, read_manifest
 from trainer.data.sources import SKIP_REASONS, classify, iter_texts, load_source
@@ -86,9 +93,15 @@ def train_tokenizer_from_config(cfg: KilnConfig, sampler: LineSampler | None = N
 
     Raises:
         ValueError: no datasets, or the sample does not fit ``tokenizer.vocab_size`` (the message
-            says what to change).
+            says what to change); ``model.init_from`` brings the tokenizer to use.
         FileNotFoundError: a source path matches nothing.
     """
+    if init_from_tokenizer(cfg) is not None:
+        raise ValueError(
+            f"model.init_from={cfg.model.init_from!r} brings the tokenizer the model was "
+            f"trained with; `kiln data prepare` / `kiln train` copy it to {cfg.tokenizer_path}, "
+            f"a new one would not fit the model"
+        )
     sources = [s for d in cfg.data.datasets for s in d.sources]
     if not sources:
         raise ValueError(
@@ -136,17 +149,24 @@ def prepare_all(cfg: KilnConfig, *, force: bool = False) -> list[dict[str, Any]]
 def load_or_train_tokenizer(
     cfg: KilnConfig, train: Callable[[KilnConfig], Tokenizer] | None = None
 ) -> Tokenizer:
-    """The tokenizer at ``cfg.tokenizer_path``, trained there first if the file is missing (by
+    """The tokenizer at ``cfg.tokenizer_path``; if the file is missing, the tokenizer of
+    ``model.init_from`` copied there (:func:`install_tokenizer`), else one trained there (by
     ``train``, default :func:`train_tokenizer_from_config`; the Ray path passes its own).
 
     Raises:
-        ValueError: no datasets; the tokenizer is larger than ``model.vocab_size``.
-        FileNotFoundError: a source path matches nothing.
+        ValueError: no datasets; the tokenizer is larger than ``model.vocab_size``; the file
+            holds another tokenizer than ``model.init_from``'s.
+        FileNotFoundError: a source path matches nothing; ``model.init_from`` has no tokenizer.
     """
     if not cfg.data.datasets:
         raise ValueError("data.datasets is empty; name at least one dataset with its sources")
+    source = init_from_tokenizer(cfg)
     if cfg.tokenizer_path.is_file():
         tokenizer = Tokenizer.load(cfg.tokenizer_path)
+        if source is not None and source.is_file():
+            check_same_tokenizer(tokenizer, Tokenizer.load(source))
+    elif source is not None:
+        tokenizer = install_tokenizer(source, cfg.tokenizer_path)
     else:
         tokenizer = (train or train_tokenizer_from_config)(cfg)
     model_vocab = cfg.model.vocab_size
@@ -157,6 +177,77 @@ def load_or_train_tokenizer(
             f"tokenizer.vocab_size={tokenizer.vocab_size})"
         )
     return tokenizer
+
+
+def init_from_tokenizer(cfg: KilnConfig) -> Path | None:
+    """The ``tokenizer.model`` of the ``model.init_from`` folder when the run uses it (no
+    ``tokenizer.path`` set), else None."""
+    if cfg.model.init_from is None or cfg.tokenizer.path is not None:
+        return None
+    return Path(cfg.model.init_from) / "tokenizer.model"
+
+
+def install_tokenizer(source: Path, dest: Path) -> Tokenizer:
+    """Copy the tokenizer ``source`` (a checkpoint's) to ``dest`` with ``tokenizer_meta.json``
+    beside it, where the data, the trainer and checkpoints look for them. The metadata is
+    ``source``'s own when it has one for this model, else what the model file tells (its
+    training settings; ``copied_from`` names ``source``).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+    """
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"{source} does not exist (model.init_from's tokenizer) and {dest} is missing; set "
+            f"tokenizer.path to the tokenizer the model was trained with"
+        )
+    tok = Tokenizer.load(source)
+    meta_file = source.with_name(META_FILE)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("sha256") != tok.sha256:
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(source.read_bytes())
+        spec = proto.trainer_spec
+        meta = {
+            "format_version": META_FORMAT_VERSION,
+            "model_type": spec.ModelType.Name(spec.model_type).lower(),
+            "vocab_size": tok.vocab_size,
+            "special_ids": {
+                "unk": tok.unk_id,
+                "bos": tok.bos_id,
+                "eos": tok.eos_id,
+                "pad": tok.pad_id,
+            },
+            "sha256": tok.sha256,
+            "character_coverage": spec.character_coverage,
+            "byte_fallback": spec.byte_fallback,
+            "num_sentinels": len(tok.sentinel_ids),
+            "copied_from": str(source),
+        }
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(dest.with_name(META_FILE), json.dumps(meta, indent=2) + "\n")
+    shutil.copyfile(source, dest.with_name(f".{dest.name}.tmp"))
+    os.replace(dest.with_name(f".{dest.name}.tmp"), dest)  # last: its presence means complete
+    logger.info("tokenizer of %s copied to %s", source.parent, dest)
+    return Tokenizer.load(dest)
+
+
+def check_same_tokenizer(have: Tokenizer, want: Tokenizer) -> None:
+    """Raises ValueError, saying what to do, when ``have`` (the data root's) is not ``want``
+    (``model.init_from``'s): the data must be tokenized with the model's tokenizer."""
+    if have.sha256 != want.sha256:
+        raise ValueError(
+            f"{have.path} (sha256 {have.sha256[:12]}) is not the tokenizer of model.init_from, "
+            f"{want.path} (sha256 {want.sha256[:12]}): the data must be tokenized with the "
+            f"model's tokenizer; set data.root to a new folder (or delete {have.path.parent} and "
+            f"the datasets prepared with it)"
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def prepare_dataset(
@@ -293,6 +384,7 @@ def build_manifest(
         "format_version": FORMAT_VERSION,
         "name": ds_cfg.name,
         "sources": [s.model_dump() for s in ds_cfg.sources],
+        "license": ds_cfg.license,
         "tokenizer": {
             "path": str(tokenizer.path),
             "sha256": tokenizer.sha256,

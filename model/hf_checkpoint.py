@@ -1,0 +1,126 @@
+"""Read a Hugging Face checkpoint folder (as `save_pretrained` writes it, and as Kiln publishes
+it) into Kiln's config and state dict, to continue pretraining from it (`model.init_from`).
+
+A folder holds ``config.json`` and either ``model.safetensors`` or ``model.safetensors.index.json``
+with its shards (any float dtype; read back as fp32). The key maps are the families' own
+(`model.hf`, `model.hf_t5`). `transformers` is imported lazily: it is heavy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from model import hf, hf_t5
+from model.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_FAMILIES = {"llama": hf, "t5": hf_t5}
+
+
+def read_hf_model_type(path: str | Path) -> str:
+    """The ``model_type`` of ``path/config.json``.
+
+    Raises:
+        FileNotFoundError: the folder or its config.json does not exist.
+        ValueError: config.json is not a JSON object with a ``model_type``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder")
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path} holds no {CONFIG_FILE}; is it a Hugging Face model folder?"
+        )
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise ValueError(f"{file} names no model_type")
+    return raw["model_type"]
+
+
+def load_hf_config(path: str | Path, *, name: str = "custom") -> ModelConfig:
+    """Kiln's config of the Hugging Face model in ``path`` (its ``config.json``, read with
+    `transformers.AutoConfig` so older formats are upgraded, then the family's
+    ``from_hf_config``).
+
+    Raises:
+        FileNotFoundError: the folder or its config.json does not exist.
+        ValueError: a ``model_type`` other than llama or t5, or a feature Kiln does not implement
+            (the message names it).
+    """
+    model_type = read_hf_model_type(path)
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"{Path(path) / CONFIG_FILE} has model_type={model_type!r}; Kiln continues "
+            f"pretraining {sorted(_FAMILIES)} models only"
+        )
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return _FAMILIES[model_type].from_hf_config(hf_cfg, name=name)
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files holding the weights of ``path``: the single ``model.safetensors``,
+    or the shards the index names (sorted); empty when the folder has neither."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        return [path / f for f in sorted(set(_weight_map(path).values()))]
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    return []
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    index = json.loads((path / INDEX_FILE).read_text())
+    if not isinstance(index.get("weight_map"), dict):
+        raise ValueError(f"{path / INDEX_FILE} has no weight_map")
+    return index["weight_map"]
+
+
+def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
+    """The weights of the Hugging Face checkpoint in ``path`` as Kiln's fp32 state dict of
+    ``cfg``, loadable with ``load_state_dict(strict=True)`` (a tied head is the embedding tensor).
+
+    Reads ``model.safetensors``, or every shard ``model.safetensors.index.json`` maps a key to
+    (a key is taken from the shard the index names); floating tensors are upcast to fp32.
+
+    Raises:
+        FileNotFoundError: no weights in ``path``, or a shard the index names is missing.
+        ValueError: the index names a key its shard lacks; keys missing or unexpected for
+            ``cfg`` (both lists in the message).
+    """
+    path = Path(path)
+    files = weight_files(path)
+    if not files:
+        raise FileNotFoundError(
+            f"{path} holds no {WEIGHTS_FILE} or {INDEX_FILE}; save the model with "
+            f"`save_pretrained` (safetensors) first"
+        )
+    weight_map = _weight_map(path) if (path / INDEX_FILE).is_file() else None
+    sd: dict[str, Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{path / INDEX_FILE} names shard {file.name}, missing")
+        with safe_open(str(file), framework="pt") as f:
+            keys = f.keys()
+            if weight_map is not None:
+                wanted = [k for k, shard in weight_map.items() if shard == file.name]
+                lacking = sorted(set(wanted) - set(keys))
+                if lacking:
+                    raise ValueError(f"{file} lacks {lacking[:5]} that {INDEX_FILE} maps to it")
+                keys = wanted
+            for key in keys:
+                t = f.get_tensor(key)
+                sd[key] = t.to(torch.float32) if t.is_floating_point() else t
+    return _FAMILIES[cfg.model_type].from_hf_state_dict(sd, cfg)

@@ -1,0 +1,284 @@
+"""`kiln publish` and the publishing callback: from a ZeRO-3 run on 2 processes and from a
+2-stage pipeline run of each family, the published folder loads offline with the `transformers`
+Auto classes, reproduces Kiln's logits and tokens, generates what `kiln generate` generates, and
+fine-tunes with the `transformers` `Trainer`; a folder that fails its check is never left
+behind; the Hub upload refuses early without a token and lists its files with --dry-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import kiln, train, train_config
+
+from model.generate import fill_in_spans
+from model.tokenizer import Tokenizer
+from trainer import publish as pub
+from trainer.inference import load_run
+
+PARITY_ATOL = 1e-4  # fp32, the issue's bound
+SOURCES = ["llama-zero3", "llama-pipe", "t5-zero3", "t5-pipe"]
+ENGLISH = "ROMEO: But, soft! what light through yonder window breaks? It is the east."
+KOREAN = "정말 재미있는 영화였어요! 배우들의 연기가 훌륭했습니다. 뷁 꿻"
+
+
+def auto_class(family: str):
+    return (
+        transformers.AutoModelForCausalLM
+        if family == "llama"
+        else transformers.AutoModelForSeq2SeqLM
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dirs(zero_runs, t5_runs, pipeline_runs) -> dict[str, Path]:
+    return {
+        "llama-zero3": zero_runs[3],
+        "llama-pipe": pipeline_runs["llama-pipe"],
+        "t5-zero3": t5_runs[3],
+        "t5-pipe": pipeline_runs["t5-pipe"],
+    }
+
+
+@pytest.fixture(scope="module")
+def published(run_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Each source run published with the CLI, as a user would."""
+    out = {}
+    for key, run in run_dirs.items():
+        folder = tmp_path_factory.mktemp("hf") / key
+        result = kiln("publish", str(run), "--out", str(folder), "--license", "apache-2.0")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert "load it with:" in result.stdout
+        out[key] = folder
+    return out
+
+
+@pytest.mark.parametrize("key", SOURCES)
+def test_published_folder_reproduces_the_model(published, run_dirs, key):
+    family = key.split("-")[0]
+    folder = published[key]
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md"} <= names
+    assert {"tokenizer.model", "tokenizer_config.json"} <= names
+    assert not list(folder.parent.glob(".tmp-*"))  # the staging folder was renamed
+
+    ours, tok = load_run(run_dirs[key])
+    theirs = auto_class(family).from_pretrained(folder, local_files_only=True).eval()
+    assert theirs.config.model_type == family
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(4, tok.vocab_size, (3, 40), generator=g)
+    with torch.no_grad():
+        if family == "llama":
+            want, got = ours(x), theirs(input_ids=x).logits
+        else:
+            y = torch.randint(4, tok.vocab_size, (3, 24), generator=g)
+            mask = torch.ones_like(x)
+            mask[1, 30:] = 0
+            want = ours(x, y, mask)
+            got = theirs(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits
+    assert (got - want).abs().max().item() <= PARITY_ATOL
+    if family == "t5":  # T5 v1.1: untied head, written so transformers 4 also loads it untied
+        assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False
+        assert theirs.lm_head.weight.data_ptr() != theirs.shared.weight.data_ptr()
+
+
+@pytest.mark.parametrize("key", ["llama-zero3", "t5-pipe"])
+def test_published_tokenizer_encodes_like_kiln(published, run_dirs, key):
+    family = key.split("-")[0]
+    ours = Tokenizer.load(published[key] / "tokenizer.model")
+    fast = transformers.AutoTokenizer.from_pretrained(published[key], local_files_only=True)
+    # transformers 5's sentencepiece-backed ("slow") tokenizer class; AutoTokenizer ignores
+    # use_fast=False there
+    slow = transformers.SentencePieceBackend.from_pretrained(published[key], local_files_only=True)
+    for text in (ENGLISH, KOREAN, f"{ENGLISH}\n\n  {KOREAN}  ", "def f(x):\n\treturn x  # 42\n"):
+        ids = ours.encode(text)
+        assert fast.encode(text, add_special_tokens=False) == ids
+        assert slow.encode(text, add_special_tokens=False) == ids
+        # what the model was trained on: bare documents (decoder), EOS-terminated inputs (T5)
+        assert fast(text)["input_ids"] == (ids if family == "llama" else [*ids, ours.eos_id])
+        assert fast.decode(ids) == text
+    assert fast.pad_token_id == ours.pad_id and fast.eos_token_id == ours.eos_id
+    if family == "t5":
+        assert fast.convert_tokens_to_ids("<extra_id_0>") == ours.sentinel_ids[0]
+
+
+@pytest.mark.parametrize("key", SOURCES)
+def test_transformers_generate_equals_kiln_generate(published, run_dirs, key):
+    family = key.split("-")[0]
+    prompt = "ROMEO:" if family == "llama" else "ROMEO: <extra_id_0> the <extra_id_1>."
+    result = kiln(
+        "generate", str(run_dirs[key]), "--prompt", prompt, "--temperature", "0",
+        "--max-new-tokens", "12",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tok = transformers.AutoTokenizer.from_pretrained(published[key], local_files_only=True)
+    model = auto_class(family).from_pretrained(published[key], local_files_only=True).eval()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
+    ours = Tokenizer.load(published[key] / "tokenizer.model")
+    if family == "llama":
+        new = out[ids.shape[1] :]
+        text = prompt + ours.decode(new)
+    else:
+        new = out[1:]  # behind the decoder start id
+        text = ours.decode(fill_in_spans(ids[0, :-1].tolist(), new, ours.sentinel_ids, 2))
+    assert len(new) > 0
+    assert result.stdout.rstrip("\n") == text
+
+
+def test_model_card_records_the_run(published, run_dirs):
+    card = (published["llama-zero3"] / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\n")
+    assert "pipeline_tag: text-generation" in card
+    for expected in (
+        "AutoModelForCausalLM.from_pretrained",
+        "tokens seen",
+        "ZeRO stage 3",
+        "2 CPU processes",
+        "shakespeare",
+        "bits per byte",
+        "Intended use and limitations",
+        "parallel:",  # the resolved config
+    ):
+        assert expected in card, expected
+    t5_card = (published["t5-pipe"] / "README.md").read_text()
+    assert "2 pipeline stages" in t5_card and "AutoModelForSeq2SeqLM" in t5_card
+    assert "span_corruption" in t5_card and "per target token" in t5_card
+
+
+def test_sharded_bf16_publish(run_dirs, tmp_path):
+    out = tmp_path / "bf16"
+    report = pub.publish(run_dirs["llama-zero3"], out, dtype="bf16", max_shard_size="200KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert report.max_logit_diff_fp32 <= PARITY_ATOL
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert model.dtype == torch.bfloat16
+
+
+def test_a_folder_that_fails_its_check_is_not_left(run_dirs, tmp_path, monkeypatch):
+    from model import hf
+
+    real = hf.to_hf_state_dict
+
+    def swapped(sd, cfg):  # a key-map bug: queries and keys of layer 0 exchanged
+        out = dict(real(sd, cfg))
+        q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+        out[q] = torch.cat([out[k], out[k]])[: out[q].shape[0]]
+        return out
+
+    monkeypatch.setattr(hf, "to_hf_state_dict", swapped)
+    out = tmp_path / "broken"
+    with pytest.raises(pub.PublishError, match="logits"):
+        pub.publish(run_dirs["llama-zero3"], out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_push_to_hub_needs_a_token_and_dry_run_lists_the_upload(run_dirs, tmp_path):
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home")}  # no token anywhere
+    out = tmp_path / "hub"
+    result = kiln(
+        "publish", str(run_dirs["llama-zero3"]), "--out", str(out),
+        "--push-to-hub", "someone/kiln-test", extra_env=env,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "HF_TOKEN" in result.stderr and "hf auth login" in result.stderr
+    assert not out.exists()  # refused before any work
+    result = kiln(
+        "publish", str(run_dirs["llama-zero3"]), "--out", str(out),
+        "--push-to-hub", "someone/kiln-test", "--revision", "step-6", "--dry-run", extra_env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "would upload" in result.stdout and "someone/kiln-test@step-6" in result.stdout
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "README.md"):
+        assert name in result.stdout
+    assert "no Hub token is configured" in result.stdout
+
+
+def test_publishing_callback(prepared_data, tmp_path):
+    config = train_config(
+        tmp_path, prepared_data, checkpoint__publish_every=3, checkpoint__publish_at_end="true"
+    )
+    run = train(config, nproc=1)
+    for step in (3, 6):
+        folder = run / "hf" / f"step-{step:08d}"
+        assert (folder / "README.md").is_file(), (run / "hf" / f"{folder.name}.log").read_text()
+        assert f"for {step} steps" in (folder / "README.md").read_text()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        run / "hf" / "step-00000006", local_files_only=True
+    )
+    ours, _ = load_run(run)
+    x = torch.arange(4, 36).reshape(1, 32)
+    with torch.no_grad():
+        assert (model(input_ids=x).logits - ours(x)).abs().max().item() <= PARITY_ATOL
+
+
+# -- downstream fine-tuning, as a user does it --------------------------------------------------
+
+
+def _finetune(model, tok, dataset, collator, tmp_path) -> tuple[float, float]:
+    """A few steps of the `transformers` Trainer; (loss before, loss after) on the same data."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "ft"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        max_steps=12,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        data_collator=collator,
+    )
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    return before, trainer.evaluate()["eval_loss"]
+
+
+NAMES = ["ROMEO", "JULIET", "HAMLET", "OPHELIA", "MACBETH", "BANQUO", "PORTIA", "OTHELLO"]
+
+
+def test_finetune_published_decoder_with_transformers_trainer(published, tmp_path):
+    import datasets
+
+    folder = published["llama-zero3"]
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    # a small supervised task: name the speaker of a line in lower case
+    rows = [{"text": f"Speaker: {n}\nName: {n.lower()}{tok.eos_token}"} for n in NAMES]
+    data = datasets.Dataset.from_list(rows * 4).map(
+        lambda r: tok(r["text"]), remove_columns=["text"]
+    )
+    collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
+    before, after = _finetune(model, tok, data, collator, tmp_path)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_finetune_published_t5_with_transformers_trainer(published, tmp_path):
+    import datasets
+
+    folder = published["t5-zero3"]
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True)
+    # a small text-to-text task: lower-case a speaker's name
+    rows = [{"source": f"lower: {n}", "target": n.lower()} for n in NAMES]
+
+    def encode(r):
+        return tok(r["source"], text_target=r["target"])
+
+    data = datasets.Dataset.from_list(rows * 4).map(encode, remove_columns=["source", "target"])
+    collator = transformers.DataCollatorForSeq2Seq(tok, model=model)
+    before, after = _finetune(model, tok, data, collator, tmp_path)
+    assert after < 0.7 * before, (before, after)

@@ -1,0 +1,192 @@
+"""The model card (``README.md``) of a published checkpoint, rendered from
+``trainer/templates/model_card.md.j2`` with what the run recorded: the resolved config, the
+trainer state of the checkpoint, the data manifests and ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
+    from trainer.publish import PublishReport
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def last_evaluation(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The last validation record of ``metrics.jsonl`` at or before ``step`` (None if none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if "val_loss" in record and record["step"] <= step:
+            found = record
+    return found
+
+
+def _architecture_rows(m) -> list[tuple[str, str]]:
+    if m.model_type == "llama":
+        return [
+            ("family", "decoder-only transformer (Llama architecture, `LlamaForCausalLM`)"),
+            ("layers", m.num_hidden_layers),
+            ("hidden size", m.hidden_size),
+            ("attention heads (key/value)", f"{m.num_attention_heads} ({m.num_key_value_heads})"),
+            ("feed-forward", f"SwiGLU, {m.intermediate_size}"),
+            ("positions", f"RoPE, theta {m.rope_theta:g}, up to {m.max_position_embeddings}"),
+            ("normalisation", f"RMSNorm (pre-norm), eps {m.rms_norm_eps:g}"),
+            ("vocabulary", m.vocab_size),
+            ("tied embeddings", m.tie_word_embeddings),
+        ]
+    return [
+        ("family", "encoder-decoder transformer (T5 v1.1, `T5ForConditionalGeneration`)"),
+        ("layers (encoder + decoder)", f"{m.num_layers} + {m.num_decoder_layers}"),
+        ("d_model", m.d_model),
+        ("heads x d_kv", f"{m.num_heads} x {m.d_kv}"),
+        ("feed-forward", f"gated-GELU, {m.d_ff}"),
+        (
+            "positions",
+            f"relative position buckets ({m.relative_attention_num_buckets}, max distance "
+            f"{m.relative_attention_max_distance})",
+        ),
+        ("normalisation", f"RMSNorm (pre-norm), eps {m.layer_norm_epsilon:g}"),
+        ("vocabulary", m.vocab_size),
+        ("tied embeddings", m.tie_word_embeddings),
+    ]
+
+
+def _datasets(cfg) -> list[dict[str, Any]]:
+    total = sum(d.weight for d in cfg.data.datasets)
+    rows = []
+    for d in cfg.data.datasets:
+        manifest_path = cfg.dataset_dir(d.name) / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        train = manifest.get("splits", {}).get("train", {})
+        docs = manifest.get("documents", {}).get("usable")
+        rows.append(
+            {
+                "name": d.name,
+                "share": f"{d.weight / total:.0%}",
+                "sources": ", ".join(f"`{s.path}`" for s in d.sources),
+                "license": manifest.get("license") or d.license or "not recorded",
+                "documents": f"{docs:,}" if docs is not None else "n/a",
+                "tokens": f"{train['tokens']:,}" if "tokens" in train else "n/a",
+            }
+        )
+    return rows
+
+
+def _training_rows(cfg, state: dict[str, Any]) -> list[tuple[str, str]]:
+    from trainer.objectives import describe
+
+    t, p = cfg.train, cfg.parallel
+    hardware = state.get("hardware", {})
+    device = hardware.get("device_name") or hardware.get("accelerator") or "not recorded"
+    layout = f"{state['world_size']} processes, ZeRO stage {state['zero_stage']}"
+    if state.get("pipeline_stages", 1) > 1:
+        layout += f", {state['pipeline_stages']} pipeline stages"
+    if p.offload_optimizer or p.offload_params:
+        layout += ", CPU offload"
+    return [
+        ("steps", f"{state['step']:,}"),
+        ("tokens seen", f"{state['tokens_seen']:,}"),
+        ("objective", describe(cfg)),
+        ("global batch", f"{state['global_batch_size']} sequences of {cfg.data.seq_len} tokens"),
+        (
+            "optimizer",
+            f"AdamW (betas {t.adam_beta1}, {t.adam_beta2}; weight decay {t.weight_decay}), "
+            f"clip {t.grad_clip}",
+        ),
+        (
+            "learning rate",
+            f"{t.lr:g} peak, {t.warmup_steps} warmup steps, {t.lr_schedule} decay to {t.min_lr:g}",
+        ),
+        ("precision", t.precision),
+        ("hardware", device),
+        ("parallel layout", layout),
+        ("initialised from", cfg.model.model_dump().get("init_from") or f"seed {t.seed}"),
+    ]
+
+
+def model_card(
+    run_dir: Path,
+    state: dict[str, Any],
+    report: PublishReport,
+    tok: Tokenizer,
+    *,
+    license: str | None,
+    location: str,
+) -> str:
+    """The card's Markdown (with the Hub's YAML metadata block) for the checkpoint whose trainer
+    state is ``state``, published as ``report`` says, with tokenizer ``tok``; its code loads the
+    model from ``location`` (the folder or the Hub repository)."""
+    from trainer.config import config_from_dict
+
+    run_cfg = config_from_dict(state["config"])
+    m = run_cfg.model
+    llama = m.model_type == "llama"
+    evaluation = last_evaluation(run_dir, state["step"])
+    if evaluation is not None:
+        evaluation["target"] = "" if llama else " (per target token)"
+        evaluation.setdefault("val_ppl", math.exp(min(evaluation["val_loss"], 50)))
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("model_card.md.j2").render(
+        license=license or "other",
+        pipeline_tag="text-generation" if llama else "text2text-generation",
+        family=m.model_type,
+        name=report.out.name,
+        params=_human(report.parameters),
+        architecture=(
+            "decoder-only transformer (Llama architecture)" if llama else "T5 v1.1 encoder-decoder"
+        ),
+        step=state["step"],
+        tokens_seen=state["tokens_seen"],
+        objective="next-token prediction" if llama else "span corruption",
+        auto_class="AutoModelForCausalLM" if llama else "AutoModelForSeq2SeqLM",
+        location=location,
+        architecture_rows=_architecture_rows(m),
+        tokenizer={
+            "model_type": run_cfg.tokenizer.model_type,
+            "vocab_size": tok.vocab_size,
+            "sha256": tok.sha256,
+            "input_sentence_size": run_cfg.tokenizer.input_sentence_size,
+            "sentinels": len(tok.sentinel_ids),
+        },
+        tokenizer_behaviour=(
+            "Encoding adds no `<s>` or `</s>` (the training documents had none in front)."
+            if llama
+            else "Encoding appends `</s>`, as T5's tokenizer does."
+        ),
+        datasets=_datasets(run_cfg),
+        seq_len=run_cfg.data.seq_len,
+        training_rows=_training_rows(run_cfg, state),
+        evaluation=evaluation,
+        check={
+            "fp32": report.max_logit_diff_fp32,
+            "native": report.max_logit_diff_native,
+            "dtype": report.dtype,
+            "scale": report.logit_scale,
+        },
+        checkpoint=f"{Path(report.checkpoint).name}",
+        config_yaml=run_cfg.to_yaml(),
+    )
