@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +36,11 @@ import pyarrow as pa
 
 from model.tokenizer import Tokenizer, keyed_line_sample, merge_line_samples
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
-from trainer.data.dataset import MANIFEST_FILE, SPLITS
+from trainer.data.dataset import SPLITS
 from trainer.data.prepare import (
     _MAP_BATCH,
     _STATUS,
     _log_summary,
-    _replace_dir,
     _tokenize_batch,
     _validation_mask,
     build_manifest,
@@ -54,8 +50,10 @@ from trainer.data.prepare import (
     load_documents,
     load_or_train_tokenizer,
     reusable_manifest,
+    staging_dir,
     token_dtype,
     train_tokenizer_from_config,
+    write_manifest,
 )
 from trainer.data.sources import SKIP_REASONS, classify, load_source
 
@@ -124,9 +122,7 @@ def prepare_dataset_ray(
         ray.init()
 
     d, final = cfg.data, cfg.dataset_dir(ds_cfg.name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
+    with staging_dir(final) as tmp:
         tokenized = _tokenize(docs, tokenizer, num_blocks)
         status, lengths = _document_columns(tokenized, n_docs)
         skipped = {r: int((status == _STATUS[r]).sum()) for r in SKIP_REASONS}
@@ -151,11 +147,7 @@ def prepare_dataset_ray(
         manifest = build_manifest(
             cfg, ds_cfg, tokenizer, n_docs, int(usable.sum()), skipped, splits
         )
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
     _log_summary(manifest)
     return manifest
 

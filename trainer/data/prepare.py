@@ -33,13 +33,14 @@ the tokenized intermediate files live in the temporary folder and are deleted wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -276,9 +277,7 @@ def prepare_dataset(
     docs = load_documents(cfg, ds_cfg)
     n_docs = len(docs)
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
+    with staging_dir(final) as tmp:
         status, tokenized = _tokenize(docs, tokenizer, tmp / "map-cache", d.num_proc)
         skipped = {r: int((status == _STATUS[r]).sum()) for r in SKIP_REASONS}
         usable = np.flatnonzero(status == 0)
@@ -303,11 +302,7 @@ def prepare_dataset(
         splits = {s: w.close() for s, w in writers.items()}
 
         manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, len(usable), skipped, splits)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
     _log_summary(manifest)
     return manifest
 
@@ -547,6 +542,26 @@ class _SplitWriter:
             "dropped_tokens": self._buf_len,
             "shards": self.shards,
         }
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A fresh folder beside ``final`` to write a dataset into: it replaces ``final`` when the
+    block completes and is deleted when the block raises, so a crash never leaves a folder that
+    looks prepared."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, final)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` into a dataset folder (last: it marks the folder complete)."""
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
