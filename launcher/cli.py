@@ -23,6 +23,19 @@ from trainer.config import (
     load_config,
 )
 
+
+class _RunDir(click.Path):
+    """An existing run folder, or the fsspec URL of one (read through its local mirror)."""
+
+    name = "run_dir"
+
+    def convert(self, value, param, ctx):
+        from trainer.storage import is_url
+
+        return value if is_url(value) else super().convert(value, param, ctx)
+
+
+RUN_DIR = _RunDir(file_okay=False, exists=True)
 OVERRIDES_HELP = "KEY=VALUE overrides of the config, e.g. train.lr=3e-4 parallel.zero_stage=2"
 
 
@@ -87,15 +100,17 @@ def train(
         return
 
     from launcher.local import run_workers, torchrun_command
-    from trainer import checkpoint
+    from trainer import checkpoint, storage
     from trainer.data.prepare import prepare_all
 
     prepare_all(cfg)
     _check_tokenizer_fits(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
+    # A URL run folder: the workers use a local mirror of it and upload (trainer.storage).
+    run_dir = storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())
+    if (store := storage.for_run(cfg.run_dir)) is not None:
+        if (tag := store.latest_tag()) is not None:
+            click.echo(f"resuming {cfg.run_dir} from {tag}")
+    elif (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
         click.echo(f"resuming {run_dir} from {ckpt.name}")
     cmd = torchrun_command(
         run_dir / "config.yaml",
@@ -114,7 +129,8 @@ def train(
     )
     if finished and node_rank == 0 and sample_prompt:
         click.echo(
-            f"\nsample from {ckpt.name}:\n{_sample(run_dir, sample_prompt, 200, 0.8, 50, None, 0)}"
+            f"\nsample from {ckpt.name}:\n"
+            f"{_sample(cfg.run_dir, sample_prompt, 200, 0.8, 50, None, 0)}"
         )
     published = run_dir / "hf" / ckpt.name if ckpt is not None else None
     if finished and node_rank == 0 and cfg.checkpoint.publish_at_end and published.is_dir():
@@ -215,7 +231,7 @@ def data_prepare(config, overrides, force, use_ray, address, num_blocks):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("run_dir", type=RUN_DIR)
 @click.option("--prompt", required=True, help="text to continue")
 @click.option("--max-new-tokens", type=int, default=200, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy")
@@ -260,7 +276,7 @@ def checkpoint_group() -> None:
 
 
 @checkpoint_group.command("consolidate")
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("run_dir", type=RUN_DIR)
 @click.option("--step", type=int, default=None, help="checkpoint step (default: latest)")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="a .safetensors file")
 def checkpoint_consolidate(run_dir, step, out):
@@ -271,9 +287,10 @@ def checkpoint_consolidate(run_dir, step, out):
     from safetensors.torch import save_file
 
     from trainer.checkpoint import find_checkpoint, load_model_weights
+    from trainer.storage import localize
 
     try:
-        ckpt = find_checkpoint(run_dir, step)
+        ckpt = find_checkpoint(localize(run_dir, step), step)
         weights = load_model_weights(ckpt)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
@@ -289,7 +306,7 @@ def checkpoint_consolidate(run_dir, step, out):
 
 
 @cli.command(context_settings={"show_default": True})
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("run_dir", type=RUN_DIR)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="folder to write")
 @click.option("--step", type=int, default=None, help="checkpoint step (default: latest)")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
@@ -323,9 +340,11 @@ def publish(
             pub.require_hub_token()  # before minutes of consolidation
         except pub.PublishError as e:
             raise click.ClickException(str(e)) from None
+    from trainer.storage import localize
+
     try:
         report = pub.publish(
-            run_dir,
+            localize(run_dir, step),  # a URL's checkpoint is downloaded into its mirror
             out,
             step=step,
             dtype=dtype,

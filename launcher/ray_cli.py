@@ -12,12 +12,12 @@ import asyncio
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
 from trainer.config import ConfigError, KilnConfig, check_device, check_paths
+from trainer.storage import is_url
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -232,5 +232,5 @@ def _relative_paths(cfg: KilnConfig) -> list[str]:
     return [
         f"{k}={v}"
         for k, v in paths.items()
-        if not os.path.isabs(os.path.expanduser(v)) and not Path(v).is_absolute()
+        if not is_url(v) and not os.path.isabs(os.path.expanduser(v))
     ]

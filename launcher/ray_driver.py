@@ -13,7 +13,8 @@ and reads the resolved config from the ``KILN_CONFIG`` environment variable (YAM
    creates the process group (gloo on CPU, NCCL on GPU) and every worker runs
    :func:`trainer.main.train`, the function torchrun and srun run. Each rank reads its share of
    the prepared data through the deterministic sampler; checkpoints, ``metrics.jsonl`` and wandb
-   go to ``run_dir``, which must be storage every node mounts at the same path.
+   go to ``run_dir``: storage every node mounts at the same path, or an fsspec URL every node
+   can reach (``s3://...``; each node then works in a local mirror, :mod:`trainer.storage`).
 3. Faults: ``FailureConfig(max_failures=K)``. When a worker dies Ray tears the group down and
    starts it again; ``train`` then resumes from the newest complete checkpoint in ``run_dir``
    (also on another number of workers when ``--num-workers MIN-MAX`` lets Ray resize the group:
@@ -31,6 +32,7 @@ from typing import Any
 import yaml
 
 from trainer.config import KilnConfig, batch_plan, check_paths, config_from_dict, load_config
+from trainer.storage import is_url
 
 CONFIG_ENV = "KILN_CONFIG"
 
@@ -74,6 +76,8 @@ def absolute_paths(cfg: KilnConfig, base: Path) -> KilnConfig:
     tree = cfg.model_dump(mode="json")
 
     def fix(p: str) -> str:
+        if is_url(p):
+            return p
         p = os.path.expanduser(p)
         return p if os.path.isabs(p) else str(base / p)
 
@@ -131,7 +135,7 @@ def run(
 
     from launcher.ray_prepare import prepare_all_ray
     from model.tokenizer import Tokenizer
-    from trainer import checkpoint
+    from trainer import checkpoint, storage
 
     if not ray.is_initialized():
         ray.init()
@@ -144,12 +148,24 @@ def run(
             f"{cfg.tokenizer_path} has {vocab} pieces, more than model.vocab_size="
             f"{cfg.model.vocab_size}; raise model.vocab_size or leave it unset"
         )
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
+    # A URL run folder: every worker node uses a local mirror of it and uploads to it.
+    store = storage.for_run(cfg.run_dir)
+    run_dir = storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())
+    if store is not None:
+        if (tag := store.latest_tag()) is not None:
+            print(f"resuming {cfg.run_dir} from {tag}", flush=True)
+    elif (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
         print(f"resuming {run_dir} from {ckpt.name}", flush=True)
 
+    storage_kwargs: dict[str, Any] = {"storage_path": str(run_dir.resolve() / "ray")}
+    if store is not None:
+        # Through fsspec, as Kiln's own files: pyarrow alone resolves fewer protocols.
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        storage_kwargs = {
+            "storage_path": f"{store.root}/ray",
+            "storage_filesystem": PyFileSystem(FSSpecHandler(store.fs)),
+        }
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -160,14 +176,17 @@ def run(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            storage_path=str(run_dir.resolve() / "ray"),
+            **storage_kwargs,
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     trainer.fit()  # raises TrainingFailedError past max_failures
-    ckpt = checkpoint.latest_checkpoint(run_dir)
-    step = checkpoint.read_trainer_state(ckpt)["step"] if ckpt is not None else 0
-    print(f"training ended at step {step} of {cfg.train.max_steps}; run folder {run_dir}")
+    if store is not None:
+        step = store.latest_step() or 0
+    else:
+        ckpt = checkpoint.latest_checkpoint(run_dir)
+        step = checkpoint.read_trainer_state(ckpt)["step"] if ckpt is not None else 0
+    print(f"training ended at step {step} of {cfg.train.max_steps}; run folder {cfg.run_dir}")
     return step
 
 

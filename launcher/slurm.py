@@ -373,6 +373,7 @@ def submit(config, overrides, dry_run, **options):
     requeueing once train.max_steps is reached.
     """
     from launcher.cli import _check_tokenizer_fits, _load
+    from trainer.storage import is_url
 
     gpus, nproc = options["gpus_per_node"], options.pop("nproc_per_node")
     extra = [f"launch.nnodes={options['nodes']}"]
@@ -381,6 +382,12 @@ def submit(config, overrides, dry_run, **options):
     if nproc is not None:
         extra.append(f"launch.nproc_per_node={nproc}")
     cfg = _load(config, overrides, extra)
+    if is_url(cfg.run_dir):
+        raise click.ClickException(
+            f"run_dir={cfg.run_dir!r} is a URL; a Slurm job keeps its script, log and job record "
+            "in the run folder, so give a path on the cluster's shared filesystem (URL run "
+            "folders work with `kiln train` and `kiln ray submit`)"
+        )
     opts = SlurmOptions(nproc_per_node=cfg.launch.nproc_per_node, **options)
     # Without an environment set-up the job runs the interpreter that runs this command (shared
     # filesystem); with one, the `python` that the set-up puts on PATH.

@@ -123,6 +123,8 @@ class WandbLogger(Callback):
     def __init__(self, trainer: Trainer):
         import wandb
 
+        from trainer.storage import local_run_dir
+
         cfg = trainer.cfg
         self.wandb = wandb
         self.run = wandb.init(
@@ -131,7 +133,7 @@ class WandbLogger(Callback):
             name=cfg.tracking.run_name or Path(cfg.run_dir).name,
             id=trainer.wandb_run_id,
             resume="allow",
-            dir=str(Path(cfg.run_dir).resolve()),
+            dir=str(local_run_dir(cfg.run_dir).resolve()),  # a URL run's local mirror
             mode=wandb_mode(cfg.tracking.wandb_mode),
             config=cfg.model_dump(mode="json"),
         )

@@ -12,6 +12,8 @@ Layout under ``<run_dir>/checkpoints/``::
 
 A checkpoint is written under ``.tmp-step-N`` and renamed when every rank has finished writing;
 ``latest`` is replaced atomically afterwards, so it only ever names complete checkpoints.
+
+A run folder at an fsspec URL is written through a local mirror (:mod:`trainer.storage`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from typing import Any
 
 import torch
 
-from trainer import distributed
+from trainer import distributed, storage
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = storage.STATE_FILE
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -113,26 +115,49 @@ def save_checkpoint(
 
     Args:
         engine: the DeepSpeed engine (every rank writes its shards).
+        run_dir: the run folder, a path or an fsspec URL (:mod:`trainer.storage`): with a URL
+            the checkpoint is written into this node's mirror and uploaded, and ``latest`` at
+            the URL is written after every node's upload.
         state: JSON-serialisable trainer state; must hold ``step``.
         extra_files: copied into the checkpoint by rank 0 (config, tokenizer).
 
     Returns:
-        the checkpoint folder. Older complete checkpoints beyond ``keep_last`` are deleted.
+        the (local) checkpoint folder. Older complete checkpoints beyond ``keep_last`` are
+        deleted (at the URL too).
     """
-    root = checkpoint_root(run_dir)
+    store = storage.for_run(run_dir)
+    root = checkpoint_root(storage.local_run_dir(run_dir))
     tag = tag_for(state["step"])
     tmp_tag = f".tmp-{tag}"
-    if rank == 0:
+    # With a URL every node has its own mirror, prepared by its first process; torchrun, srun
+    # and Ray Train all set LOCAL_RANK.
+    node_main = int(os.environ.get("LOCAL_RANK", rank)) == 0 if store else rank == 0
+    if node_main:
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    if store is not None and rank == 0 and store.latest_tag() != tag:
+        store.remove(f"checkpoints/{tag}")  # a partial upload of an earlier attempt
     distributed.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
     torch.save(rng_state(), root / tmp_tag / f"rng_state_rank{rank}.pt")
     distributed.barrier()
+    tmp = root / tmp_tag
     if rank == 0:
-        tmp = root / tmp_tag
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
         _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+    if store is not None:
+        if node_main:  # the shards this node's ranks wrote (the state file comes last)
+            files = [f for f in tmp.rglob("*") if f.is_file() and f.name != STATE_FILE]
+            store.upload(files, tmp, f"checkpoints/{tag}")
+        store.push_run_files(rank)  # metrics of this step were logged before it was saved
+        distributed.barrier()
+        if rank == 0:
+            store.upload([tmp / STATE_FILE], tmp, f"checkpoints/{tag}")
+            store.write_text("checkpoints/latest", tag)
+            store.prune(keep_last)
+        elif node_main:  # the mirror of another node keeps nothing: a resume downloads
+            shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0:
         final = root / tag
         if final.exists():  # a re-save of the same step (e.g. a signal right after a save)
             shutil.rmtree(final)

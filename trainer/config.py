@@ -216,7 +216,10 @@ class LaunchConfig(_Section):
 
 
 class KilnConfig(_Section):
-    run_dir: str = Field("runs/default", description="checkpoints, metrics, config and wandb")
+    run_dir: str = Field(
+        "runs/default",
+        description="checkpoints, metrics, config and wandb: a path or an fsspec URL (s3://...)",
+    )
     model: Annotated[LlamaConfig | T5Config, Field(discriminator="model_type")] = Field(
         default_factory=LlamaConfig
     )
@@ -594,8 +597,16 @@ def check_paths(cfg: KilnConfig) -> None:
     """Refuse a run whose data cannot exist: every dataset is prepared or has readable sources.
 
     Raises:
-        ConfigError: no datasets, or a source path of an unprepared dataset matches nothing.
+        ConfigError: no datasets, a source path of an unprepared dataset matches nothing, or
+            run_dir is a URL no installed filesystem opens (the message names the package).
     """
+    from trainer.storage import check_url, is_url
+
+    if is_url(cfg.run_dir):
+        try:
+            check_url(cfg.run_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty; name at least one dataset with its sources")
     for i, ds in enumerate(cfg.data.datasets):

@@ -8,7 +8,7 @@ import torch
 
 from model import LlamaForCausalLM, T5ForConditionalGeneration, model_class
 from model.tokenizer import Tokenizer
-from trainer import checkpoint
+from trainer import checkpoint, storage
 from trainer.config import config_from_dict
 
 
@@ -17,10 +17,12 @@ def load_run(
 ) -> tuple[LlamaForCausalLM | T5ForConditionalGeneration, Tokenizer]:
     """The model (fp32, eval mode) and tokenizer of a run's latest checkpoint (or ``step``).
 
+    ``run_dir`` may be an fsspec URL: the checkpoint is downloaded into its local mirror first.
+
     Raises:
         FileNotFoundError: the run has no (such) complete checkpoint.
     """
-    ckpt = checkpoint.find_checkpoint(run_dir, step)
+    ckpt = checkpoint.find_checkpoint(storage.localize(run_dir, step), step)
     cfg = config_from_dict(checkpoint.read_trainer_state(ckpt)["config"])
     with torch.device("meta"):
         model = model_class(cfg.model)(cfg.model)

@@ -13,11 +13,10 @@ import argparse
 import os
 import random
 import sys
-from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, distributed
+from trainer import checkpoint, distributed, storage
 from trainer.callbacks import (
     Callback,
     Checkpointer,
@@ -42,23 +41,35 @@ def train(cfg: KilnConfig) -> None:
     from trainer.objectives import build_objective, check_tokenizer
 
     plan = batch_plan(cfg, world.world_size)
-    run_dir = Path(cfg.run_dir)
     random.seed(cfg.train.seed + world.rank)
     torch.manual_seed(cfg.train.seed + world.rank)
 
+    # A run folder at a URL is worked on in a local mirror on every node (trainer.storage): its
+    # first process fetches what the URL's `latest` names, so the resume below reads local files.
+    store = storage.for_run(cfg.run_dir)
+    run_dir = storage.local_run_dir(cfg.run_dir)
+    node_main = world.local_rank == 0 if store is not None else world.is_main
+    if store is not None:
+        if node_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())  # also on nodes kiln never ran on
+            store.pull_run()
+        distributed.barrier()
     ckpt = checkpoint.latest_checkpoint(run_dir)
     universal = False
-    if world.is_main:
+    if node_main:
         checkpoint.remove_partial(run_dir)
     if ckpt is not None:
         state = checkpoint.read_trainer_state(ckpt)
         checkpoint.check_pipeline_layout(state, plan.pipeline_stages, world.world_size)
         if checkpoint.needs_universal(state, cfg.parallel.zero_stage, world.world_size):
-            if world.is_main:
-                print(
-                    f"resuming {ckpt.name} (ZeRO-{state['zero_stage']}, {state['world_size']} "
-                    f"ranks) on {world.world_size} ranks through a universal checkpoint"
-                )
+            if node_main:  # every node converts its own copy when the mirrors are per node
+                if world.is_main:
+                    print(
+                        f"resuming {ckpt.name} (ZeRO-{state['zero_stage']}, "
+                        f"{state['world_size']} ranks) on {world.world_size} ranks through a "
+                        f"universal checkpoint"
+                    )
                 checkpoint.convert_to_universal(ckpt)
             distributed.barrier()
             ckpt, universal = ckpt.with_name(ckpt.name + "-universal"), True
@@ -111,6 +122,13 @@ def train(cfg: KilnConfig) -> None:
         print(f"stopped by signal at step {trainer.step}; resume with the same command")
     if publisher is not None:
         publisher.wait()  # outside the process group: the other ranks are not held up
+    if store is not None:  # the records after the last save (the final evaluation), hf/ folders
+        store.push_run_files(world.rank)
+        if publisher is not None:
+            for _, out, _ in publisher.started:
+                files = [f for f in out.rglob("*") if f.is_file()] if out.is_dir() else []
+                log = out.with_name(out.name + ".log")
+                store.upload(files + ([log] if log.is_file() else []), run_dir, "")
 
 
 def main(argv: list[str] | None = None) -> None:

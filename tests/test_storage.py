@@ -1,0 +1,182 @@
+"""Run folders at an fsspec URL: the storage module against a ``file://`` URL, and `kiln train`
+with ``run_dir=file:///...`` that saves to the URL, then resumes from it alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, kiln, step_losses, train, train_config
+
+from trainer import checkpoint, storage
+from trainer.config import ConfigError, check_paths, load_config
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    """Mirrors under the test's folder (KILN_CACHE travels to `kiln` subprocesses too)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv(storage.CACHE_ENV, str(path))
+    return path
+
+
+class FakeEngine:
+    """What save_checkpoint asks of a DeepSpeed engine: a shard per rank under root/tag."""
+
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+        out = Path(root) / tag
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.ones(3)}, out / "mp_rank_00_model_states.pt")
+
+
+def save(url: str, step: int, keep_last: int = 2) -> Path:
+    return checkpoint.save_checkpoint(
+        FakeEngine(), url, {"step": step, "zero_stage": 0}, rank=0, keep_last=keep_last
+    )
+
+
+def test_is_url():
+    assert storage.is_url("s3://bucket/runs/x") and storage.is_url("file:///tmp/run")
+    assert not storage.is_url("runs/x") and not storage.is_url(Path("/tmp/run"))
+    assert storage.local_run_dir("runs/x") == Path("runs/x")  # a path is used as it is
+
+
+def test_save_uploads_a_complete_checkpoint_then_latest(tmp_path, cache):
+    remote = tmp_path / "remote" / "run"
+    url = f"file://{remote}"
+    store = storage.RunStorage(url)
+    assert storage.mirror_dir(url).parent == cache / "runs"
+    local = save(url, 3)
+    assert local == storage.mirror_dir(url) / "checkpoints" / "step-00000003"
+    ckpt = remote / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in local.iterdir())
+    assert (remote / "checkpoints" / "latest").read_text() == "step-00000003"
+    assert store.latest_step() == 3
+    for step in (6, 9):
+        save(url, step)
+    assert sorted(p.name for p in (remote / "checkpoints").iterdir()) == [
+        "latest",
+        "step-00000006",
+        "step-00000009",
+    ]  # keep_last=2 at the URL too
+    assert not list((remote / "checkpoints").glob(".tmp-*"))
+
+
+def test_latest_only_names_complete_checkpoints(tmp_path, monkeypatch):
+    url = f"file://{tmp_path / 'remote'}"
+    seen: list[list[str]] = []
+    original = storage.RunStorage.write_text
+
+    def write_text(self, rel, text):  # what the URL holds when latest is written
+        if rel == "checkpoints/latest":
+            seen.append(
+                sorted(p.name for p in (tmp_path / "remote" / "checkpoints" / text).iterdir())
+            )
+        original(self, rel, text)
+
+    monkeypatch.setattr(storage.RunStorage, "write_text", write_text)
+    save(url, 3)
+    assert seen == [["mp_rank_00_model_states.pt", "rng_state_rank0.pt", checkpoint.STATE_FILE]]
+
+
+def test_pull_run_restores_a_deleted_mirror(tmp_path):
+    url = f"file://{tmp_path / 'remote' / 'run'}"
+    local = save(url, 3)
+    (local.parents[1] / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+    storage.RunStorage(url).push_run_files(0)
+    want = {p.name: p.read_bytes() for p in local.iterdir()}
+    shutil.rmtree(storage.mirror_dir(url))
+    store = storage.RunStorage(url)
+    assert store.pull_run() == "step-00000003"
+    ckpt = checkpoint.latest_checkpoint(store.local)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == want
+    assert json.loads((store.local / "metrics.jsonl").read_text())["step"] == 3
+    # A partial upload (no trainer_state.json) of a later step is not what latest names.
+    (tmp_path / "remote" / "run" / "checkpoints" / "step-00000006").mkdir()
+    assert storage.localize(url) == store.local
+    assert checkpoint.find_checkpoint(store.local).name == "step-00000003"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        storage.localize(url, step=6)
+
+
+def test_a_url_without_checkpoint_starts_afresh(tmp_path):
+    url = f"file://{tmp_path / 'remote' / 'run'}"
+    save(url, 3)
+    shutil.rmtree(tmp_path / "remote")  # the run was deleted at the URL; the mirror is stale
+    assert storage.RunStorage(url).pull_run() is None
+    assert checkpoint.latest_checkpoint(storage.mirror_dir(url)) is None
+    with pytest.raises(FileNotFoundError, match="no checkpoint yet"):
+        storage.localize(url)
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [("nosuchproto://bucket/run", "knows no protocol 'nosuchproto'"), ("s3://b/run", "s3fs")],
+)
+def test_unusable_urls_are_config_errors(tmp_path, url, message):
+    if url.startswith("s3"):
+        pytest.importorskip("fsspec")
+        try:
+            import s3fs  # noqa: F401
+
+            pytest.skip("s3fs is installed")
+        except ImportError:
+            pass
+    cfg = load_config(train_config(tmp_path, tmp_path), [f"run_dir={url}"])
+    with pytest.raises(ConfigError, match=message):
+        check_paths(cfg)
+
+
+def test_kiln_train_refuses_an_unknown_protocol(prepared_data, tmp_path):
+    config = train_config(tmp_path, prepared_data)
+    result = kiln("train", str(config), "run_dir=nosuchproto://x/run", "--nproc", "1")
+    assert result.returncode != 0
+    assert "knows no protocol" in result.stderr
+    assert not (REPO / "nosuchproto:").exists()
+
+
+def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache):
+    """6 steps to file://.../remote/run (checkpoints 3 and 6); then, with the local mirror gone
+    and the URL's latest set back to step 3 (a run preempted after it), the same command resumes
+    from the URL alone and trains steps 4-6 to the same losses."""
+    remote = tmp_path / "remote" / "run"
+    url = f"file://{remote}"
+    config = train_config(tmp_path, prepared_data)
+    train(config, f"run_dir={url}", nproc=1)
+    ckpts = remote / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-00000006"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000003", "step-00000006"]
+    for tag in ("step-00000003", "step-00000006"):
+        assert (ckpts / tag / checkpoint.STATE_FILE).is_file()
+        assert (ckpts / tag / "mp_rank_00_model_states.pt").is_file()
+    assert load_config(remote / "config.yaml").run_dir == url
+    want = step_losses(remote)
+    assert sorted(want) == [1, 2, 3, 4, 5, 6]
+    assert (remote / "sample_ids" / "rank0.jsonl").is_file()
+    assert not (REPO / "file:").exists()
+
+    shutil.rmtree(cache)
+    (ckpts / "latest").write_text("step-00000003")
+    train(config, f"run_dir={url}", nproc=1)
+    assert (ckpts / "latest").read_text() == "step-00000006"
+    got = step_losses(remote)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for s in (4, 5, 6):
+        assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
+
+    shutil.rmtree(cache)  # what `kiln generate / publish URL` read: a download into the mirror
+    from trainer.inference import load_run
+
+    model, tok = load_run(url)
+    assert (storage.mirror_dir(url) / "checkpoints" / "step-00000006").is_dir()
+    assert tok.vocab_size == 512 and not model.training
+
+
+def test_ray_driver_keeps_a_url_run_dir(tmp_path):
+    from launcher.ray_driver import absolute_paths
+
+    cfg = load_config(train_config(tmp_path, tmp_path), ["run_dir=s3://bucket/runs/x"])
+    assert absolute_paths(cfg, Path("/cluster/kiln")).run_dir == "s3://bucket/runs/x"

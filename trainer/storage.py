@@ -1,0 +1,277 @@
+"""Run folders at an fsspec URL (``s3://bucket/runs/x``, ``gs://...``, ``file:///abs/path``).
+
+DeepSpeed reads and writes local paths only, so a run whose ``run_dir`` is a URL works in a
+local *mirror* of it, ``<cache>/runs/<name>-<hash of the URL>/`` on every node, where ``<cache>``
+is ``$KILN_CACHE`` or ``<system temp>/kiln-cache`` (it must be a node-local disk). The mirror has
+the layout of a plain run folder; this module copies between it and the URL:
+
+- saving (:func:`trainer.checkpoint.save_checkpoint`): each node uploads the shards its ranks
+  wrote to ``<url>/checkpoints/step-N/``, rank 0 last uploads ``trainer_state.json`` and then
+  writes ``<url>/checkpoints/latest`` as one object. Object stores have no rename; what makes a
+  checkpoint at the URL complete is that ``trainer_state.json`` and ``latest`` are written only
+  after every rank's upload finished, so ``latest`` only ever names a complete checkpoint;
+- starting (:func:`trainer.main.train`): each node downloads the checkpoint ``latest`` names
+  into its mirror, which the resume logic then reads as a plain run folder;
+- reading (``kiln generate / publish / checkpoint consolidate``): :func:`localize`.
+
+A plain path is no URL: it is used as it is, nothing is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CACHE_ENV = "KILN_CACHE"
+STATE_FILE = "trainer_state.json"  # trainer.checkpoint.STATE_FILE
+
+
+def is_url(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` names a folder through an fsspec protocol (``proto://...``)."""
+    return isinstance(run_dir, str) and "://" in run_dir
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL no filesystem here can open (before any process starts).
+
+    Raises:
+        ValueError: fsspec does not know the protocol, or its filesystem package is missing
+            (the message names the package to install).
+    """
+    try:
+        import fsspec
+    except ImportError:
+        raise ValueError(
+            f"run_dir={url!r} is a URL, which needs fsspec (pip install fsspec)"
+        ) from None
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        raise ValueError(f"run_dir={url!r}: {e} (pip install it on every node)") from None
+    except ValueError:
+        raise ValueError(
+            f"run_dir={url!r}: fsspec knows no protocol {protocol!r}; use a local path or a URL "
+            f"such as s3://, gs://, abfs://, file:///abs/path"
+        ) from None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "kiln-cache")
+
+
+def mirror_dir(url: str) -> Path:
+    """The local folder that mirrors the run folder at ``url`` on this node."""
+    url = url.rstrip("/")
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return cache_root() / "runs" / f"{url.rsplit('/', 1)[-1]}-{digest}"
+
+
+def local_run_dir(run_dir: str | Path) -> Path:
+    """Where this process reads and writes the run: the mirror of a URL, else the path itself."""
+    return mirror_dir(run_dir) if is_url(run_dir) else Path(run_dir)
+
+
+def for_run(run_dir: str | Path) -> RunStorage | None:
+    """The :class:`RunStorage` of a URL run folder; None for a plain path."""
+    return RunStorage(run_dir) if is_url(run_dir) else None
+
+
+class RunStorage:
+    """A run folder at an fsspec URL and its local mirror (:func:`mirror_dir`).
+
+    Paths given to its methods are relative to the run folder (``checkpoints/step-N``), the same
+    on both sides.
+    """
+
+    def __init__(self, url: str):
+        check_url(url)
+        from fsspec.core import url_to_fs
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+        self.local = mirror_dir(self.url)
+
+    def remote(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    # -- small objects ---------------------------------------------------------------------------
+    def write_text(self, rel: str, text: str) -> None:
+        """Write one whole object (object stores make it visible at once, or not at all)."""
+        self.fs.makedirs(self.remote(rel).rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(self.remote(rel), text.encode())
+
+    def read_text(self, rel: str) -> str | None:
+        try:
+            return self.fs.cat_file(self.remote(rel)).decode()
+        except FileNotFoundError:
+            return None
+
+    def latest_tag(self) -> str | None:
+        """The checkpoint ``<url>/checkpoints/latest`` names, or None."""
+        text = self.read_text("checkpoints/latest")
+        return text.strip() if text else None
+
+    def latest_step(self) -> int | None:
+        tag = self.latest_tag()
+        return int(tag.split("-")[1]) if tag else None
+
+    # -- copies ----------------------------------------------------------------------------------
+    def upload(self, files: list[Path], local_dir: Path, rel_dir: str) -> None:
+        """Copy ``files`` (under ``local_dir``) to ``<url>/<rel_dir>/`` keeping their sub-paths."""
+        if not files:
+            return
+        subs = [f.relative_to(local_dir).as_posix() for f in files]
+        targets = [self.remote(f"{rel_dir}/{sub}" if rel_dir else sub) for sub in subs]
+        for parent in {t.rsplit("/", 1)[0] for t in targets}:
+            self.fs.makedirs(parent, exist_ok=True)
+        self.fs.put([str(f) for f in files], targets)
+
+    def listing(self, rel_dir: str) -> dict[str, int]:
+        """Files under ``<url>/<rel_dir>/`` (recursive): relative path -> size in bytes."""
+        base = self.remote(rel_dir)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        strip = self.fs._strip_protocol(base).rstrip("/") + "/"
+        return {
+            p[len(strip) :]: info["size"]
+            for p, info in found.items()
+            if info["type"] == "file" and p.startswith(strip)
+        }
+
+    def download(self, rel_dir: str, local_dir: Path) -> bool:
+        """Make ``local_dir`` hold exactly the files of ``<url>/<rel_dir>/``, fetching only those
+        missing or of another size. Returns whether anything was fetched."""
+        want = self.listing(rel_dir)
+        stale = [
+            rel
+            for rel, size in want.items()
+            if not (local_dir / rel).is_file() or (local_dir / rel).stat().st_size != size
+        ]
+        if local_dir.is_dir():
+            for f in [f for f in local_dir.rglob("*") if f.is_file()]:
+                if f.relative_to(local_dir).as_posix() not in want:
+                    f.unlink()
+        if not stale:
+            return False
+        for rel in stale:
+            (local_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get(
+            [self.remote(f"{rel_dir}/{rel}") for rel in stale], [str(local_dir / r) for r in stale]
+        )
+        return True
+
+    def download_file(self, rel: str) -> None:
+        """Fetch ``<url>/<rel>`` into the mirror; remove the mirror's copy when there is none."""
+        local = self.local / rel
+        if not self.fs.isfile(self.remote(rel)):
+            local.unlink(missing_ok=True)
+            return
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get(self.remote(rel), str(local))
+
+    def remove(self, rel: str) -> None:
+        if self.fs.exists(self.remote(rel)):
+            self.fs.rm(self.remote(rel), recursive=True)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def fetch_checkpoint(self, tag: str) -> Path:
+        """Download ``checkpoints/<tag>`` into the mirror (what is missing), returns it there.
+
+        Raises:
+            FileNotFoundError: the URL holds no complete checkpoint ``tag``.
+        """
+        if not self.fs.isfile(self.remote(f"checkpoints/{tag}/{STATE_FILE}")):
+            raise FileNotFoundError(f"{self.url}/checkpoints/{tag} is not a complete checkpoint")
+        local = self.local / "checkpoints" / tag
+        if local.is_dir() and not (local / STATE_FILE).is_file():
+            shutil.rmtree(local)
+        self.download(f"checkpoints/{tag}", local)
+        return local
+
+    def pull_run(self) -> str | None:
+        """Make the mirror resume where the URL is (one process per node, before training).
+
+        Fetches the checkpoint ``latest`` names, ``metrics.jsonl`` and ``sample_ids/``, and
+        points the mirror's ``latest`` at it; with no ``latest`` at the URL the mirror gets none
+        either (the run starts afresh). Returns the tag, or None.
+        """
+        tag = self.latest_tag()
+        root = self.local / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        if tag is None:
+            (root / "latest").unlink(missing_ok=True)
+        else:
+            self.fetch_checkpoint(tag)
+            (root / "latest").write_text(tag)
+        self.download_file("metrics.jsonl")
+        self.download("sample_ids", self.local / "sample_ids")
+        return tag
+
+    def push_run_files(self, rank: int) -> None:
+        """Upload this rank's run files: ``sample_ids/rank<r>.jsonl``; rank 0 also
+        ``metrics.jsonl`` and ``config.yaml``."""
+        files = [self.local / "sample_ids" / f"rank{rank}.jsonl"]
+        if rank == 0:
+            files += [self.local / "metrics.jsonl", self.local / "config.yaml"]
+        self.upload([f for f in files if f.is_file()], self.local, "")
+
+    def prune(self, keep_last: int) -> None:
+        """Delete complete checkpoints at the URL older than the newest ``keep_last``, and
+        incomplete ones (a save that died while uploading) older than the newest complete one."""
+        steps = sorted(
+            p.rsplit("/", 1)[-1]
+            for p in self.fs.glob(self.remote("checkpoints/step-*"))
+            if not p.endswith("-universal")
+        )
+        state = [self.remote(f"checkpoints/{t}/{STATE_FILE}") for t in steps]
+        complete = [t for t, f in zip(steps, state, strict=True) if self.fs.isfile(f)]
+        if not complete:
+            return
+        keep = set(complete[-keep_last:])
+        for tag in steps:
+            if tag not in keep and tag < complete[-1]:
+                self.fs.rm(self.remote(f"checkpoints/{tag}"), recursive=True)
+
+
+def prepare_run_dir(run_dir: str | Path, config_yaml: str) -> Path:
+    """Create the run folder (and, for a URL, its mirror) and write ``config.yaml`` into it
+    (uploaded for a URL). Returns the local folder the run works in."""
+    local = local_run_dir(run_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "config.yaml").write_text(config_yaml)
+    if (store := for_run(run_dir)) is not None:
+        store.write_text("config.yaml", config_yaml)
+    return local
+
+
+def localize(run_dir: str | Path, step: int | None = None) -> Path:
+    """A local run folder to read the checkpoint of ``step`` (default: latest) from.
+
+    A path is returned as it is. For a URL the checkpoint and ``metrics.jsonl`` are downloaded
+    into the mirror (what is missing), whose ``latest`` then names the URL's.
+
+    Raises:
+        FileNotFoundError: the URL has no (such) complete checkpoint.
+    """
+    store = for_run(run_dir)
+    if store is None:
+        return Path(run_dir)
+    from trainer.checkpoint import tag_for
+
+    if step is None:
+        tag = store.latest_tag()
+        if tag is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it with `kiln train`")
+        store.fetch_checkpoint(tag)
+        (store.local / "checkpoints" / "latest").write_text(tag)
+    else:
+        store.fetch_checkpoint(tag_for(step))
+    store.download_file("metrics.jsonl")
+    return store.local
