@@ -340,11 +340,9 @@ def publish(
             pub.require_hub_token()  # before minutes of consolidation
         except pub.PublishError as e:
             raise click.ClickException(str(e)) from None
-    from trainer.storage import localize
-
     try:
         report = pub.publish(
-            localize(run_dir, step),  # a URL's checkpoint is downloaded into its mirror
+            run_dir,  # a path or a URL (downloaded into its local mirror)
             out,
             step=step,
             dtype=dtype,

@@ -186,8 +186,13 @@ class Publisher(Callback):
     a background CPU process (``python -m trainer.publish``, log in ``hf/step-N.log``) so training
     goes on; :meth:`wait` collects them once training is over."""
 
-    def __init__(self, run_dir: Path, every: int | None, at_end: bool, dtype: str):
+    def __init__(
+        self, run_dir: Path, every: int | None, at_end: bool, dtype: str, source: str | None = None
+    ):
         self.run_dir, self.every, self.at_end, self.dtype = run_dir, every, at_end, dtype
+        # what the publish reads: the run folder, or its URL when run_dir is the URL's local
+        # mirror (the publish then fetches the shards other nodes uploaded)
+        self.source = source or str(run_dir)
         self.started: list[tuple[int, Path, Any]] = []
 
     def _start(self, step: int) -> None:
@@ -195,7 +200,7 @@ class Publisher(Callback):
         from trainer.publish import start_publish
 
         out = self.run_dir / "hf" / tag_for(step)
-        self.started.append((step, out, start_publish(self.run_dir, step, out, self.dtype)))
+        self.started.append((step, out, start_publish(self.source, step, out, self.dtype)))
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
         step = trainer.step
@@ -219,7 +224,7 @@ class Publisher(Callback):
             ok = False
             print(
                 f"publishing step {step} failed (exit {proc.returncode}; see {out}.log); the "
-                f"checkpoint is intact: retry with `kiln publish {self.run_dir} --step {step} "
+                f"checkpoint is intact: retry with `kiln publish {self.source} --step {step} "
                 f"--out {out}`"
             )
         return ok

@@ -110,7 +110,9 @@ def train(cfg: KilnConfig) -> None:
     publisher = None
     c = cfg.checkpoint
     if world.is_main and (c.publish_every or c.publish_at_end):
-        publisher = Publisher(run_dir, c.publish_every, c.publish_at_end, c.publish_dtype)
+        publisher = Publisher(
+            run_dir, c.publish_every, c.publish_at_end, c.publish_dtype, source=cfg.run_dir
+        )
         callbacks.append(publisher)  # after the Checkpointer: it publishes what was just saved
     trainer.callbacks = callbacks
     trainer.install_signal_handlers()

@@ -259,6 +259,9 @@ def publish(
 ) -> PublishReport:
     """Publish the checkpoint of ``run_dir`` (latest, or ``step``) into ``out``.
 
+    ``run_dir`` may be an fsspec URL: the checkpoint is downloaded into its local mirror first
+    (also the shards other nodes wrote, when the mirror is a training node's).
+
     Args:
         dtype: ``fp32``, ``bf16`` or ``fp16``: the dtype of the written weights.
         max_shard_size: safetensors files are cut above this size (``"5GB"`` or bytes) and
@@ -275,7 +278,7 @@ def publish(
         PublishError: a check failed; the staging folder is deleted and ``out`` untouched.
     """
     from model.hf_tokenizer import save_hf_tokenizer
-    from trainer import checkpoint
+    from trainer import checkpoint, storage
     from trainer.inference import load_run
     from trainer.model_card import model_card
 
@@ -284,6 +287,7 @@ def publish(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    run_dir = storage.localize(run_dir, step)  # a URL's checkpoint, complete, in its mirror
     ckpt = checkpoint.find_checkpoint(run_dir, step)
     state = checkpoint.read_trainer_state(ckpt)
     model, tok = load_run(run_dir, step=state["step"])
@@ -391,7 +395,7 @@ def push_to_hub(
 # -- publishing from a training run -------------------------------------------------------------
 
 
-def publish_command(run_dir: Path, step: int, out: Path, dtype: str) -> list[str]:
+def publish_command(run_dir: str | Path, step: int, out: Path, dtype: str) -> list[str]:
     """The command that publishes ``step`` of a run in its own process."""
     return [
         sys.executable, "-m", "trainer.publish", str(run_dir),
@@ -399,7 +403,7 @@ def publish_command(run_dir: Path, step: int, out: Path, dtype: str) -> list[str
     ]  # fmt: skip
 
 
-def start_publish(run_dir: Path, step: int, out: Path, dtype: str) -> subprocess.Popen:
+def start_publish(run_dir: str | Path, step: int, out: Path, dtype: str) -> subprocess.Popen:
     """Publish in a background CPU process (training goes on); its output goes to
     ``<out>.log``. The torchrun variables are removed so it does not join the training world."""
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
