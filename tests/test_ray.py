@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from conftest import (
     train_config,
 )
 
+from trainer import storage
 from trainer.checkpoint import latest_checkpoint, read_trainer_state
 from trainer.config import load_config
 from trainer.distributed import free_port
@@ -196,16 +198,25 @@ def local_reference(prepared_data, tmp_path_factory) -> Path:
 
 
 def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, tmp_path):
+    # The run folder is an fsspec URL (file:// here, s3:// on a cloud): the workers train in
+    # local mirrors and upload to it, and Ray Train keeps its own state there too. (The killed-
+    # worker test below uses a plain path.)
+    run = tmp_path / "remote" / "run"
     config = train_config(
-        tmp_path, prepared_data, train__max_steps=STEPS, checkpoint__save_every=SAVE_EVERY
+        tmp_path,
+        prepared_data,
+        run_dir=f"file://{run}",
+        train__max_steps=STEPS,
+        checkpoint__save_every=SAVE_EVERY,
     )
     result = kiln(*_submit(config, ray_cluster))
+    shutil.rmtree(storage.mirror_dir(f"file://{run}"), ignore_errors=True)  # the workers' mirror
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
     assert "submitted Ray job raysubmit_" in out and "ray job logs" in out
     assert "Started training worker group of size 2" in out
-    run = tmp_path / "run"
-    assert read_trainer_state(latest_checkpoint(run))["step"] == STEPS
+    assert read_trainer_state(latest_checkpoint(run))["step"] == STEPS  # read at the URL itself
+    assert (run / "ray").is_dir()
     want, got = step_losses(local_reference), step_losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == want  # same ranks, same gloo reductions, same threads: bitwise equal
