@@ -359,21 +359,35 @@ def train_tokenizer_on_sample(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_path, proto)
     tok = Tokenizer(proto, out_path)
+    write_meta(
+        tok,
+        out_path.parent,
+        character_coverage=character_coverage,  # as given (the model file holds a float32)
+        seed=seed,
+        sentences_seen=seen,
+        sentences_sampled=len(sample),
+    )
+    return tok
+
+
+def write_meta(tok: Tokenizer, folder: Path, **extra: Any) -> dict[str, Any]:
+    """Write ``tokenizer_meta.json`` for ``tok`` into ``folder`` (atomically) and return it: what
+    the model file says (algorithm, ``vocab_size``, special ids, sha256, character coverage, byte
+    fallback, sentinels), then ``extra`` (how it was trained, where it was copied from)."""
+    spec = sentencepiece_model_pb2.ModelProto.FromString(tok._proto).trainer_spec
     meta = {
         "format_version": META_FORMAT_VERSION,
-        "model_type": model_type,
+        "model_type": spec.ModelType.Name(spec.model_type).lower(),
         "vocab_size": tok.vocab_size,
-        "special_ids": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
+        "special_ids": {"unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id},
         "sha256": tok.sha256,
-        "character_coverage": character_coverage,
-        "byte_fallback": byte_fallback,
-        "num_sentinels": num_sentinels,
-        "seed": seed,
-        "sentences_seen": seen,
-        "sentences_sampled": len(sample),
+        "character_coverage": spec.character_coverage,
+        "byte_fallback": spec.byte_fallback,
+        "num_sentinels": len(tok.sentinel_ids),
+        **extra,
     }
-    _atomic_write(out_path.parent / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-    return tok
+    _atomic_write(Path(folder) / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    return meta
 
 
 def _check_training_args(

@@ -214,6 +214,10 @@ class Publisher(Callback):
         ):
             self._start(step)
 
+    def outputs(self) -> list[Path]:
+        """The folders (and their logs) of the publishes started, written or not."""
+        return [p for _, out, _ in self.started for p in (out, out.with_name(out.name + ".log"))]
+
     def wait(self) -> bool:
         """Wait for every publish started; print where each went. Returns whether all passed."""
         ok = True

@@ -127,10 +127,9 @@ def train(cfg: KilnConfig) -> None:
     if store is not None:  # the records after the last save (the final evaluation), hf/ folders
         store.push_run_files(world.rank)
         if publisher is not None:
-            for _, out, _ in publisher.started:
-                files = [f for f in out.rglob("*") if f.is_file()] if out.is_dir() else []
-                log = out.with_name(out.name + ".log")
-                store.upload(files + ([log] if log.is_file() else []), run_dir, "")
+            outputs = publisher.outputs()
+            files = [f for p in outputs if p.is_dir() for f in p.rglob("*") if f.is_file()]
+            store.upload(files + [p for p in outputs if p.is_file()], run_dir, "")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -213,7 +213,8 @@ def prove(folder: Path, model, tok, dtype: str) -> tuple[float, float, float, li
     torch_dtype = DTYPES[dtype]
     batch = check_batch(cfg, tok)
     failures: list[str] = []
-    reference = kiln_logits(_rounded(model, torch_dtype), batch)
+    rounded = _rounded(model, torch_dtype)
+    reference = kiln_logits(rounded, batch)
     scale = max(1.0, reference.abs().max().item())
     loaded = load_published(folder, cfg.model_type, torch.float32)
     diff32 = (hf_logits(loaded, batch, cfg.vocab_size) - reference).abs().max().item()
@@ -228,7 +229,7 @@ def prove(folder: Path, model, tok, dtype: str) -> tuple[float, float, float, li
         loaded = load_published(folder, cfg.model_type, "auto")
         if loaded.dtype != torch_dtype:
             failures.append(f"the folder loads as {loaded.dtype}, not {torch_dtype}")
-        native = kiln_logits(_rounded(model, torch_dtype).to(torch_dtype), batch)
+        native = kiln_logits(rounded.to(torch_dtype), batch)  # in place: reference is done
         diff_native = (hf_logits(loaded, batch, cfg.vocab_size) - native).abs().max().item()
         if not diff_native <= DTYPE_TOLERANCE[dtype] * scale:
             failures.append(

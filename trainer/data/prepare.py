@@ -48,14 +48,13 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sentencepiece import sentencepiece_model_pb2
 
 from model.tokenizer import (
     META_FILE,
-    META_FORMAT_VERSION,
     Tokenizer,
     sample_lines,
     train_tokenizer_on_sample,
+    write_meta,
 )
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
 from trainer.data.dataset import FORMAT_VERSION, MANIFEST_FILE, SPLITS, read_manifest
@@ -205,28 +204,11 @@ def install_tokenizer(source: Path, dest: Path) -> Tokenizer:
     tok = Tokenizer.load(source)
     meta_file = source.with_name(META_FILE)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta.get("sha256") != tok.sha256:
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(source.read_bytes())
-        spec = proto.trainer_spec
-        meta = {
-            "format_version": META_FORMAT_VERSION,
-            "model_type": spec.ModelType.Name(spec.model_type).lower(),
-            "vocab_size": tok.vocab_size,
-            "special_ids": {
-                "unk": tok.unk_id,
-                "bos": tok.bos_id,
-                "eos": tok.eos_id,
-                "pad": tok.pad_id,
-            },
-            "sha256": tok.sha256,
-            "character_coverage": spec.character_coverage,
-            "byte_fallback": spec.byte_fallback,
-            "num_sentinels": len(tok.sentinel_ids),
-            "copied_from": str(source),
-        }
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(dest.with_name(META_FILE), json.dumps(meta, indent=2) + "\n")
+    if meta.get("sha256") == tok.sha256:  # the training record of this very model
+        shutil.copyfile(meta_file, dest.with_name(META_FILE))
+    else:
+        write_meta(tok, dest.parent, copied_from=str(source))
     shutil.copyfile(source, dest.with_name(f".{dest.name}.tmp"))
     os.replace(dest.with_name(f".{dest.name}.tmp"), dest)  # last: its presence means complete
     logger.info("tokenizer of %s copied to %s", source.parent, dest)
@@ -243,12 +225,6 @@ def check_same_tokenizer(have: Tokenizer, want: Tokenizer) -> None:
             f"model's tokenizer; set data.root to a new folder (or delete {have.path.parent} and "
             f"the datasets prepared with it)"
         )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prepare_dataset(
