@@ -7,7 +7,10 @@ is resolved and validated here, before any process starts.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -123,17 +126,31 @@ def train(
     rc = run_workers(cmd)
     if rc != 0:
         raise click.ClickException(f"training failed (torchrun exit code {rc}); see the log above")
-    ckpt = checkpoint.latest_checkpoint(run_dir)
-    finished = (
-        ckpt is not None and checkpoint.read_trainer_state(ckpt)["step"] >= cfg.train.max_steps
-    )
-    if finished and node_rank == 0 and sample_prompt:
-        click.echo(
-            f"\nsample from {ckpt.name}:\n"
-            f"{_sample(cfg.run_dir, sample_prompt, 200, 0.8, 50, None, 0)}"
-        )
-    published = run_dir / "hf" / ckpt.name if ckpt is not None else None
-    if finished and node_rank == 0 and cfg.checkpoint.publish_at_end and published.is_dir():
+    if store is not None:  # a finished run's workers deleted the mirror: the URL says
+        step = store.latest_step()
+    elif (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
+        step = checkpoint.read_trainer_state(ckpt)["step"]
+    else:
+        step = None
+    if step is None or step < cfg.train.max_steps or node_rank != 0:
+        return
+    tag = checkpoint.tag_for(step)
+    if sample_prompt:
+        if store is None:
+            text = _sample(run_dir, sample_prompt, 200, 0.8, 50, None, 0)
+        else:  # from a download of the checkpoint that leaves no mirror behind
+            storage.mirrors_root().mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="sample-", dir=storage.mirrors_root()) as tmp:
+                local = storage.localize(cfg.run_dir, step, into=Path(tmp))
+                text = _sample(local, sample_prompt, 200, 0.8, 50, None, 0, step)
+        click.echo(f"\nsample from {tag}:\n{text}")
+    if store is not None:
+        published = f"{store.url}/hf/{tag}"
+        exists = store.fs.isfile(store.remote(f"hf/{tag}/config.json"))
+    else:
+        published = run_dir / "hf" / tag
+        exists = published.is_dir()
+    if cfg.checkpoint.publish_at_end and exists:
         from trainer.publish import load_snippet
 
         lines = load_snippet(published, cfg.model.model_type)
@@ -398,6 +415,87 @@ def presets() -> None:
             f"{t.num_parameters() / 1e6:>9.1f}M"
         )
     click.echo("* with a 32000-piece vocabulary")
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class _Duration(click.ParamType):
+    """A duration such as 30m, 12h, 7d (s, m, h, d, w) or 0, as seconds."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw]?)", value.strip())
+        if match is None or (match[2] == "" and float(match[1]) != 0):
+            self.fail(f"{value!r} is no duration such as 30m, 12h, 7d or 0", param, ctx)
+        return float(match[1]) * _SECONDS[match[2]]
+
+
+def _age(seconds: float) -> str:
+    for unit, scale in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= scale:
+            return f"{seconds / scale:.1f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+@cli.group()
+def cache() -> None:
+    """This node's mirrors of run folders at URLs ($KILN_CACHE/runs).
+
+    A run that trains to its end deletes its mirrors; a stopped or crashed run keeps them for
+    its resume, and `kiln generate / publish / checkpoint consolidate URL` download into them.
+    """
+
+
+@cache.command("list")
+def cache_list() -> None:
+    """List the mirrors: size, time since anything in them last changed, URL, folder."""
+    from trainer import storage
+
+    mirrors = storage.list_mirrors()
+    click.echo(f"mirrors in {storage.mirrors_root()}: {len(mirrors)}")
+    if mirrors:
+        now = time.time()
+        click.echo(f"{'size':>10}  {'age':>6}  url (folder)")
+    for m in mirrors:
+        size, age = storage.format_size(m.size), _age(now - m.modified)
+        click.echo(f"{size:>10}  {age:>6}  {m.url or '?'} ({m.path.name})")
+
+
+@cache.command("clean", context_settings={"show_default": True})
+@click.option(
+    "--older-than",
+    type=_Duration(),
+    default="7d",
+    help="remove mirrors in which nothing changed for this long (30m, 12h, 7d; 0: all)",
+)
+@click.option("--dry-run", is_flag=True, help="print what would be removed, remove nothing")
+def cache_clean(older_than: float, dry_run: bool) -> None:
+    """Remove the mirrors not modified for longer than --older-than.
+
+    The mirror of a run in progress changes at every save at least (node 0's at every logged
+    step), so one longer than the time between saves keeps it. A stopped run resumes from the
+    URL without its mirror (it downloads the checkpoint again). An offline wandb folder that a
+    finished run kept in its mirror goes with it.
+    """
+    from trainer import storage
+
+    now, freed = time.time(), 0
+    stale = storage.stale_mirrors(older_than, now)
+    for m in stale:
+        freed += m.size if dry_run else storage.remove_mirror(m.path)
+        click.echo(
+            f"{'would remove' if dry_run else 'removed'} {m.path} ({m.url or '?'}, "
+            f"{storage.format_size(m.size)}, last modified {_age(now - m.modified)} ago)"
+        )
+    click.echo(
+        f"{'would free' if dry_run else 'freed'} {freed:,} bytes "
+        f"({storage.format_size(freed)}); mirrors {'to remove' if dry_run else 'removed'}: "
+        f"{len(stale)}"
+    )
 
 
 cli.add_command(slurm)

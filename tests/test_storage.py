@@ -4,7 +4,9 @@ with ``run_dir=file:///...`` that saves to the URL, then resumes from it alone."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -138,14 +140,31 @@ def test_kiln_train_refuses_an_unknown_protocol(prepared_data, tmp_path):
     assert not (REPO / "nosuchproto:").exists()
 
 
-def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache):
-    """6 steps to file://.../remote/run (checkpoints 3 and 6); then, with the local mirror gone
-    and the URL's latest set back to step 3 (a run preempted after it), the same command resumes
-    from the URL alone and trains steps 4-6 to the same losses."""
+def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache, monkeypatch):
+    """6 steps to file://.../remote/run (checkpoints 3 and 6, published at the end); the
+    finished run deletes its local mirror. With the URL's latest set back to step 3 (a run
+    preempted after it), the same command resumes from the URL alone and trains steps 4-6 to
+    the same losses. (A run stopped by a signal keeps its mirror: test_train_distributed.py's
+    test_sigterm_saves_and_resumes.)"""
     remote = tmp_path / "remote" / "run"
     url = f"file://{remote}"
     config = train_config(tmp_path, prepared_data)
-    train(config, f"run_dir={url}", nproc=1)
+    args = ["train", str(config), f"run_dir={url}", "--nproc", "1"]
+    result = kiln(*args, "checkpoint.publish_at_end=true", "--sample-prompt", "ROMEO:")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    # Everything is at the URL, the mirror is gone (the final sample read a throwaway download).
+    assert not storage.mirror_dir(url).exists() and not list((cache / "runs").iterdir())
+    assert "sample from step-00000006:\nROMEO:" in result.stdout
+    hf = f"{url}/hf/step-00000006"
+    assert f"published in the transformers layout: {hf}\n" in result.stdout
+    assert (remote / "hf" / "step-00000006" / "model.safetensors").is_file()
+    snippet = [line.strip() for line in result.stdout.split(f"{hf}\n")[1].splitlines()[:6]]
+    assert snippet[1] == f'fs, path = url_to_fs("{hf}")'
+    assert snippet[4] == 'tokenizer = AutoTokenizer.from_pretrained("step-00000006")'
+    monkeypatch.chdir(tmp_path)
+    exec("\n".join(snippet[:3]), {})  # its copy of the folder, which the next lines load
+    for f in (remote / "hf" / "step-00000006").iterdir():
+        assert (tmp_path / "step-00000006" / f.name).read_bytes() == f.read_bytes()
     ckpts = remote / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-00000006"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000003", "step-00000006"]
@@ -158,7 +177,6 @@ def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache):
     assert (remote / "sample_ids" / "rank0.jsonl").is_file()
     assert not (REPO / "file:").exists()
 
-    shutil.rmtree(cache)
     (ckpts / "latest").write_text("step-00000003")
     train(config, f"run_dir={url}", nproc=1)
     assert (ckpts / "latest").read_text() == "step-00000006"
@@ -166,13 +184,63 @@ def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache):
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for s in (4, 5, 6):
         assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
+    assert not storage.mirror_dir(url).exists()
 
-    shutil.rmtree(cache)  # what `kiln generate / publish URL` read: a download into the mirror
+    # what `kiln generate / publish URL` read: a download into the mirror, which stays
     from trainer.inference import load_run
 
     model, tok = load_run(url)
     assert (storage.mirror_dir(url) / "checkpoints" / "step-00000006").is_dir()
     assert tok.vocab_size == 512 and not model.training
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_kiln_cache_lists_and_cleans_mirrors(tmp_path, cache):
+    """Two mirrors made as `kiln train` makes them, one with files last changed 2 hours ago, and
+    an old one without .kiln-url: `clean --older-than 1h` removes the old ones, frees their bytes
+    and keeps the fresh one; `--dry-run` only says so."""
+    urls = {age: f"file://{tmp_path}/remote/{age}" for age in ("old", "fresh")}
+    for url in urls.values():
+        storage.prepare_run_dir(url, "seed: 1\n")
+        ckpt = storage.mirror_dir(url) / "checkpoints" / "step-00000003"
+        ckpt.mkdir(parents=True)
+        (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x" * 5000)
+    old, fresh = (storage.mirror_dir(urls[age]) for age in ("old", "fresh"))
+    bare = cache / "runs" / "bare-0123456789ab"
+    (bare / "checkpoints").mkdir(parents=True)
+    (bare / "checkpoints" / "latest").write_text("step-00000003")
+    two_hours_ago = time.time() - 2 * 3600
+    for f in [*old.rglob("*"), old, *bare.rglob("*"), bare]:  # files and folders
+        os.utime(f, (two_hours_ago, two_hours_ago))
+    env = {storage.CACHE_ENV: str(cache)}
+
+    listed = kiln("cache", "list", extra_env=env)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    lines = listed.stdout.splitlines()
+    assert lines[0] == f"mirrors in {cache / 'runs'}: 3"
+    kib = f"{_size(old) / 1024:.1f} KiB"  # 5000 bytes, config.yaml and .kiln-url
+    line = next(x for x in lines if x.endswith(f"{urls['old']} ({old.name})"))
+    assert line.split() == [*kib.split(), "2.0h", urls["old"], f"({old.name})"]
+    assert any(x.endswith(f"? ({bare.name})") for x in lines)
+    assert any(x.endswith(f"{urls['fresh']} ({fresh.name})") for x in lines)
+
+    freed = _size(old) + _size(bare)
+    dry = kiln("cache", "clean", "--older-than", "1h", "--dry-run", extra_env=env)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert f"would remove {old} ({urls['old']}, {kib}, last modified 2.0h ago)" in dry.stdout
+    assert f"would remove {bare} (?," in dry.stdout and str(fresh) not in dry.stdout
+    assert f"would free {freed:,} bytes" in dry.stdout
+    assert old.is_dir() and bare.is_dir()
+
+    clean = kiln("cache", "clean", "--older-than", "1h", extra_env=env)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert f"removed {old} (" in clean.stdout and f"removed {bare} (" in clean.stdout
+    assert f"freed {freed:,} bytes" in clean.stdout
+    assert sorted((cache / "runs").iterdir()) == [fresh]
+    assert (fresh / "checkpoints" / "step-00000003" / "mp_rank_00_model_states.pt").is_file()
 
 
 def test_ray_driver_keeps_a_url_run_dir(tmp_path):

@@ -1,6 +1,6 @@
 """Training through `kiln train` with 2 CPU processes (torchrun, gloo, DeepSpeed CPU accelerator):
 ZeRO stages agree, resume is exact, resume on another number of processes neither skips nor
-repeats a sample, and SIGTERM leaves a resumable checkpoint."""
+repeats a sample, and SIGTERM leaves a resumable checkpoint (in a URL run folder's mirror)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import REPO, kiln, step_losses, step_sample_ids, train, train_config
 
+from trainer import storage
 from trainer.checkpoint import latest_checkpoint, read_trainer_state
 
 # fp32, same seed, same data: the stages differ only in how gradients are reduced and the
@@ -91,36 +92,48 @@ def test_resume_on_one_process(zero_runs, prepared_data, tmp_path, stage):
     assert len(seen) == len(set(seen)) == 6 * 8
 
 
-def test_sigterm_saves_and_resumes(prepared_data, tmp_path):
+def test_sigterm_saves_and_resumes(prepared_data, tmp_path, monkeypatch):
+    """SIGTERM makes both ranks save and stop; the run resumes to its end. The run folder is a
+    file:// URL, so this is also the test of its mirror: a stopped run keeps it, a finished one
+    deletes it after both ranks uploaded their files, but for the offline wandb runs."""
+    remote = tmp_path / "remote" / "run"
+    url = f"file://{remote}"
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))  # the kiln subprocesses' too
+    mirror = storage.mirror_dir(url)
     config = train_config(
         tmp_path,
         prepared_data,
+        run_dir=url,
         train__max_steps=400,
         checkpoint__save_every=1000,
         tracking__wandb_mode="offline",
     )
-    run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launcher.cli", "train", str(config), "--nproc", "2"]
     proc = subprocess.Popen(
         [*cmd, "--sample-prompt", ""], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     deadline = time.time() + 300
-    while time.time() < deadline and len(step_losses_or_empty(run)) < 3:
+    while time.time() < deadline and len(step_losses_or_empty(mirror)) < 3:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out.decode()[-3000:]
-    ckpt = latest_checkpoint(run)
+    ckpt = latest_checkpoint(remote)
     assert ckpt is not None, "no checkpoint after SIGTERM"
     stopped_at = read_trainer_state(ckpt)["step"]
     assert 3 <= stopped_at < 400
+    assert latest_checkpoint(mirror).name == ckpt.name  # the stopped run kept its mirror
     # the run resumes from there to the end
     train(config, "train.max_steps=" + str(stopped_at + 2))
-    assert read_trainer_state(latest_checkpoint(run))["step"] == stopped_at + 2
-    assert max(step_losses(run)) == stopped_at + 2
+    assert read_trainer_state(latest_checkpoint(remote))["step"] == stopped_at + 2
+    assert max(step_losses(remote)) == stopped_at + 2
+    for rank in (0, 1):  # each rank uploaded its last records before the mirror was deleted
+        lines = (remote / "sample_ids" / f"rank{rank}.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["step"] == stopped_at + 2
+    assert sorted(p.name for p in mirror.iterdir()) == [storage.URL_FILE, "wandb"]
     # wandb (offline) resumed the same run: both sessions log under the id the checkpoint keeps
-    run_id = read_trainer_state(latest_checkpoint(run))["wandb_run_id"]
-    sessions = sorted((run / "wandb").glob("offline-run-*"))
+    run_id = read_trainer_state(latest_checkpoint(remote))["wandb_run_id"]
+    sessions = sorted((mirror / "wandb").glob("offline-run-*"))
     assert len(sessions) == 2
     assert all(s.name.endswith(run_id) for s in sessions)
     assert all((s / f"run-{run_id}.wandb").is_file() for s in sessions)

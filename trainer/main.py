@@ -51,7 +51,7 @@ def train(cfg: KilnConfig) -> None:
     node_main = world.local_rank == 0 if store is not None else world.is_main
     if store is not None:
         if node_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            store.make_mirror()
             (run_dir / "config.yaml").write_text(cfg.to_yaml())  # also on nodes kiln never ran on
             store.pull_run()
         distributed.barrier()
@@ -118,18 +118,31 @@ def train(cfg: KilnConfig) -> None:
     trainer.install_signal_handlers()
     try:
         trainer.fit()
+        if store is not None:  # the records after the last save (the final evaluation)
+            store.push_run_files(world.rank)
     finally:
+        # Its barrier is the last time the ranks wait for each other: past it every rank of
+        # this node has uploaded its files and is done with the node's mirror.
         distributed.close()
     if world.is_main and trainer.stopping:
         print(f"stopped by signal at step {trainer.step}; resume with the same command")
+    published = True
     if publisher is not None:
-        publisher.wait()  # outside the process group: the other ranks are not held up
-    if store is not None:  # the records after the last save (the final evaluation), hf/ folders
-        store.push_run_files(world.rank)
-        if publisher is not None:
-            outputs = publisher.outputs()
-            files = [f for p in outputs if p.is_dir() for f in p.rglob("*") if f.is_file()]
-            store.upload(files + [p for p in outputs if p.is_file()], run_dir, "")
+        published = publisher.wait()  # outside the process group: the other ranks go on
+    if store is not None and publisher is not None:  # rank 0: the hf/ folders and their logs
+        outputs = publisher.outputs()
+        files = [f for p in outputs if p.is_dir() for f in p.rglob("*") if f.is_file()]
+        store.upload(files + [p for p in outputs if p.is_file()], run_dir, "")
+    # A finished URL run is all at the URL now and its mirror only takes disk space; a run
+    # stopped by a signal keeps it for its resume, a failed publish for its retry. The node's
+    # first process deletes it, past the barrier above and its own uploads; rank 0, the only
+    # rank that publishes, is node 0's first process.
+    finished = not trainer.stopping and trainer.step >= cfg.train.max_steps
+    if store is not None and node_main and finished and published:
+        offline_wandb = any((run_dir / "wandb").glob("offline-run-*"))  # only here: they stay
+        storage.remove_mirror(run_dir, keep=("wandb", storage.URL_FILE) if offline_wandb else ())
+        if world.is_main and offline_wandb:
+            print(f"kept the offline wandb runs in {run_dir / 'wandb'} (`wandb sync` them)")
 
 
 def main(argv: list[str] | None = None) -> None:

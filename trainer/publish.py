@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from trainer import storage
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Relative tolerance of the logits computed in the published dtype (Kiln's vs transformers'
 # kernels, both in that dtype): a few units of the dtype's epsilon (bf16 2^-8, fp16 2^-11) after
@@ -279,7 +281,7 @@ def publish(
         PublishError: a check failed; the staging folder is deleted and ``out`` untouched.
     """
     from model.hf_tokenizer import save_hf_tokenizer
-    from trainer import checkpoint, storage
+    from trainer import checkpoint
     from trainer.inference import load_run
     from trainer.model_card import model_card
 
@@ -420,17 +422,12 @@ def start_publish(run_dir: str | Path, step: int, out: Path, dtype: str) -> subp
     )
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def describe(report: PublishReport) -> str:
     """A few lines for the console: files, sizes, the checks."""
     lines = [f"published step {report.step} of {report.checkpoint} to {report.out}:"]
-    lines += [f"  {name:<34} {_size(size):>10}" for name, size in report.files.items()]
+    lines += [
+        f"  {name:<34} {storage.format_size(size):>10}" for name, size in report.files.items()
+    ]
     lines.append(
         f"checked: logits max |diff| {report.max_logit_diff_fp32:.2e} (fp32)"
         + (
@@ -448,10 +445,22 @@ def describe(report: PublishReport) -> str:
     return "\n".join(lines)
 
 
-def load_snippet(folder: Path, model_type: str) -> list[str]:
-    """The three lines of Python that load a published folder."""
+def load_snippet(folder: Path | str, model_type: str) -> list[str]:
+    """The three lines of Python that load a published folder; for an fsspec URL
+    (``s3://.../hf/step-N``) three more before them copy it into the current folder first
+    (transformers reads local folders and the Hub only)."""
+
     auto = "AutoModelForCausalLM" if model_type == "llama" else "AutoModelForSeq2SeqLM"
+    download = []
+    if storage.is_url(folder):
+        url, folder = folder.rstrip("/"), folder.rstrip("/").rsplit("/", 1)[-1]
+        download = [
+            "from fsspec.core import url_to_fs",
+            f'fs, path = url_to_fs("{url}")',
+            f'fs.get(path + "/", "{folder}/", recursive=True)',
+        ]
     return [
+        *download,
         f"from transformers import {auto}, AutoTokenizer",
         f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
         f'model = {auto}.from_pretrained("{folder}")',

@@ -3,7 +3,8 @@
 DeepSpeed reads and writes local paths only, so a run whose ``run_dir`` is a URL works in a
 local *mirror* of it, ``<cache>/runs/<name>-<hash of the URL>/`` on every node, where ``<cache>``
 is ``$KILN_CACHE`` or ``<system temp>/kiln-cache`` (it must be a node-local disk). The mirror has
-the layout of a plain run folder; this module copies between it and the URL:
+the layout of a plain run folder, plus ``.kiln-url`` naming its URL; this module copies between
+it and the URL:
 
 - saving (:func:`trainer.checkpoint.save_checkpoint`): each node uploads the shards its ranks
   wrote to ``<url>/checkpoints/step-N/``, rank 0 last uploads ``trainer_state.json`` and then
@@ -12,7 +13,13 @@ the layout of a plain run folder; this module copies between it and the URL:
   after every rank's upload finished, so ``latest`` only ever names a complete checkpoint;
 - starting (:func:`trainer.main.train`): each node downloads the checkpoint ``latest`` names
   into its mirror, which the resume logic then reads as a plain run folder;
-- reading (``kiln generate / publish / checkpoint consolidate``): :func:`localize`.
+- finishing (:func:`trainer.main.train`): a run that reached ``train.max_steps`` deletes each
+  node's mirror once everything is uploaded (:func:`remove_mirror`; an offline wandb folder, its
+  only copy, is kept). A run stopped by a signal or a crash keeps it: its resume reuses it;
+- reading (``kiln generate / publish / checkpoint consolidate``): :func:`localize`, which
+  downloads into the mirror (kept for the next read);
+- cleaning (``kiln cache list / clean``): :func:`list_mirrors` and :func:`stale_mirrors` say
+  what the mirrors of this node hold and when they last changed, :func:`remove_mirror` deletes.
 
 A plain path is no URL: it is used as it is, nothing is copied.
 """
@@ -22,11 +29,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_ENV = "KILN_CACHE"
 STATE_FILE = "trainer_state.json"  # trainer.checkpoint.STATE_FILE
+URL_FILE = ".kiln-url"  # in a mirror: the URL it mirrors (for `kiln cache list`)
 
 
 def is_url(run_dir: str | Path) -> bool:
@@ -63,11 +75,16 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "kiln-cache")
 
 
+def mirrors_root() -> Path:
+    """The folder that holds this node's mirrors, one folder each."""
+    return cache_root() / "runs"
+
+
 def mirror_dir(url: str) -> Path:
     """The local folder that mirrors the run folder at ``url`` on this node."""
     url = url.rstrip("/")
     digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return cache_root() / "runs" / f"{url.rsplit('/', 1)[-1]}-{digest}"
+    return mirrors_root() / f"{url.rsplit('/', 1)[-1]}-{digest}"
 
 
 def local_run_dir(run_dir: str | Path) -> Path:
@@ -87,17 +104,25 @@ class RunStorage:
     on both sides.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, local: Path | None = None):
+        """``local``: the folder to copy into instead of the mirror (a throwaway download)."""
         check_url(url)
         from fsspec.core import url_to_fs
 
         self.url = url.rstrip("/")
         self.fs, self.root = url_to_fs(self.url)
         self.root = self.root.rstrip("/")
-        self.local = mirror_dir(self.url)
+        self.local = mirror_dir(self.url) if local is None else local
 
     def remote(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
+
+    def make_mirror(self) -> Path:
+        """Create the local folder (if missing) with the URL in its ``.kiln-url``; returns it."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        if not (self.local / URL_FILE).is_file():
+            (self.local / URL_FILE).write_text(self.url + "\n")
+        return self.local
 
     # -- small objects ---------------------------------------------------------------------------
     def write_text(self, rel: str, text: str) -> None:
@@ -243,35 +268,131 @@ class RunStorage:
 def prepare_run_dir(run_dir: str | Path, config_yaml: str) -> Path:
     """Create the run folder (and, for a URL, its mirror) and write ``config.yaml`` into it
     (uploaded for a URL). Returns the local folder the run works in."""
-    local = local_run_dir(run_dir)
+    store = for_run(run_dir)
+    local = store.make_mirror() if store is not None else Path(run_dir)
     local.mkdir(parents=True, exist_ok=True)
     (local / "config.yaml").write_text(config_yaml)
-    if (store := for_run(run_dir)) is not None:
+    if store is not None:
         store.write_text("config.yaml", config_yaml)
     return local
 
 
-def localize(run_dir: str | Path, step: int | None = None) -> Path:
+def localize(run_dir: str | Path, step: int | None = None, *, into: Path | None = None) -> Path:
     """A local run folder to read the checkpoint of ``step`` (default: latest) from.
 
     A path is returned as it is. For a URL the checkpoint and ``metrics.jsonl`` are downloaded
-    into the mirror (what is missing), whose ``latest`` then names the URL's.
+    into the mirror (what is missing), or into the folder ``into`` instead, whose ``latest`` then
+    names the URL's.
 
     Raises:
         FileNotFoundError: the URL has no (such) complete checkpoint.
     """
-    store = for_run(run_dir)
-    if store is None:
+    if not is_url(run_dir):
         return Path(run_dir)
+    store = RunStorage(run_dir, local=into)
     from trainer.checkpoint import tag_for
 
+    tag = store.latest_tag() if step is None else tag_for(step)
+    if tag is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it with `kiln train`")
+    store.fetch_checkpoint(tag)
+    store.make_mirror()
     if step is None:
-        tag = store.latest_tag()
-        if tag is None:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it with `kiln train`")
-        store.fetch_checkpoint(tag)
         (store.local / "checkpoints" / "latest").write_text(tag)
-    else:
-        store.fetch_checkpoint(tag_for(step))
     store.download_file("metrics.jsonl")
     return store.local
+
+
+# -- the cache of mirrors ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mirror:
+    """One mirror folder of this node's cache (see :func:`list_mirrors`)."""
+
+    path: Path
+    url: str | None  # what its .kiln-url names; None for a mirror without one
+    size: int  # bytes of its files
+    modified: float  # newest mtime in it, of a file or a folder (seconds since the epoch)
+
+
+def _walk(path: Path) -> Iterable[os.stat_result]:
+    """The lstat of ``path`` and of everything under it (links are not followed: wandb makes
+    some)."""
+    st = os.lstat(path)
+    yield st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    for parent, dirs, names in os.walk(path):
+        for name in dirs + names:
+            yield os.lstat(os.path.join(parent, name))
+
+
+def _bytes(path: Path) -> int:
+    """Bytes of the regular files at or under ``path``."""
+    return sum(st.st_size for st in _walk(path) if stat.S_ISREG(st.st_mode))
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes for people: ``"1.5 GiB"``, ``"340.0 KiB"``, ``"12 B"`` (binary units)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def read_mirror(path: Path) -> Mirror:
+    """Size, last modification and URL of the mirror folder ``path``.
+
+    The last modification is the newest mtime of a file or a folder in it: node 0's mirror of a
+    run in progress gets metrics every logged step, every node's a ``checkpoints/.tmp-step-N``
+    folder made (and, but on node 0, deleted) at every save.
+    """
+    stats = list(_walk(path))
+    url = (path / URL_FILE).read_text().strip() if (path / URL_FILE).is_file() else ""
+    return Mirror(
+        path=path,
+        url=url or None,
+        size=sum(st.st_size for st in stats if stat.S_ISREG(st.st_mode)),
+        modified=max(st.st_mtime for st in stats),
+    )
+
+
+def list_mirrors() -> list[Mirror]:
+    """Every mirror under :func:`mirrors_root` on this node, by folder name."""
+    root = mirrors_root()
+    if not root.is_dir():
+        return []
+    return [read_mirror(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink()]
+
+
+def stale_mirrors(older_than: float, now: float | None = None) -> list[Mirror]:
+    """The mirrors whose newest file is more than ``older_than`` seconds older than ``now``
+    (default: the current time). The mirror of a run in progress changes at least at every
+    save (:func:`read_mirror`)."""
+    now = time.time() if now is None else now
+    return [m for m in list_mirrors() if now - m.modified > older_than]
+
+
+def remove_mirror(path: Path, keep: Iterable[str] = ()) -> int:
+    """Delete the mirror folder ``path``, but for its top-level entries named in ``keep`` (the
+    folder then stays with those). Returns the bytes of the files deleted.
+
+    Raises:
+        ValueError: ``path`` is not a folder right under :func:`mirrors_root`.
+    """
+    if path.parent != mirrors_root():
+        raise ValueError(f"{path} is no mirror: mirrors are the folders in {mirrors_root()}")
+    keep = set(keep)
+    if not keep:
+        freed = _bytes(path)
+        shutil.rmtree(path)
+        return freed
+    freed = 0
+    for entry in path.iterdir():
+        if entry.name in keep:
+            continue
+        freed += _bytes(entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return freed
