@@ -118,6 +118,12 @@ def down(cluster_yaml, workers_only):
     "--max-failures", type=int, default=3, help="worker-group restarts before the job fails"
 )
 @click.option(
+    "--resize-interval",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    help="with --num-workers MIN-MAX: seconds between Ray's checks for room for more workers",
+)
+@click.option(
     "--workdir",
     help="folder on the cluster's shared storage that relative config paths are resolved in",
 )
@@ -135,6 +141,7 @@ def submit(
     gpus_per_worker,
     cpus_per_worker,
     max_failures,
+    resize_interval,
     workdir,
     no_path_check,
     wait,
@@ -144,7 +151,14 @@ def submit(
     The config is validated here first. On the cluster the job's driver prepares missing data
     with Ray Data, then Ray Train runs one DeepSpeed rank per worker and restarts the group from
     the newest checkpoint when a worker dies. run_dir and data.root must be storage every node
-    mounts at the same path.
+    mounts at the same path, or (run_dir) an fsspec URL every node reaches.
+
+    With --num-workers MIN-MAX the group is elastic: it starts with as many workers as the
+    cluster has room for (at least MIN), grows when nodes join (checked every --resize-interval
+    seconds) and goes on with fewer when a node is lost. Each resize restarts the group from the
+    newest checkpoint on the new number of ranks: the global batch stays the same (gradient
+    accumulation changes; every size in the range must divide it) and the sampler reshards the
+    data, so no sample is skipped or repeated; steps since that checkpoint are trained again.
     """
     from launcher.cli import _load
     from launcher.ray_driver import CONFIG_ENV, check_batches, parse_num_workers
@@ -180,6 +194,7 @@ def submit(
         "--gpus-per-worker", str(gpus_per_worker),
         "--cpus-per-worker", str(cpus_per_worker),
         "--max-failures", str(max_failures),
+        "--resize-interval", str(resize_interval),
     ]  # fmt: skip
     if workdir is not None:
         entrypoint += ["--workdir", workdir]

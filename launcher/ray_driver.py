@@ -18,7 +18,9 @@ and reads the resolved config from the ``KILN_CONFIG`` environment variable (YAM
 3. Faults: ``FailureConfig(max_failures=K)``. When a worker dies Ray tears the group down and
    starts it again; ``train`` then resumes from the newest complete checkpoint in ``run_dir``
    (also on another number of workers when ``--num-workers MIN-MAX`` lets Ray resize the group:
-   the sampler reshards and ZeRO states go through DeepSpeed's universal checkpoint).
+   it grows when nodes join, checked every ``--resize-interval`` seconds, and goes on with fewer
+   when one is lost; the sampler reshards and ZeRO states go through DeepSpeed's universal
+   checkpoint).
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def run(
     gpus_per_worker: float = 0,
     cpus_per_worker: float = 1,
     max_failures: int = 3,
+    resize_interval: float = 60.0,
     num_blocks: int | None = None,
 ) -> int:
     """Prepare the data (Ray Data) and train (Ray Train) on the cluster this process is in.
@@ -119,6 +122,8 @@ def run(
         gpus_per_worker: 0 trains on CPU (gloo), 1 gives each rank a GPU (NCCL).
         cpus_per_worker: CPUs Ray reserves per worker (also its torch threads).
         max_failures: worker-group restarts Ray makes before it gives up (-1: no limit).
+        resize_interval: an elastic group's seconds between checks for room for more workers
+            (``ScalingConfig.elastic_resize_monitor_interval_s``).
         num_blocks: Ray Data blocks per dataset (see :func:`launcher.ray_prepare.prepare_all_ray`).
 
     Returns:
@@ -168,12 +173,16 @@ def run(
         }
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    elastic = {"elastic_resize_monitor_interval_s": resize_interval}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_yaml()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            **(elastic if isinstance(num_workers, tuple) else {}),
         ),
         run_config=RunConfig(
             **storage_kwargs,
@@ -199,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0)
     parser.add_argument("--cpus-per-worker", type=float, default=1)
     parser.add_argument("--max-failures", type=int, default=3)
+    parser.add_argument("--resize-interval", type=float, default=60.0)
     parser.add_argument("--num-blocks", type=int)
     parser.add_argument("--workdir", help="relative config paths are resolved against this")
     args = parser.parse_args(argv)
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures,
+        resize_interval=args.resize_interval,
         num_blocks=args.num_blocks,
     )
     if step < cfg.train.max_steps:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +56,9 @@ def ray_cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run this venv's python
     env["RAY_DEDUP_LOGS"] = "0"
+    # Ray Train's wait for a worker group to start (default 60 s): after a node is lost, Ray first
+    # retries the old size (the node is not yet marked dead) and waits this long for it.
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
     cmd = [str(RAY), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp}"]
     cmd += [f"--{k}={v}" for k, v in ports.items()]
     cmd += ["--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats"]
@@ -67,7 +69,12 @@ def ray_cluster(tmp_path_factory):
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         _wait_for_jobs_api(dashboard, proc, temp / "ray-start.log")
-        yield {"address": f"127.0.0.1:{ports['port']}", "dashboard": dashboard}
+        yield {
+            "address": f"127.0.0.1:{ports['port']}",
+            "dashboard": dashboard,
+            "env": env,
+            "temp": temp,
+        }
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -210,9 +217,9 @@ def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, t
         checkpoint__save_every=SAVE_EVERY,
     )
     result = kiln(*_submit(config, ray_cluster))
-    shutil.rmtree(storage.mirror_dir(f"file://{run}"), ignore_errors=True)  # the workers' mirror
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
+    assert not storage.mirror_dir(f"file://{run}").exists()  # the finished run deleted it
     assert "submitted Ray job raysubmit_" in out and "ray job logs" in out
     assert "Started training worker group of size 2" in out
     assert read_trainer_state(latest_checkpoint(run))["step"] == STEPS  # read at the URL itself
@@ -303,6 +310,135 @@ def _train_workers(cluster: dict, alive: bool = True) -> list:
     if alive:
         filters.append(("state", "=", "ALIVE"))
     return list_actors(address=cluster["dashboard"], filters=filters, limit=1000)
+
+
+def test_elastic_group_grows_when_a_node_joins_and_shrinks_when_one_is_lost(
+    ray_cluster, prepared_data, local_reference, tmp_path
+):
+    """`--num-workers 1-2` with 2 CPUs per worker: the head node (2 CPUs) has room for one.
+
+    The run starts on 1 rank. A second node joins: Ray grows the group to 2, which resumes from
+    the newest checkpoint on 2 ranks (ZeRO-2: through a universal checkpoint). That node is then
+    lost (its processes SIGKILLed): the group goes on with 1 rank from the newest checkpoint. The
+    test pauses the workers (SIGSTOP) while the cluster changes, else the tiny model would
+    finish first. Every step is logged once, with the data of the uninterrupted 2-process run
+    and its losses to reduction-order noise."""
+    steps, save_every = STEPS, 5
+    config = train_config(
+        tmp_path,
+        prepared_data,
+        train__max_steps=steps,
+        checkpoint__save_every=save_every,
+        checkpoint__keep_last=2,
+        parallel__zero_stage=2,
+    )
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launcher.cli", "ray", "submit", str(config)]
+    cmd += ["--address", ray_cluster["dashboard"], "--num-workers", "1-2", "--wait"]
+    cmd += ["--cpus-per-worker", "2", "--resize-interval", "1", "--max-failures", "5"]
+    log = tmp_path / "submit.log"
+    stopped: list[int] = []
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(log, "w"))
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        stack.callback(lambda: proc.poll() is None and proc.kill())
+        stack.callback(lambda: [_signal(pid, signal.SIGCONT) for pid in stopped])
+
+        def wait_for(what: str, ready, timeout: float = 300):
+            deadline = time.time() + timeout
+            while not (found := ready()):
+                assert proc.poll() is None, f"{what}:\n" + log.read_text()[-6000:]
+                assert time.time() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.02)
+            return found
+
+        # 1 rank; pause it at its first checkpoint
+        wait_for("a checkpoint of 1 rank", lambda: _latest_world_size(run) == 1)
+        (first,) = wait_for("the worker", lambda: _train_workers(ray_cluster))
+        _signal(first.pid, signal.SIGSTOP)
+        stopped.append(first.pid)
+        # a node joins: Ray resizes the group to 2 and it resumes on 2 ranks
+        node = stack.enter_context(_extra_node(ray_cluster, num_cpus=2))
+        wait_for("the resize", lambda: "from 1 -> 2 workers" in log.read_text())
+        _signal(first.pid, signal.SIGCONT)
+        wait_for("a checkpoint of 2 ranks", lambda: _latest_world_size(run) == 2)
+        workers = wait_for("2 workers", lambda: len(w := _train_workers(ray_cluster)) == 2 and w)
+        for w in workers:
+            _signal(w.pid, signal.SIGSTOP)
+            stopped.append(w.pid)
+        grown_at = read_trainer_state(latest_checkpoint(run))["step"]
+        # the node is lost: its processes die; the survivor goes on, fails, and the group of 1
+        # resumes from the newest checkpoint
+        on_node = [w for w in workers if w.node_id == node.node_id]
+        assert len(on_node) == 1, (workers, node.node_id)
+        os.killpg(node.pid, signal.SIGKILL)
+        _signal(on_node[0].pid, signal.SIGKILL)
+        for w in workers:
+            _signal(w.pid, signal.SIGCONT)
+        proc.wait(timeout=400)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-6000:]
+    assert grown_at < steps, grown_at
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    sizes = [r["world_size"] for r in records]
+    # 1 rank, then 2 from a checkpoint on, then 1 again from a later checkpoint
+    changes = [s for s in range(1, steps) if sizes[s] != sizes[s - 1]]
+    assert sizes[0] == 1 and len(changes) == 2, sizes
+    assert [sizes[c] for c in changes] == [2, 1], sizes
+    assert all(c % save_every == 0 for c in changes), changes
+    want, got = step_losses(local_reference), step_losses(run)
+    for s in range(1, steps + 1):
+        assert got[s] == pytest.approx(want[s], abs=2e-5), (s, got[s], want[s])
+    assert step_sample_ids(run) == step_sample_ids(local_reference)
+    assert "resuming" in text and "through a universal checkpoint" in text
+
+
+@contextlib.contextmanager
+def _extra_node(cluster: dict, num_cpus: int):
+    """A second Ray node on this host joined to ``cluster`` (`ray start --address`), in its own
+    session; yields its process (``.pid`` leads the session, ``.node_id``)."""
+    from ray.util.state import list_nodes
+
+    def alive() -> set[str]:
+        nodes = list_nodes(address=cluster["dashboard"], filters=[("state", "=", "ALIVE")])
+        return {n.node_id for n in nodes}
+
+    before = alive()
+    ports = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port"]
+    ports += ["dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"]
+    cmd = [str(RAY), "start", f"--address={cluster['address']}", "--block"]
+    cmd += [f"--num-cpus={num_cpus}", *(f"--{p}={free_port()}" for p in ports)]
+    out = open(cluster["temp"] / "extra-node.log", "a")  # noqa: SIM115 (the node's lifetime)
+    proc = subprocess.Popen(
+        cmd, env=cluster["env"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not (new := alive() - before):
+            assert proc.poll() is None, (cluster["temp"] / "extra-node.log").read_text()
+            assert time.time() < deadline, "the node did not join"
+            time.sleep(0.5)
+        (proc.node_id,) = new
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out.close()
+
+
+def _latest_world_size(run: Path) -> int | None:
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        ckpt = latest_checkpoint(run)
+        return read_trainer_state(ckpt)["world_size"] if ckpt is not None else None
+    return None
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 # -- cluster launcher YAMLs ---------------------------------------------------------------------

@@ -335,4 +335,5 @@ class Trainer:
             "mfu": tokens_per_s * self._flops_per_token / (self.peak_flops * self.world.world_size),
             "memory_gb": peak_memory_gb(self.world.device),
             "tokens_seen": float(self.tokens_seen),
+            "world_size": self.world.world_size,  # an elastic Ray group may change it on resume
         }
