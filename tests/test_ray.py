@@ -240,9 +240,14 @@ def test_submit_refuses_a_bad_config_before_submitting(ray_cluster, prepared_dat
 def test_killed_worker_is_restarted_and_the_run_resumes(
     ray_cluster, prepared_data, local_reference, tmp_path
 ):
-
+    """A SIGKILLed worker: Ray restarts the group, which resumes from the newest checkpoint.
+    wandb (offline) runs on rank 0 and the restarted group logs to the same wandb run."""
     config = train_config(
-        tmp_path, prepared_data, train__max_steps=STEPS, checkpoint__save_every=SAVE_EVERY
+        tmp_path,
+        prepared_data,
+        train__max_steps=STEPS,
+        checkpoint__save_every=SAVE_EVERY,
+        tracking__wandb_mode="offline",
     )
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launcher.cli", *_submit(config, ray_cluster)]
@@ -289,7 +294,12 @@ def test_killed_worker_is_restarted_and_the_run_resumes(
     for s in range(1, STEPS + 1):
         assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
     assert step_sample_ids(run) == step_sample_ids(local_reference)
-    assert read_trainer_state(latest_checkpoint(run))["step"] == STEPS
+    state = read_trainer_state(latest_checkpoint(run))
+    assert state["step"] == STEPS
+    # one wandb session per group start, all under the run id the checkpoints keep
+    sessions = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2, sessions
+    assert all((s / f"run-{state['wandb_run_id']}.wandb").is_file() for s in sessions)
 
 
 def _logged_steps(run: Path) -> list[int]:
