@@ -150,8 +150,10 @@ def submit(
 
     The config is validated here first. On the cluster the job's driver prepares missing data
     with Ray Data, then Ray Train runs one DeepSpeed rank per worker and restarts the group from
-    the newest checkpoint when a worker dies. run_dir and data.root must be storage every node
-    mounts at the same path, or (run_dir) an fsspec URL every node reaches.
+    the newest checkpoint when a worker dies; when Ray drains a node before it goes (a
+    preempted spot instance) the workers save a checkpoint at once. run_dir and data.root must
+    be storage every node mounts at the same path, or (run_dir) an fsspec URL every node
+    reaches.
 
     With --num-workers MIN-MAX the group is elastic: it starts with as many workers as the
     cluster has room for (at least MIN), grows when nodes join (checked every --resize-interval

@@ -20,7 +20,8 @@ and reads the resolved config from the ``KILN_CONFIG`` environment variable (YAM
    (also on another number of workers when ``--num-workers MIN-MAX`` lets Ray resize the group:
    it grows when nodes join, checked every ``--resize-interval`` seconds, and goes on with fewer
    when one is lost; the sampler reshards and ZeRO states go through DeepSpeed's universal
-   checkpoint).
+   checkpoint). A node that Ray drains before it goes (a preempted spot instance) makes the
+   workers save at once (:class:`PreemptionCheckpointer`), so the restart loses no steps.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from trainer.callbacks import Callback
 from trainer.config import KilnConfig, batch_plan, check_paths, config_from_dict, load_config
 from trainer.storage import is_url
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
 
 CONFIG_ENV = "KILN_CONFIG"
 
@@ -98,11 +104,54 @@ def train_worker(config: dict[str, Any]) -> None:
 
     ``config["config"]`` is the resolved config as YAML.
     """
+    import ray.train
+
     from trainer import main
 
     # Ray Train calls this in a worker thread: Trainer.install_signal_handlers then installs
     # nothing (signal.signal works only in the main thread); `ray job stop` ends the workers.
-    main.train(config_from_dict(yaml.safe_load(config["config"])))
+    # A node that is going away (a spot instance reclaimed, a drain) is announced through
+    # ray.train.get_preemption_info (Ray Train V2, Ray >= 2.5x) instead of a signal.
+    extra = [PreemptionCheckpointer()] if hasattr(ray.train, "get_preemption_info") else []
+    main.train(config_from_dict(yaml.safe_load(config["config"])), extra_callbacks=extra)
+
+
+class PreemptionCheckpointer(Callback):
+    """Saves a checkpoint as soon as Ray Train reports that a node of the group is being
+    preempted (drained before it is taken away), then lets training go on.
+
+    When the node goes, its workers die and Ray restarts the group (``FailureConfig.
+    max_preemption_failures``, unlimited by default), which resumes from this checkpoint instead
+    of the last periodic one. ``ray.train.get_preemption_info`` is a collective over the
+    workers, hence :meth:`on_poll`: every rank asks at the same step, every
+    ``RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`` seconds (the interval at which Ray's watcher looks
+    for draining nodes, 5 s by default).
+    """
+
+    def __init__(self):
+        self.poll_interval = float(os.environ.get("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", 5.0))
+        self.saved = False
+
+    def on_poll(self, trainer: Trainer) -> None:
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or self.saved:
+            return
+        self.saved = True  # once per group: a restarted group gets a new callback
+        if trainer.world.is_main:
+            deadline = (
+                f"{info.deadline_ms / 1000 - time.time():.0f} s"
+                if info.deadline_ms
+                else "no deadline given"
+            )
+            print(
+                f"node(s) {', '.join(info.preempted_node_ids)} (ranks {info.preempted_ranks}) "
+                f"are being preempted ({deadline}): saving step {trainer.step} now",
+                flush=True,
+            )
+        if trainer.saved_step != trainer.step:
+            trainer.save()
 
 
 def run(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def ray_cluster(tmp_path_factory):
     # Ray Train's wait for a worker group to start (default 60 s): after a node is lost, Ray first
     # retries the old size (the node is not yet marked dead) and waits this long for it.
     env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
+    # how often Ray Train's watcher (and Kiln's PreemptionCheckpointer) look for draining nodes
+    env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
     cmd = [str(RAY), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp}"]
     cmd += [f"--{k}={v}" for k, v in ports.items()]
     cmd += ["--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats"]
@@ -322,18 +325,20 @@ def _train_workers(cluster: dict, alive: bool = True) -> list:
     return list_actors(address=cluster["dashboard"], filters=filters, limit=1000)
 
 
-def test_elastic_group_grows_when_a_node_joins_and_shrinks_when_one_is_lost(
+def test_elastic_group_grows_when_a_node_joins_and_shrinks_when_one_is_preempted(
     ray_cluster, prepared_data, local_reference, tmp_path
 ):
     """`--num-workers 1-2` with 2 CPUs per worker: the head node (2 CPUs) has room for one.
 
     The run starts on 1 rank. A second node joins: Ray grows the group to 2, which resumes from
     the newest checkpoint on 2 ranks (ZeRO-2: through a universal checkpoint). That node is then
-    lost (its processes SIGKILLed): the group goes on with 1 rank from the newest checkpoint. The
-    test pauses the workers (SIGSTOP) while the cluster changes, else the tiny model would
-    finish first. Every step is logged once, with the data of the uninterrupted 2-process run
-    and its losses to reduction-order noise."""
-    steps, save_every = STEPS, 5
+    preempted: drained with a deadline (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`,
+    what Ray's autoscaler does when a cloud reclaims a spot node), so the workers save a
+    checkpoint at once; then it goes (its processes SIGKILLed) and the group goes on with 1 rank
+    from that checkpoint. The test pauses the workers (SIGSTOP) while the cluster changes, else
+    the tiny model would finish first. Every step is logged once, with the data of the
+    uninterrupted 2-process run and its losses to reduction-order noise."""
+    steps, save_every = STEPS, SAVE_EVERY
     config = train_config(
         tmp_path,
         prepared_data,
@@ -362,42 +367,54 @@ def test_elastic_group_grows_when_a_node_joins_and_shrinks_when_one_is_lost(
                 time.sleep(0.02)
             return found
 
+        def pause(workers) -> None:
+            for w in workers:
+                _signal(w.pid, signal.SIGSTOP)
+                stopped.append(w.pid)
+
+        def resume(workers) -> None:
+            for w in workers:
+                _signal(w.pid, signal.SIGCONT)
+
         # 1 rank; pause it at its first checkpoint
         wait_for("a checkpoint of 1 rank", lambda: _latest_world_size(run) == 1)
-        (first,) = wait_for("the worker", lambda: _train_workers(ray_cluster))
-        _signal(first.pid, signal.SIGSTOP)
-        stopped.append(first.pid)
+        first = wait_for("the worker", lambda: _train_workers(ray_cluster))
+        pause(first)
         # a node joins: Ray resizes the group to 2 and it resumes on 2 ranks
         node = stack.enter_context(_extra_node(ray_cluster, num_cpus=2))
         wait_for("the resize", lambda: "from 1 -> 2 workers" in log.read_text())
-        _signal(first.pid, signal.SIGCONT)
-        wait_for("a checkpoint of 2 ranks", lambda: _latest_world_size(run) == 2)
+        resume(first)
+        wait_for("a step of 2 ranks", lambda: 2 in _logged_world_sizes(run))
         workers = wait_for("2 workers", lambda: len(w := _train_workers(ray_cluster)) == 2 and w)
-        for w in workers:
-            _signal(w.pid, signal.SIGSTOP)
-            stopped.append(w.pid)
-        grown_at = read_trainer_state(latest_checkpoint(run))["step"]
-        # the node is lost: its processes die; the survivor goes on, fails, and the group of 1
-        # resumes from the newest checkpoint
+        pause(workers)
+        before = _latest_step(run)
+        # the node is to be preempted: the workers save at once
+        drain = [str(RAY), "drain-node", f"--address={ray_cluster['address']}"]
+        drain += [f"--node-id={node.node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION"]
+        drain += ["--reason-message=spot reclaim (test)", "--deadline-remaining-seconds=300"]
+        subprocess.run(drain, env=ray_cluster["env"], check=True, capture_output=True)
+        resume(workers)
+        wait_for("the preemption checkpoint", lambda: _latest_step(run) != before)
+        pause(workers)
+        # the node goes: its processes die; the survivor fails, and the group of 1 resumes
         on_node = [w for w in workers if w.node_id == node.node_id]
         assert len(on_node) == 1, (workers, node.node_id)
         os.killpg(node.pid, signal.SIGKILL)
         _signal(on_node[0].pid, signal.SIGKILL)
-        for w in workers:
-            _signal(w.pid, signal.SIGCONT)
+        resume(workers)
         proc.wait(timeout=400)
     text = log.read_text()
     assert proc.returncode == 0, text[-6000:]
-    assert grown_at < steps, grown_at
+    saved = _preemption_save(text)
+    assert saved is not None, text[-6000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     sizes = [r["world_size"] for r in records]
-    # 1 rank, then 2 from a checkpoint on, then 1 again from a later checkpoint
+    # 1 rank, then 2 from a periodic checkpoint on, then 1 again from the preemption checkpoint
     changes = [s for s in range(1, steps) if sizes[s] != sizes[s - 1]]
-    assert sizes[0] == 1 and len(changes) == 2, sizes
-    assert [sizes[c] for c in changes] == [2, 1], sizes
-    assert all(c % save_every == 0 for c in changes), changes
+    assert sizes[0] == 1 and [sizes[c] for c in changes] == [2, 1], sizes
+    assert changes[0] % save_every == 0 and changes[1] == saved, (changes, saved)
     want, got = step_losses(local_reference), step_losses(run)
     for s in range(1, steps + 1):
         assert got[s] == pytest.approx(want[s], abs=2e-5), (s, got[s], want[s])
@@ -437,6 +454,27 @@ def _extra_node(cluster: dict, num_cpus: int):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         out.close()
+
+
+def _latest_step(run: Path) -> int | None:
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        ckpt = latest_checkpoint(run)
+        return read_trainer_state(ckpt)["step"] if ckpt is not None else None
+    return None
+
+
+def _logged_world_sizes(run: Path) -> set[int]:
+    path = run / "metrics.jsonl"
+    sizes = set()
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            sizes.add(json.loads(line)["world_size"])
+    return sizes
+
+
+def _preemption_save(log: str) -> int | None:
+    found = re.search(r"are being preempted \(.*\): saving step (\d+) now", log)
+    return int(found[1]) if found else None
 
 
 def _latest_world_size(run: Path) -> int | None:

@@ -17,10 +17,18 @@ if TYPE_CHECKING:
 class Callback:
     """Hooks the loop calls; every method is optional."""
 
+    # Seconds between calls of on_poll (None: never). Rank 0's clock decides, so that every rank
+    # calls it at the same step.
+    poll_interval: float | None = None
+
     def on_train_start(self, trainer: Trainer) -> None: ...
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
         """After every optimizer step; ``metrics`` is set on logging steps only."""
+
+    def on_poll(self, trainer: Trainer) -> None:
+        """After the step's on_step_end, about every ``poll_interval`` seconds, on every rank
+        at the same step (so it may run a collective)."""
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
 

@@ -90,6 +90,9 @@ class Trainer:
         self.wandb_run_id = uuid.uuid4().hex[:12]
         self.stop_requested = False  # this rank got SIGTERM / SIGUSR1 (set by the handler)
         self.stopping = False  # all ranks agreed to stop after this step
+        self.polling = False  # all ranks call the callbacks' on_poll after this step
+        self.saved_step: int | None = None  # the step of the last save
+        self._last_poll = time.monotonic()
         self.last_sample_ids = np.zeros(0, dtype=np.int64)  # this rank's, of the last step
         self.last_lr = 0.0
         self._flops_per_token = flops_per_token(cfg)
@@ -117,16 +120,29 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
 
+    def _poll_interval(self) -> float | None:
+        intervals = [cb.poll_interval for cb in self.callbacks if cb.poll_interval is not None]
+        return min(intervals, default=None)
+
     def _agree_on_stop(self) -> bool:
         # Ranks may see the signal at different steps; stop when any rank saw it (one tiny
         # all-reduce per step, as Megatron's DistributedSignalHandler does). The decision is kept
         # apart from the handler's flag: a signal landing after the all-reduce must not make one
         # rank leave the loop (or start a collective save) alone; it counts at the next step.
-        if self.world.world_size == 1:
-            self.stopping = self.stop_requested
-        else:
-            flag = distributed.all_reduce_sum([float(self.stop_requested)], self.world.device)
-            self.stopping = bool(flag.item() > 0)
+        # The same all-reduce carries rank 0's clock for the callbacks' on_poll, which every
+        # rank must call at the same step (it may be a collective).
+        interval = self._poll_interval()
+        poll = (
+            interval is not None
+            and self.world.is_main
+            and time.monotonic() - self._last_poll >= interval
+        )
+        flags = [float(self.stop_requested), float(poll)]
+        if self.world.world_size > 1:
+            flags = distributed.all_reduce_sum(flags, self.world.device).tolist()
+        self.stopping, self.polling = flags[0] > 0, flags[1] > 0
+        if self.polling:
+            self._last_poll = time.monotonic()
         return self.stopping
 
     # -- steps ----------------------------------------------------------------------------------
@@ -257,6 +273,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        self.saved_step = self.step
         return checkpoint.save_checkpoint(
             self.engine,
             self.cfg.run_dir,
@@ -310,6 +327,8 @@ class Trainer:
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             self._call("on_step_end", metrics)
+            if self.polling:
+                self._call("on_poll")
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 self._evaluate_and_report()
             if self.stopping:

@@ -13,6 +13,7 @@ import argparse
 import os
 import random
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -29,8 +30,12 @@ from trainer.callbacks import (
 from trainer.config import KilnConfig, batch_plan, load_config
 
 
-def train(cfg: KilnConfig) -> None:
-    """Train (or resume) the run described by ``cfg`` in this process, one rank of the world."""
+def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
+    """Train (or resume) the run described by ``cfg`` in this process, one rank of the world.
+
+    ``extra_callbacks`` (a launcher's, e.g. Ray's preemption check) run after Kiln's own on
+    every rank.
+    """
     world = distributed.init_distributed()
     from model import build_model
     from model.tokenizer import Tokenizer
@@ -114,7 +119,7 @@ def train(cfg: KilnConfig) -> None:
             run_dir, c.publish_every, c.publish_at_end, c.publish_dtype, source=cfg.run_dir
         )
         callbacks.append(publisher)  # after the Checkpointer: it publishes what was just saved
-    trainer.callbacks = callbacks
+    trainer.callbacks = [*callbacks, *extra_callbacks]
     trainer.install_signal_handlers()
     try:
         trainer.fit()
