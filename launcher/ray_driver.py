@@ -111,7 +111,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # Ray Train calls this in a worker thread: Trainer.install_signal_handlers then installs
     # nothing (signal.signal works only in the main thread); `ray job stop` ends the workers.
     # A node that is going away (a spot instance reclaimed, a drain) is announced through
-    # ray.train.get_preemption_info (Ray Train V2, Ray >= 2.5x) instead of a signal.
+    # ray.train.get_preemption_info (Ray Train V2; older Ray has none: nothing is polled).
     extra = [PreemptionCheckpointer()] if hasattr(ray.train, "get_preemption_info") else []
     main.train(config_from_dict(yaml.safe_load(config["config"])), extra_callbacks=extra)
 

@@ -27,8 +27,8 @@ class Callback:
         """After every optimizer step; ``metrics`` is set on logging steps only."""
 
     def on_poll(self, trainer: Trainer) -> None:
-        """After the step's on_step_end, about every ``poll_interval`` seconds, on every rank
-        at the same step (so it may run a collective)."""
+        """After the step's on_step_end, every ``poll_interval`` seconds or so (the smallest of
+        the callbacks'), on every rank at the same step (so it may run a collective)."""
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
 
