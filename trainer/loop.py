@@ -92,7 +92,8 @@ class Trainer:
         self.stopping = False  # all ranks agreed to stop after this step
         self.polling = False  # all ranks call the callbacks' on_poll after this step
         self.saved_step: int | None = None  # the step of the last save
-        self._last_poll = time.monotonic()
+        self._poll_interval: float | None = None  # set by fit from the callbacks
+        self._last_poll = 0.0
         self.last_sample_ids = np.zeros(0, dtype=np.int64)  # this rank's, of the last step
         self.last_lr = 0.0
         self._flops_per_token = flops_per_token(cfg)
@@ -120,10 +121,6 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
 
-    def _poll_interval(self) -> float | None:
-        intervals = [cb.poll_interval for cb in self.callbacks if cb.poll_interval is not None]
-        return min(intervals, default=None)
-
     def _agree_on_stop(self) -> bool:
         # Ranks may see the signal at different steps; stop when any rank saw it (one tiny
         # all-reduce per step, as Megatron's DistributedSignalHandler does). The decision is kept
@@ -131,11 +128,10 @@ class Trainer:
         # rank leave the loop (or start a collective save) alone; it counts at the next step.
         # The same all-reduce carries rank 0's clock for the callbacks' on_poll, which every
         # rank must call at the same step (it may be a collective).
-        interval = self._poll_interval()
         poll = (
-            interval is not None
+            self._poll_interval is not None
             and self.world.is_main
-            and time.monotonic() - self._last_poll >= interval
+            and time.monotonic() - self._last_poll >= self._poll_interval
         )
         flags = [float(self.stop_requested), float(poll)]
         if self.world.world_size > 1:
@@ -310,6 +306,9 @@ class Trainer:
     def fit(self) -> None:
         """Train to ``train.max_steps`` (or until a stop signal), evaluating and logging."""
         t = self.cfg.train
+        intervals = [cb.poll_interval for cb in self.callbacks if cb.poll_interval is not None]
+        self._poll_interval = min(intervals, default=None)  # of on_poll, in seconds
+        self._last_poll = time.monotonic()
         self._call("on_train_start")
         if self.step == 0:
             self._evaluate_and_report()
