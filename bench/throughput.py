@@ -314,7 +314,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    from model.presets import get_preset
+    from model.registry import get_preset
     from trainer.estimate import measure_matmul_flops
     from trainer.objectives import flops_per_token
 

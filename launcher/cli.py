@@ -299,7 +299,7 @@ def checkpoint_group() -> None:
 def checkpoint_consolidate(run_dir, step, out):
     """Write the plain model's fp32 state dict of a checkpoint from any layout (ZeRO 0-3 shards,
     pipeline stages) to one safetensors file, in one CPU process. Keys are those of
-    `LlamaForCausalLM` / `T5ForConditionalGeneration` (`model.hf` / `model.hf_t5` map them to
+    `LlamaForCausalLM` / `T5ForConditionalGeneration` (the family's `hf` adapter maps them to
     Hugging Face's)."""
     from safetensors.torch import save_file
 
@@ -395,7 +395,7 @@ def publish(
 @cli.command()
 def presets() -> None:
     """List the model presets of both families with their sizes."""
-    from model.presets import get_preset, preset_names
+    from model.registry import get_preset, preset_names
 
     click.echo("llama (decoder)")
     click.echo(f"{'name':<8} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'params*':>10}")

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from model.layers import KVCache
-from model.llama import LlamaForCausalLM
-from model.t5 import T5ForConditionalGeneration
+from model.llama.model import LlamaForCausalLM
+from model.t5.model import T5ForConditionalGeneration
 
 
 def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:

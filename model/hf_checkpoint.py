@@ -3,7 +3,7 @@ it) into Kiln's config and state dict, to continue pretraining from it (`model.i
 
 A folder holds ``config.json`` and either ``model.safetensors`` or ``model.safetensors.index.json``
 with its shards (any float dtype; read back as fp32). The key maps are the families' own
-(`model.hf`, `model.hf_t5`). `transformers` is imported lazily: it is heavy.
+(each family spec's `hf` adapter). `transformers` is imported lazily: it is heavy.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from model import hf, hf_t5
-from model.config import ModelConfig
+from model.registry import FAMILIES, ModelConfig, spec
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_FAMILIES = {"llama": hf, "t5": hf_t5}
 
 
 def read_hf_model_type(path: str | Path) -> str:
@@ -59,15 +57,15 @@ def load_hf_config(path: str | Path, *, name: str = "custom") -> ModelConfig:
             (the message names it).
     """
     model_type = read_hf_model_type(path)
-    if model_type not in _FAMILIES:
+    if model_type not in FAMILIES:
         raise ValueError(
             f"{Path(path) / CONFIG_FILE} has model_type={model_type!r}; Kiln continues "
-            f"pretraining {sorted(_FAMILIES)} models only"
+            f"pretraining {sorted(FAMILIES)} models only"
         )
     import transformers
 
     hf_cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    return _FAMILIES[model_type].from_hf_config(hf_cfg, name=name)
+    return FAMILIES[model_type].hf.from_hf_config(hf_cfg, name=name)
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -123,4 +121,4 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
             for key in keys:
                 t = f.get_tensor(key)
                 sd[key] = t.to(torch.float32) if t.is_floating_point() else t
-    return _FAMILIES[cfg.model_type].from_hf_state_dict(sd, cfg)
+    return spec(cfg).hf.from_hf_state_dict(sd, cfg)

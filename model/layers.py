@@ -148,7 +148,7 @@ class GatedMLP(nn.Module):
     Transformer": SwiGLU Eq. 6 with ``silu``, GEGLU Eq. 5 with ``gelu_tanh``).
 
     x: (B, T, D) -> (B, T, D); no biases. Names match HF `LlamaMLP`; T5's `wi_0`, `wi_1`, `wo`
-    are `gate_proj`, `up_proj`, `down_proj` (the key map in `model.hf` renames them).
+    are `gate_proj`, `up_proj`, `down_proj` (the key map in `model.llama.hf` renames them).
     ``dropout`` applies to the gated product, as in T5's `T5DenseGatedActDense`.
 
     Raises:

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from launcher.cli import cli
-from model.presets import get_preset
+from model.registry import get_preset
 from trainer.config import ConfigError, batch_plan, check_device, check_paths, load_config
 from trainer.estimate import memory_estimate
 

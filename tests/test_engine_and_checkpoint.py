@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from model.presets import get_preset
+from model.registry import get_preset
 from trainer import checkpoint
 from trainer.config import batch_plan, load_config
 from trainer.engine import deepspeed_config, lr_lambda

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import LlamaConfig, LlamaForCausalLM, generate
-from model.generate import _filter_logits
+from model.generate import _filter_logits, generate
+from model.llama import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 61
 

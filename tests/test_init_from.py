@@ -19,9 +19,11 @@ from conftest import T5_SENTINELS, kiln, train_config
 from safetensors.torch import save_file
 from torch import nn
 
-from model import build_model, get_preset, hf, hf_t5
-from model.config import ModelConfig
+from model import build_model, get_preset
 from model.hf_checkpoint import load_hf_weights
+from model.llama import hf
+from model.registry import ModelConfig
+from model.t5 import hf as hf_t5
 from trainer.checkpoint import latest_checkpoint, load_model_weights
 from trainer.config import ConfigError, config_from_dict, load_config
 from trainer.data.prepare import load_or_train_tokenizer

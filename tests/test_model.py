@@ -9,8 +9,9 @@ import pytest
 import torch
 import transformers
 
-from model import LlamaConfig, LlamaForCausalLM, get_preset, preset_names
-from model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from model import get_preset, preset_names
+from model.llama import LlamaConfig, LlamaForCausalLM
+from model.llama.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 
 VOCAB = 97
 PARITY_TOL = 1e-4

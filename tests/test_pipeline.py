@@ -13,7 +13,8 @@ from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train, tr
 from safetensors.torch import load_file
 from test_train_distributed import STAGE_TOLERANCE, continue_from
 
-from model import LlamaConfig, T5Config
+from model.llama import LlamaConfig
+from model.t5 import T5Config
 from trainer.checkpoint import latest_checkpoint, load_model_weights
 from trainer.config import ConfigError, batch_plan, load_config
 from trainer.pipeline import key_map
@@ -150,14 +151,14 @@ def test_stage_count_must_divide_the_world():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_key_map_covers_every_weight(tie):
-    from model import model_class
+    from model import spec
 
     for cfg in (
         LlamaConfig(vocab_size=64, tie_word_embeddings=tie),
         T5Config(vocab_size=64, tie_word_embeddings=tie),
     ):
         with torch.device("meta"):
-            keys = set(model_class(cfg)(cfg).state_dict())
+            keys = set(spec(cfg).model_class(cfg).state_dict())
         mapping = key_map(cfg)
         assert set(mapping) == keys
         targets = list(mapping.values())

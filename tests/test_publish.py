@@ -161,7 +161,7 @@ def test_sharded_bf16_publish(run_dirs, tmp_path):
 
 
 def test_a_folder_that_fails_its_check_is_not_left(run_dirs, tmp_path, monkeypatch):
-    from model import hf
+    from model.llama import hf
 
     real = hf.to_hf_state_dict
 

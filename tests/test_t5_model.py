@@ -8,9 +8,11 @@ import torch
 import transformers
 from torch import nn
 
-from model import T5Config, T5ForConditionalGeneration, build_model, get_preset, hf_t5, preset_names
+from model import build_model, get_preset, preset_names
 from model.generate import fill_in_spans, generate_seq2seq
-from model.t5 import relative_position_bucket
+from model.t5 import T5Config, T5ForConditionalGeneration
+from model.t5 import hf as hf_t5
+from model.t5.model import relative_position_bucket
 
 PARITY_ATOL = 1e-4  # fp32, the bound
 

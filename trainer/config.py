@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config import LlamaConfig, T5Config
-from model.presets import get_preset, model_types, preset_names
+from model.llama.config import LlamaConfig
+from model.registry import get_preset, model_types, preset_names
+from model.t5.config import T5Config
 from trainer.objectives import span_corruption_lengths
 
 PositiveInt = Annotated[int, Field(gt=0)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import LlamaConfig
+from model.llama.config import LlamaConfig
 from trainer.config import BatchPlan, KilnConfig
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

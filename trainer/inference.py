@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from model import LlamaForCausalLM, T5ForConditionalGeneration, model_class
+from model import spec
 from model.tokenizer import Tokenizer
 from trainer import checkpoint, storage
 from trainer.config import config_from_dict
@@ -14,7 +15,7 @@ from trainer.config import config_from_dict
 
 def load_run(
     run_dir: str | Path, *, step: int | None = None, device: str = "cpu"
-) -> tuple[LlamaForCausalLM | T5ForConditionalGeneration, Tokenizer]:
+) -> tuple[nn.Module, Tokenizer]:
     """The model (fp32, eval mode) and tokenizer of a run's latest checkpoint (or ``step``).
 
     ``run_dir`` may be an fsspec URL: the checkpoint is downloaded into its local mirror first.
@@ -25,7 +26,7 @@ def load_run(
     ckpt = checkpoint.find_checkpoint(storage.localize(run_dir, step), step)
     cfg = config_from_dict(checkpoint.read_trainer_state(ckpt)["config"])
     with torch.device("meta"):
-        model = model_class(cfg.model)(cfg.model)
+        model = spec(cfg.model).model_class(cfg.model)
     model.to_empty(device=device)
     model.init_weights(seed=0)  # fills buffers (RoPE); the weights are replaced below
     weights = checkpoint.load_model_weights(ckpt)

@@ -8,13 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from model import LlamaConfig, T5Config
-from model.presets import get_preset, model_types, preset_names
+from model.registry import FAMILIES, get_preset, model_types, preset_names
 from trainer.config import ConfigError
 
 # Model fields a checkpoint's weights do not fix: a run may set them (T5's dropout, init stds).
 _TRAINING_FIELDS = frozenset({"dropout_rate", "initializer_range", "initializer_factor"})
-_MODEL_CLASSES = {"llama": LlamaConfig, "t5": T5Config}
 
 
 def resolve_init_from(tree: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +40,7 @@ def resolve_init_from(tree: dict[str, Any], model: dict[str, Any]) -> dict[str, 
         raise ConfigError(
             f"model.model_type={family!r} is not a model family; use one of {model_types()}"
         )
-    fields = set(_MODEL_CLASSES[family].model_fields) if family is not None else set()
+    fields = set(FAMILIES[family].config_class.model_fields) if family is not None else set()
     if family is not None and fields - {"name", "init_from"} <= set(model) and not path.exists():
         return tree
     try:

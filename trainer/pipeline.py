@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import LlamaConfig, ModelConfig, T5Config
 from model.layers import RMSNorm, rope_cos_sin
-from model.llama import DecoderLayer
-from model.t5 import RelativePositionBias, T5Block, padding_bias
+from model.llama.config import LlamaConfig
+from model.llama.model import DecoderLayer
+from model.registry import ModelConfig
+from model.t5.config import T5Config
+from model.t5.model import RelativePositionBias, T5Block, padding_bias
 
 if TYPE_CHECKING:
     from trainer.config import KilnConfig

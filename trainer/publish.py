@@ -4,7 +4,7 @@
 
 1. **Consolidate** the fp32 weights of any layout (ZeRO 0-3 shards of any number of ranks,
    pipeline stages) on one CPU process (:func:`trainer.checkpoint.load_model_weights`).
-2. **Convert** through the explicit key maps (`model.hf`, `model.hf_t5`) into a
+2. **Convert** through the explicit key maps (the family spec's `hf` adapter) into a
    `LlamaForCausalLM` / `T5ForConditionalGeneration`, cast to the published dtype and write it
    with `save_pretrained` into a staging folder beside DIR: ``config.json``,
    ``model.safetensors`` (sharded with ``model.safetensors.index.json`` above

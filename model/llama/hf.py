@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from model.config import LlamaConfig
+from model.llama.config import LlamaConfig
 
 if TYPE_CHECKING:
     import transformers

@@ -10,8 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from model.config import LlamaConfig
 from model.layers import Attention, GatedMLP, KVCache, RMSNorm, rope_cos_sin
+from model.llama.config import LlamaConfig
 
 
 class DecoderLayer(nn.Module):
@@ -38,7 +38,7 @@ class LlamaForCausalLM(nn.Module):
     """Llama causal language model returning logits; the trainer computes the loss.
 
     Children are exactly `embed_tokens`, `layers`, `norm`, `lm_head`, so the Hugging Face key
-    map (`model.hf`) adds or strips the `model.` prefix. Build, materialise and initialise are
+    map (`model.llama.hf`) adds or strips the `model.` prefix. Build, materialise and initialise are
     separate steps: the constructor works under `torch.device("meta")`, `init_weights(seed)`
     fills parameters and RoPE buffers; `from_config` does all three.
 

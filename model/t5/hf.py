@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from model.config import T5Config
+from model.t5.config import T5Config
 
 if TYPE_CHECKING:
     import transformers

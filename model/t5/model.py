@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import T5Config
 from model.layers import GatedMLP, KVCache, RMSNorm
+from model.t5.config import T5Config
 
 
 def relative_position_bucket(

@@ -1,0 +1,109 @@
+"""What a model family provides: :class:`FamilySpec`, and the values the families share.
+
+A family is one folder under ``model/`` (``model/llama/``, ``model/t5/``) holding its config,
+presets, module, Hugging Face adapter and a ``SPEC``; ``model/registry.py`` maps ``model_type`` to
+it. Generic code (config validation, objectives, memory and FLOPs estimates, pipeline cut,
+publishing, ``model.init_from``, the model card, the CLI) asks the spec and never branches on
+``model_type``.
+
+Adding a third family (say ``model/gpt2/``) is:
+
+1. ``model/gpt2/config.py``: a pydantic config with ``model_type: Literal["gpt2"]`` and the
+   shape properties every family config has (``num_blocks``, ``max_seq_len``, ``d_model``,
+   ``num_parameters``, ``head_dim``);
+2. ``model/gpt2/presets.py``: ``PRESETS``, a dict of factory functions with a ``debug`` entry;
+3. ``model/gpt2/model.py``: the ``nn.Module`` with ``from_config``, ``blocks()`` and a forward
+   that takes the batch's model inputs by keyword;
+4. ``model/gpt2/hf.py``: ``to_hf_config``, ``from_hf_config``, ``to_hf_state_dict``,
+   ``from_hf_state_dict``;
+5. ``model/gpt2/__init__.py``: ``SPEC = FamilySpec(...)``;
+6. one line in ``model/registry.py``: ``FAMILIES`` gets ``"gpt2": gpt2.SPEC``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+INIT_FROM_DESCRIPTION = (
+    "Hugging Face checkpoint folder (config.json + safetensors) to continue pretraining from: "
+    "its config.json gives the architecture, its weights the start (a resumed run takes its "
+    "checkpoint's), its tokenizer.model the tokenizer"
+)
+
+
+@dataclass(frozen=True)
+class ActivationStack:
+    """One stack of identical blocks for the activation-memory estimate: ``num_blocks`` blocks
+    over ``seq_len`` positions keeping ``values_per_token`` x ``d_model`` 16-bit values each
+    (34 for a self-attention block, 51 with cross-attention: Korthikanti et al. 2022, Sec. 4.1,
+    without the attention-score term that flash / memory-efficient SDPA never stores)."""
+
+    num_blocks: int
+    seq_len: int
+    values_per_token: int
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything family-specific, in one object per family (see the module docstring).
+
+    Attributes:
+        model_type: the ``model.model_type`` value and the Hugging Face ``model_type``.
+        description: a few words for listings ("decoder", "encoder-decoder").
+        config_class: the family's pydantic config (field names as the HF config's).
+        model_class: the ``nn.Module``; ``model_class.from_config(cfg, seed=, device=, dtype=)``.
+        presets: name -> factory of a config; smallest first, always with ``debug``.
+        hf: the Hugging Face adapter module (config and key maps both ways).
+        hf_model_class: name of the ``transformers`` model class (``LlamaForCausalLM``).
+        hf_auto_class: name of the ``transformers`` Auto class that loads it.
+        pipeline_tag: the Hub's task tag of a published model.
+        architecture: one line for the model card ("decoder-only transformer (Llama ...)").
+        objectives: the objective types that train the family; the first is the default.
+        default_num_sentinels: ``tokenizer.num_sentinels`` when unset (T5's 100 ``<extra_id_N>``).
+        tokenizer_appends_eos: the published tokenizer's ``encode`` appends EOS (T5's
+            convention); a decoder's adds no special tokens.
+        model_inputs: the keys of the batch dict the module's forward takes by keyword.
+        flops_per_sequence: ``(cfg, lengths) -> FLOPs`` of forward + backward on one sequence,
+            ``lengths`` the model's input lengths (decoder: ``(T,)``; T5: ``(S, T)``).
+        activation_stacks: ``(cfg, lengths) -> [ActivationStack]`` for the memory estimate; the
+            last stack feeds the head.
+        architecture_rows: ``cfg -> [(name, value)]`` for the model card's table.
+        check_batch: ``(cfg, rows) -> batch`` the fixed batch of the publishing logits check,
+            ``rows(length)`` giving (2, length) int64 token ids.
+        generation_config: ``cfg -> dict`` of ``transformers.GenerationConfig`` arguments.
+    """
+
+    model_type: str
+    description: str
+    config_class: type
+    model_class: type
+    presets: Mapping[str, Callable[[], Any]]
+    hf: ModuleType
+    hf_model_class: str
+    hf_auto_class: str
+    pipeline_tag: str
+    architecture: str
+    objectives: tuple[str, ...]
+    default_num_sentinels: int
+    tokenizer_appends_eos: bool
+    model_inputs: tuple[str, ...]
+    flops_per_sequence: Callable[[Any, tuple[int, ...]], float]
+    activation_stacks: Callable[[Any, tuple[int, ...]], list[ActivationStack]]
+    architecture_rows: Callable[[Any], list[tuple[str, Any]]]
+    check_batch: Callable[[Any, Callable[[int], Any]], dict[str, Any]]
+    generation_config: Callable[[Any], dict[str, int]]
+
+    def preset(self, name: str) -> Any:
+        """A fresh config of preset ``name``.
+
+        Raises:
+            ValueError: unknown name (the message lists the family's presets).
+        """
+        if name not in self.presets:
+            raise ValueError(
+                f"unknown {self.model_type} preset {name!r}; choose one of {list(self.presets)}"
+            )
+        return self.presets[name]()
