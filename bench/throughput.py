@@ -27,7 +27,7 @@ Formulas:
   T5, seq_len raw tokens per sequence (before span corruption).
 * MFU = tokens/s x F / P. F = 6 N + 12 L d T training FLOPs per token (PaLM, Chowdhery et al.
   2022, Appendix B); for T5 the encoder and decoder counted at their own lengths, per raw token
-  (:func:`trainer.objectives.flops_per_token`). P = the machine's fp32 peak,
+  (:func:`trainer.estimate.flops_per_token`). P = the machine's fp32 peak,
   measured once at start as the best FLOP/s of a 1024^3 matmul on all cores
   (:func:`trainer.estimate.measure_matmul_flops`). P is the whole machine for every process
   count, since the N processes share its cores.
@@ -315,8 +315,7 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     from model.registry import get_preset
-    from trainer.estimate import measure_matmul_flops
-    from trainer.objectives import flops_per_token
+    from trainer.estimate import flops_per_token, measure_matmul_flops
 
     began = time.perf_counter()
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=2.0)

@@ -106,8 +106,10 @@ def train(
     from trainer import checkpoint, storage
     from trainer.data.prepare import prepare_all
 
-    prepare_all(cfg)
-    _check_tokenizer_fits(cfg)
+    try:
+        prepare_all(cfg)  # checks that the tokenizer fits the model and the objective
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
     # A URL run folder: the workers use a local mirror of it and upload (trainer.storage).
     run_dir = storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())
     if (store := storage.for_run(cfg.run_dir)) is not None:
@@ -156,22 +158,6 @@ def train(
         lines = load_snippet(published, cfg.model.model_type)
         click.echo(f"\npublished in the transformers layout: {published}")
         click.echo("\n".join(f"  {line}" for line in lines))
-
-
-def _check_tokenizer_fits(cfg: KilnConfig) -> None:
-    from model.tokenizer import Tokenizer
-    from trainer.objectives import check_tokenizer
-
-    tokenizer = Tokenizer.load(cfg.tokenizer_path)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise click.ClickException(
-            f"{cfg.tokenizer_path} has {tokenizer.vocab_size} pieces, more than model.vocab_size="
-            f"{cfg.model.vocab_size}; raise model.vocab_size or leave it unset"
-        )
-    try:
-        check_tokenizer(cfg, tokenizer)  # e.g. T5 span corruption on a tokenizer without sentinels
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
 
 
 @cli.group()
@@ -267,7 +253,7 @@ def generate(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, s
 
 
 def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, step=None) -> str:
-    from model.generate import fill_in_spans, generate, generate_seq2seq
+    from model import spec
     from trainer.inference import load_run
 
     sampling = dict(
@@ -275,16 +261,9 @@ def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, st
     )
     try:
         model, tok = load_run(run_dir, step=step)
-        ids = tok.encode(prompt)
-        if model.config.model_type == "llama":
-            return prompt + tok.decode(generate(model, ids, eos_id=tok.eos_id, **sampling))
-        new = generate_seq2seq(model, [*ids, tok.eos_id], **sampling)
+        return spec(model.config).complete(model, tok, prompt, **sampling)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    sentinels = tok.sentinel_ids
-    if not set(ids) & set(sentinels.tolist()):  # no span to fill: the prompt's continuation
-        return prompt + tok.decode(new)
-    return tok.decode(fill_in_spans(ids, new, sentinels, tok.eos_id))
 
 
 @cli.group("checkpoint")
@@ -394,27 +373,22 @@ def publish(
 
 @cli.command()
 def presets() -> None:
-    """List the model presets of both families with their sizes."""
-    from model.registry import get_preset, preset_names
+    """List the model presets of every family with their sizes."""
+    from model.registry import FAMILIES
 
-    click.echo("llama (decoder)")
-    click.echo(f"{'name':<8} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'params*':>10}")
-    for name in preset_names("llama"):
-        m = get_preset(name, "llama").model_copy(update={"vocab_size": 32000})
+    for family in FAMILIES.values():
         click.echo(
-            f"{name:<8} {m.num_hidden_layers:>6} {m.hidden_size:>6} {m.num_attention_heads:>5} "
-            f"{m.num_key_value_heads:>3} {m.num_parameters() / 1e6:>9.1f}M"
+            f"{family.model_type} ({family.description}, model.model_type={family.model_type})"
         )
-    click.echo("\nt5 (encoder-decoder, model.model_type=t5)")
-    click.echo(f"{'name':<8} {'layers':>7} {'d_model':>7} {'heads':>5} {'d_ff':>5} {'params*':>10}")
-    for name in preset_names("t5"):
-        t = get_preset(name, "t5").model_copy(update={"vocab_size": 32000})
-        layers = f"{t.num_layers}+{t.num_decoder_layers}"
-        click.echo(
-            f"{name:<8} {layers:>7} {t.d_model:>7} {t.num_heads:>5} {t.d_ff:>5} "
-            f"{t.num_parameters() / 1e6:>9.1f}M"
-        )
-    click.echo("* with a 32000-piece vocabulary")
+        click.echo(f"{'name':<8} {'layers':>7} {'width':>6} {'heads':>6} {'params*':>10}")
+        for name, preset in family.presets.items():
+            m = preset().model_copy(update={"vocab_size": 32000})
+            layers, width, heads = family.shape_row(m)
+            click.echo(
+                f"{name:<8} {layers:>7} {width:>6} {heads:>6} {m.num_parameters() / 1e6:>9.1f}M"
+            )
+        click.echo()
+    click.echo("* with a 32000-piece vocabulary; a decoder's heads: query/key-value")
 
 
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

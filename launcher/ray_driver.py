@@ -188,7 +188,6 @@ def run(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from launcher.ray_prepare import prepare_all_ray
-    from model.tokenizer import Tokenizer
     from trainer import checkpoint, storage
 
     if not ray.is_initialized():
@@ -196,12 +195,6 @@ def run(
     check_batches(cfg, num_workers)
     check_paths(cfg)
     prepare_all_ray(cfg, num_blocks=num_blocks)
-    vocab = Tokenizer.load(cfg.tokenizer_path).vocab_size
-    if vocab > cfg.model.vocab_size:
-        raise ValueError(
-            f"{cfg.tokenizer_path} has {vocab} pieces, more than model.vocab_size="
-            f"{cfg.model.vocab_size}; raise model.vocab_size or leave it unset"
-        )
     # A URL run folder: every worker node uses a local mirror of it and uploads to it.
     store = storage.for_run(cfg.run_dir)
     run_dir = storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from trainer.config import BatchPlan, KilnConfig
-from trainer.estimate import memory_estimate
-from trainer.objectives import describe, flops_per_token
+from trainer.estimate import flops_per_token, memory_estimate
+from trainer.objectives import describe
 
 
 def _gib(n: float) -> str:

@@ -372,7 +372,7 @@ def submit(config, overrides, dry_run, **options):
     the run's latest checkpoint, checkpoints and requeues itself before its time limit, and stops
     requeueing once train.max_steps is reached.
     """
-    from launcher.cli import _check_tokenizer_fits, _load
+    from launcher.cli import _load
     from trainer.storage import is_url
 
     gpus, nproc = options["gpus_per_node"], options.pop("nproc_per_node")
@@ -425,8 +425,10 @@ def submit(config, overrides, dry_run, **options):
             )
     from trainer.data.prepare import prepare_all
 
-    prepare_all(cfg)
-    _check_tokenizer_fits(cfg)
+    try:
+        prepare_all(cfg)  # checks that the tokenizer fits the model and the objective
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
     if (step := _latest_step_or_exit(cfg)) >= cfg.train.max_steps:
         click.echo(
             f"warning: {run_dir} is already at step {step} >= train.max_steps="

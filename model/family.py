@@ -37,12 +37,14 @@ INIT_FROM_DESCRIPTION = (
 @dataclass(frozen=True)
 class ActivationStack:
     """One stack of identical blocks for the activation-memory estimate: ``num_blocks`` blocks
-    over ``seq_len`` positions keeping ``values_per_token`` x ``d_model`` 16-bit values each
-    (34 for a self-attention block, 51 with cross-attention: Korthikanti et al. 2022, Sec. 4.1,
-    without the attention-score term that flash / memory-efficient SDPA never stores)."""
+    over ``seq_len`` positions of width ``d_model`` keeping ``values_per_token`` x ``d_model``
+    16-bit values per position each (34 for a self-attention block, 51 with cross-attention:
+    Korthikanti et al. 2022, eq. 1, without the attention-score term that flash /
+    memory-efficient SDPA never stores)."""
 
     num_blocks: int
     seq_len: int
+    d_model: int
     values_per_token: int
 
 
@@ -74,6 +76,10 @@ class FamilySpec:
         check_batch: ``(cfg, rows) -> batch`` the fixed batch of the publishing logits check,
             ``rows(length)`` giving (2, length) int64 token ids.
         generation_config: ``cfg -> dict`` of ``transformers.GenerationConfig`` arguments.
+        complete: ``(model, tokenizer, prompt, **sampling) -> text``: the prompt continued
+            (decoder) or its sentinel spans filled in (T5), for ``kiln generate``; ``sampling``
+            as `model.generate.generate`'s keyword arguments.
+        shape_row: ``cfg -> (layers, width, heads)`` as text, for ``kiln presets``.
     """
 
     model_type: str
@@ -95,6 +101,8 @@ class FamilySpec:
     architecture_rows: Callable[[Any], list[tuple[str, Any]]]
     check_batch: Callable[[Any, Callable[[int], Any]], dict[str, Any]]
     generation_config: Callable[[Any], dict[str, int]]
+    complete: Callable[..., str]
+    shape_row: Callable[[Any], tuple[str, str, str]]
 
     def preset(self, name: str) -> Any:
         """A fresh config of preset ``name``.

@@ -7,13 +7,17 @@ Shape legend: V vocab.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from model.layers import KVCache
-from model.llama.model import LlamaForCausalLM
-from model.t5.model import T5ForConditionalGeneration
+
+if TYPE_CHECKING:  # the families import this module for their spec's `complete`
+    from model.llama.model import LlamaForCausalLM
+    from model.t5.model import T5ForConditionalGeneration
 
 
 def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:

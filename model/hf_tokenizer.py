@@ -56,25 +56,25 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from sentencepiece import sentencepiece_model_pb2
 
+from model.registry import family
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 if TYPE_CHECKING:
     import tokenizers
 
-ModelType = Literal["llama", "t5"]
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # sentencepiece's ModelProto.SentencePiece.Type
 FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def build_fast_tokenizer(tok: Tokenizer, *, model_type: ModelType) -> tokenizers.Tokenizer:
+def build_fast_tokenizer(tok: Tokenizer, *, model_type: str) -> tokenizers.Tokenizer:
     """The ``tokenizers.Tokenizer`` that encodes like ``tok`` (see the module docstring).
 
     Raises:
-        ValueError: ``model_type`` is not ``"llama"`` or ``"t5"``; the sentencepiece model is
+        ValueError: ``model_type`` is no model family; the sentencepiece model is
             neither BPE nor unigram, does not have Kiln's special ids, or normalizes text
             (a foreign model).
     """
@@ -82,7 +82,7 @@ def build_fast_tokenizer(tok: Tokenizer, *, model_type: ModelType) -> tokenizers
     from tokenizers import Tokenizer as FastTokenizer
     from tokenizers.models import BPE, Unigram
 
-    _check_model_type(model_type)
+    appends_eos = family(model_type).tokenizer_appends_eos
     proto = _proto(tok)
     pieces = list(proto.pieces)
     if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
@@ -118,7 +118,7 @@ def build_fast_tokenizer(tok: Tokenizer, *, model_type: ModelType) -> tokenizers
             if p.type in (_CONTROL, _USER_DEFINED) or p.piece == pieces[UNK_ID].piece
         ]
     )
-    if model_type == "t5":
+    if appends_eos:
         eos = pieces[EOS_ID].piece
         fast.post_processor = processors.TemplateProcessing(
             single=f"$A:0 {eos}:0",
@@ -129,7 +129,7 @@ def build_fast_tokenizer(tok: Tokenizer, *, model_type: ModelType) -> tokenizers
 
 
 def save_hf_tokenizer(
-    tok: Tokenizer, out_dir: Path, *, model_type: ModelType, model_max_length: int
+    tok: Tokenizer, out_dir: Path, *, model_type: str, model_max_length: int
 ) -> list[str]:
     """Write ``tok`` into ``out_dir`` so that ``transformers.AutoTokenizer`` loads it offline.
 
@@ -140,7 +140,8 @@ def save_hf_tokenizer(
     Args:
         tok: Kiln's tokenizer (special ids unk 0, bos 1, eos 2, pad 3).
         out_dir: the folder (created if missing); existing files of the same names are replaced.
-        model_type: ``"llama"`` (encode adds no BOS or EOS) or ``"t5"`` (encode appends EOS).
+        model_type: a model family; its spec's ``tokenizer_appends_eos`` says whether encode
+            appends EOS (T5) or adds no special token (Llama).
         model_max_length: the longest input the model takes, in tokens (``data.seq_len``).
 
     Returns:
@@ -173,7 +174,7 @@ def save_hf_tokenizer(
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
         "add_bos_token": False,
-        "add_eos_token": model_type == "t5",
+        "add_eos_token": family(model_type).tokenizer_appends_eos,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         "padding_side": "right",
@@ -232,17 +233,12 @@ def _proto(tok: Tokenizer) -> sentencepiece_model_pb2.ModelProto:
     return proto
 
 
-def _check_model_type(model_type: str) -> None:
-    if model_type not in ("llama", "t5"):
-        raise ValueError(f"model_type={model_type!r}; use 'llama' or 't5'")
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def tokenizer_mismatches(
-    folder: Path, tok: Tokenizer, texts: Sequence[str], *, model_type: ModelType
+    folder: Path, tok: Tokenizer, texts: Sequence[str], *, model_type: str
 ) -> list[str]:
     """Every way the Hugging Face tokenizer in ``folder`` differs from Kiln's ``tok`` on ``texts``.
 
@@ -266,15 +262,15 @@ def tokenizer_mismatches(
             ``config.json`` beside it).
         tok: Kiln's tokenizer it should match.
         texts: texts to compare on (a few documents of each language and of code).
-        model_type: ``"llama"`` or ``"t5"``, as given to :func:`save_hf_tokenizer`.
+        model_type: the model family, as given to :func:`save_hf_tokenizer`.
 
     Returns:
         One human-readable line per mismatch; empty when the export matches on all of ``texts``.
 
     Raises:
-        ValueError: ``model_type`` is not ``"llama"`` or ``"t5"``.
+        ValueError: ``model_type`` is no model family.
     """
-    _check_model_type(model_type)
+    appends_eos = family(model_type).tokenizer_appends_eos
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -290,7 +286,7 @@ def tokenizer_mismatches(
         got = fast.encode(text, add_special_tokens=False)
         if got != ids:
             out.append(_ids_mismatch(name, "encode(add_special_tokens=False)", text, got, ids, tok))
-        want = [*ids, tok.eos_id] if model_type == "t5" else ids
+        want = [*ids, tok.eos_id] if appends_eos else ids
         got = fast.encode(text)
         if got != want:
             what = "encode() with default special tokens"

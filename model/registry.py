@@ -10,6 +10,7 @@ from model import llama, t5
 from model.family import FamilySpec
 
 FAMILIES: dict[str, FamilySpec] = {"llama": llama.SPEC, "t5": t5.SPEC}
+DEFAULT_MODEL_TYPE = "llama"  # a model section without model_type
 
 ModelConfig = Union[tuple(s.config_class for s in FAMILIES.values())]  # noqa: UP007
 """A config of any family."""

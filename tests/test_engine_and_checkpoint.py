@@ -106,4 +106,6 @@ def test_flops_per_token_matches_palm_formula():
     m = get_preset("7b").model_copy(update={"vocab_size": 32000})
     n = m.num_parameters(exclude_input_embedding=True)
     assert n == m.num_parameters() - 32000 * 4096  # untied: the lookup table does no matmul
-    assert flops_per_token(m, 2048) == 6 * n + 12 * 32 * 4096 * 2048
+    cfg = load_config(None, ["model.name=7b", "model.vocab_size=32000", "data.seq_len=2048"])
+    assert cfg.model == m
+    assert flops_per_token(cfg) == 6 * n + 12 * 32 * 4096 * 2048

@@ -21,9 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.llama.config import LlamaConfig
-from model.registry import get_preset, model_types, preset_names
-from model.t5.config import T5Config
+from model.registry import DEFAULT_MODEL_TYPE, ModelConfigField, family, model_types, spec
 from trainer.objectives import span_corruption_lengths
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -173,6 +171,10 @@ class PrefixLMObjective(_Section):
     weight: PositiveFloat = Field(1.0, description="relative share of sequences")
 
 
+OBJECTIVES = {
+    o.model_fields["type"].default: o
+    for o in (CausalLMObjective, SpanCorruptionObjective, PrefixLMObjective)
+}
 ObjectiveConfig = Annotated[
     CausalLMObjective | SpanCorruptionObjective | PrefixLMObjective, Field(discriminator="type")
 ]
@@ -221,8 +223,8 @@ class KilnConfig(_Section):
         "runs/default",
         description="checkpoints, metrics, config and wandb: a path or an fsspec URL (s3://...)",
     )
-    model: Annotated[LlamaConfig | T5Config, Field(discriminator="model_type")] = Field(
-        default_factory=LlamaConfig
+    model: ModelConfigField = Field(
+        default_factory=lambda: family(DEFAULT_MODEL_TYPE).config_class()
     )
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -275,18 +277,16 @@ class KilnConfig(_Section):
                 f"model.vocab_size={m.vocab_size}; raise model.vocab_size to at least "
                 f"{self.tokenizer.vocab_size} or leave it unset to derive it"
             )
-        blocks = (
-            m.num_hidden_layers if m.model_type == "llama" else m.num_layers + m.num_decoder_layers
-        )
+        blocks = m.num_blocks
         if p.pipeline_stages > blocks:
             raise ConfigError(
                 f"parallel.pipeline_stages={p.pipeline_stages} exceeds the model's {blocks} "
                 f"transformer blocks; use at most {blocks} stages"
             )
-        if m.model_type == "llama" and self.data.seq_len > m.max_position_embeddings:
+        if m.max_seq_len is not None and self.data.seq_len > m.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
-                f"{m.max_position_embeddings}; shorten data.seq_len or raise the limit"
+                f"{m.max_seq_len}; shorten data.seq_len or raise the limit"
             )
         names = [d.name for d in self.data.datasets]
         if len(set(names)) != len(names):
@@ -295,19 +295,24 @@ class KilnConfig(_Section):
 
     def _objective_rules(self) -> None:
         m, tok, obj = self.model, self.tokenizer, self.objective
-        t5 = m.model_type == "t5"
+        family_spec = spec(m)
         if tok.num_sentinels is None:
-            tok.num_sentinels = 100 if t5 else 0
+            tok.num_sentinels = family_spec.default_num_sentinels
         if obj.mixture is None:
-            obj.mixture = [SpanCorruptionObjective() if t5 else CausalLMObjective()]
+            obj.mixture = [OBJECTIVES[family_spec.objectives[0]]()]
         if not obj.mixture:
             raise ConfigError("objective.mixture is empty; name at least one objective")
-        allowed = ("span_corruption", "prefix_lm") if t5 else ("causal_lm",)
+        allowed = family_spec.objectives
         for i, o in enumerate(obj.mixture):
             if o.type not in allowed:
                 raise ConfigError(
                     f"objective.mixture[{i}].type={o.type!r} does not train model.model_type="
                     f"{m.model_type!r}; use one of {list(allowed)}"
+                )
+            if o.type != "causal_lm" and self.data.seq_len < 2:
+                raise ConfigError(
+                    f"objective.mixture[{i}].type={o.type!r} splits each sequence into inputs "
+                    f"and targets: data.seq_len={self.data.seq_len} must be at least 2"
                 )
             if o.type != "span_corruption":
                 continue
@@ -328,8 +333,6 @@ class KilnConfig(_Section):
                     f"{tok.num_sentinels}; raise tokenizer.num_sentinels to at least "
                     f"{n.num_noise_spans}, or raise mean_noise_span_length / shorten seq_len"
                 )
-        if t5 and self.data.seq_len < 2:
-            raise ConfigError("data.seq_len must be at least 2 for an encoder-decoder")
 
     # Paths derived from the config, so that every component agrees on them.
     @property
@@ -397,19 +400,20 @@ def config_from_dict(tree: dict[str, Any]) -> KilnConfig:
 
 
 def _apply_preset(model: dict[str, Any]) -> dict[str, Any]:
-    family = model.get("model_type", "llama")
-    if family not in model_types():
+    model_type = model.get("model_type", DEFAULT_MODEL_TYPE)
+    if model_type not in model_types():
         raise ConfigError(
-            f"model.model_type={family!r} is not a model family; use one of {model_types()}"
+            f"model.model_type={model_type!r} is not a model family; use one of {model_types()}"
         )
+    presets = family(model_type).presets
     name = model.get("name", "debug")
     if name != "custom":
-        if name not in preset_names(family):
+        if name not in presets:
             raise ConfigError(
-                f"model.name={name!r} is not a {family} preset; use one of "
-                f"{preset_names(family)} or 'custom'"
+                f"model.name={name!r} is not a {model_type} preset; use one of "
+                f"{list(presets)} or 'custom'"
             )
-        model = {**get_preset(name, family).model_dump(exclude={"vocab_size"}), **model}
+        model = {**presets[name]().model_dump(exclude={"vocab_size"}), **model}
     return model
 
 

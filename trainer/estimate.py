@@ -11,22 +11,22 @@ from dataclasses import dataclass
 
 import torch
 
-from model.llama.config import LlamaConfig
+from model.registry import spec
 from trainer.config import BatchPlan, KilnConfig
+from trainer.objectives import model_lengths
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def flops_per_token(model: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) of a decoder, without recomputation.
-
-    ``6 N + 12 L d T`` from PaLM (Chowdhery et al. 2022, Appendix B), where N is the number of
-    parameters that take part in matmuls (the input embedding lookup does not, unless it is tied
-    to the output head), L the layers, d the model width and T the sequence length (tokens); the
-    second term is the attention score and value matmuls. Units: FLOP per token.
+def flops_per_token(cfg: KilnConfig) -> float:
+    """Training FLOPs per raw token (``data.seq_len`` tokens per sequence), forward + backward,
+    without recomputation: the family spec's ``flops_per_sequence`` at the model's input lengths
+    (:func:`trainer.objectives.model_lengths`) over ``data.seq_len``. A decoder's is
+    ``6 N + 12 L D T`` (PaLM, Chowdhery et al. 2022, App. B; see
+    `model.llama.flops_per_sequence`); a T5's applies the same counting to each stack. Units:
+    FLOP per token.
     """
-    n = model.num_parameters(exclude_input_embedding=True)
-    return 6.0 * n + 12.0 * model.num_hidden_layers * model.hidden_size * seq_len
+    return spec(cfg.model).flops_per_sequence(cfg.model, model_lengths(cfg)) / cfg.data.seq_len
 
 
 @dataclass(frozen=True)
@@ -87,22 +87,16 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
         weights = 0.0
 
     b, scale = plan.micro_batch_size, BYTES[cfg.train.precision] / 2
-    if m.model_type == "llama":
-        h, stacks = m.hidden_size, [(m.num_hidden_layers, plan.seq_len, 34)]
-    else:  # encoder blocks at the encoder length; decoder blocks (with cross-attention) ~1.5x
-        from trainer.objectives import mixture_lengths
-
-        enc_len, dec_len = mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
-        h = m.d_model
-        stacks = [(m.num_layers, enc_len, 34), (m.num_decoder_layers, dec_len, 51)]
+    stacks = spec(m).activation_stacks(m, model_lengths(cfg))
     layers = 0.0
-    for n, s, per_value in stacks:
-        per_layer = s * b * h * per_value * scale
+    for stack in stacks:
+        n, s, h = stack.num_blocks, stack.seq_len, stack.d_model
+        per_layer = s * b * h * stack.values_per_token * scale
         if cfg.train.activation_checkpointing:
             layers += n * 2 * s * b * h * scale + per_layer
         else:
             layers += n * per_layer
-    logits = 2 * 4 * stacks[-1][1] * b * float(m.vocab_size or 0)
+    logits = 2 * 4 * stacks[-1].seq_len * b * float(m.vocab_size or 0)
     if pp > 1:  # 1F1B: the first stage keeps up to P micro-batches of its 1/P of the layers
         layers *= min(pp, plan.gradient_accumulation_steps) / pp
     return MemoryEstimate(weights, grads, optim, layers + logits, offloaded)

@@ -30,7 +30,8 @@ from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import TrainData
 from trainer.distributed import World
 from trainer.engine import group_weight_decays
-from trainer.objectives import IGNORE_INDEX, flops_per_token
+from trainer.estimate import flops_per_token
+from trainer.objectives import IGNORE_INDEX
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):

@@ -11,11 +11,20 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
+from model.registry import spec
+from trainer.config import config_from_dict
+from trainer.objectives import describe, is_causal
+
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
     from trainer.publish import PublishReport
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
+OBJECTIVE_NAMES = {
+    "causal_lm": "next-token prediction",
+    "span_corruption": "span corruption",
+    "prefix_lm": "prefix language modelling",
+}
 
 
 def _human(n: float) -> str:
@@ -41,36 +50,6 @@ def last_evaluation(run_dir: Path, step: int) -> dict[str, Any] | None:
     return found
 
 
-def _architecture_rows(m) -> list[tuple[str, str]]:
-    if m.model_type == "llama":
-        return [
-            ("family", "decoder-only transformer (Llama architecture, `LlamaForCausalLM`)"),
-            ("layers", m.num_hidden_layers),
-            ("hidden size", m.hidden_size),
-            ("attention heads (key/value)", f"{m.num_attention_heads} ({m.num_key_value_heads})"),
-            ("feed-forward", f"SwiGLU, {m.intermediate_size}"),
-            ("positions", f"RoPE, theta {m.rope_theta:g}, up to {m.max_position_embeddings}"),
-            ("normalisation", f"RMSNorm (pre-norm), eps {m.rms_norm_eps:g}"),
-            ("vocabulary", m.vocab_size),
-            ("tied embeddings", m.tie_word_embeddings),
-        ]
-    return [
-        ("family", "encoder-decoder transformer (T5 v1.1, `T5ForConditionalGeneration`)"),
-        ("layers (encoder + decoder)", f"{m.num_layers} + {m.num_decoder_layers}"),
-        ("d_model", m.d_model),
-        ("heads x d_kv", f"{m.num_heads} x {m.d_kv}"),
-        ("feed-forward", f"gated-GELU, {m.d_ff}"),
-        (
-            "positions",
-            f"relative position buckets ({m.relative_attention_num_buckets}, max distance "
-            f"{m.relative_attention_max_distance})",
-        ),
-        ("normalisation", f"RMSNorm (pre-norm), eps {m.layer_norm_epsilon:g}"),
-        ("vocabulary", m.vocab_size),
-        ("tied embeddings", m.tie_word_embeddings),
-    ]
-
-
 def _datasets(cfg) -> list[dict[str, Any]]:
     total = sum(d.weight for d in cfg.data.datasets)
     rows = []
@@ -93,8 +72,6 @@ def _datasets(cfg) -> list[dict[str, Any]]:
 
 
 def _training_rows(cfg, state: dict[str, Any]) -> list[tuple[str, str]]:
-    from trainer.objectives import describe
-
     t, p = cfg.train, cfg.parallel
     hardware = state.get("hardware", {})
     device = hardware.get("device_name") or hardware.get("accelerator") or "not recorded"
@@ -136,14 +113,13 @@ def model_card(
     """The card's Markdown (with the Hub's YAML metadata block) for the checkpoint whose trainer
     state is ``state``, published as ``report`` says, with tokenizer ``tok``; its code loads the
     model from ``location`` (the folder or the Hub repository)."""
-    from trainer.config import config_from_dict
-
     run_cfg = config_from_dict(state["config"])
     m = run_cfg.model
-    llama = m.model_type == "llama"
+    family = spec(m)
+    causal = is_causal(run_cfg.objective.mixture)
     evaluation = last_evaluation(run_dir, state["step"])
     if evaluation is not None:
-        evaluation["target"] = "" if llama else " (per target token)"
+        evaluation["target"] = "" if causal else " (per target token)"
         evaluation.setdefault("val_ppl", math.exp(min(evaluation["val_loss"], 50)))
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
@@ -152,19 +128,19 @@ def model_card(
     )
     return env.get_template("model_card.md.j2").render(
         license=license or "other",
-        pipeline_tag="text-generation" if llama else "text2text-generation",
+        pipeline_tag=family.pipeline_tag,
         family=m.model_type,
         name=report.out.name,
         params=_human(report.parameters),
-        architecture=(
-            "decoder-only transformer (Llama architecture)" if llama else "T5 v1.1 encoder-decoder"
-        ),
+        architecture=family.architecture,
         step=state["step"],
         tokens_seen=state["tokens_seen"],
-        objective="next-token prediction" if llama else "span corruption",
-        auto_class="AutoModelForCausalLM" if llama else "AutoModelForSeq2SeqLM",
+        objective=" + ".join(
+            dict.fromkeys(OBJECTIVE_NAMES[o.type] for o in run_cfg.objective.mixture)
+        ),
+        auto_class=family.hf_auto_class,
         location=location,
-        architecture_rows=_architecture_rows(m),
+        architecture_rows=family.architecture_rows(m),
         tokenizer={
             "model_type": run_cfg.tokenizer.model_type,
             "vocab_size": tok.vocab_size,
@@ -173,9 +149,9 @@ def model_card(
             "sentinels": len(tok.sentinel_ids),
         },
         tokenizer_behaviour=(
-            "Encoding adds no `<s>` or `</s>` (the training documents had none in front)."
-            if llama
-            else "Encoding appends `</s>`, as T5's tokenizer does."
+            "Encoding appends `</s>`, as T5's tokenizer does."
+            if family.tokenizer_appends_eos
+            else "Encoding adds no `<s>` or `</s>` (the training documents had none in front)."
         ),
         datasets=_datasets(run_cfg),
         seq_len=run_cfg.data.seq_len,

@@ -284,15 +284,31 @@ class Seq2Seq:
 Objective = CausalLM | Seq2Seq
 
 
+def is_causal(objectives) -> bool:
+    """Whether the mixture is next-token prediction (a decoder's) rather than encoder-decoder
+    objectives; the config check never mixes the two."""
+    return all(o.type == "causal_lm" for o in objectives)
+
+
+def model_lengths(cfg: KilnConfig) -> tuple[int, ...]:
+    """The lengths of the model's inputs, in tokens: ``(R,)`` for causal LM, ``(I, L)`` (encoder,
+    decoder; :func:`mixture_lengths`) for encoder-decoder objectives; what the family spec's
+    FLOPs and activation counts take."""
+    if is_causal(cfg.objective.mixture):
+        return (cfg.data.seq_len,)
+    return mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
+
+
 def build_objective(cfg: KilnConfig, sentinel_ids: np.ndarray | None = None) -> Objective:
-    """The objective of the run: causal LM for a decoder, the ``objective.mixture`` for an
-    encoder-decoder (which needs the tokenizer's ``sentinel_ids`` for span corruption).
+    """The objective of the run's ``objective.mixture``: causal LM, or the encoder-decoder
+    mixture (which needs the tokenizer's ``sentinel_ids`` for span corruption and the model's
+    special ids).
 
     Raises:
         ValueError: as :class:`Seq2Seq`.
     """
     m = cfg.model
-    if m.model_type == "llama":
+    if is_causal(cfg.objective.mixture):
         return CausalLM()
     return Seq2Seq(
         cfg.objective.mixture,
@@ -306,16 +322,23 @@ def build_objective(cfg: KilnConfig, sentinel_ids: np.ndarray | None = None) -> 
 
 
 def check_tokenizer(cfg: KilnConfig, tokenizer) -> None:
-    """Refuse a tokenizer the objective cannot use: span corruption needs at least as many
-    sentinels as the spans of one sequence, and the special ids the model config names.
+    """Refuse a tokenizer the run cannot use: more pieces than ``model.vocab_size``, special ids
+    other than those the model config names, or fewer sentinels than the spans span corruption
+    makes in one sequence. The one place this is checked (before any process starts, and again
+    in the workers for a tokenizer that changed since).
 
     Raises:
         ValueError: the message says how to get a fitting tokenizer.
     """
     m = cfg.model
-    if m.model_type != "t5":
-        return
+    if tokenizer.vocab_size > m.vocab_size:
+        raise ValueError(
+            f"{tokenizer.path} has {tokenizer.vocab_size} pieces, more than model.vocab_size="
+            f"{m.vocab_size}; raise model.vocab_size or leave it unset"
+        )
     for field in ("pad_token_id", "eos_token_id"):
+        if field not in type(m).model_fields:  # a family whose config names no special ids
+            continue
         want = getattr(tokenizer, field.removesuffix("_token_id") + "_id")
         if getattr(m, field) != want:
             raise ValueError(
@@ -339,35 +362,9 @@ def check_tokenizer(cfg: KilnConfig, tokenizer) -> None:
             )
 
 
-def flops_per_token(cfg: KilnConfig) -> float:
-    """Training FLOPs per raw token (``data.seq_len`` tokens per sequence), forward + backward.
-
-    Decoder: 6N + 12 L D T (Kaplan et al. 2020, Sec. 2.1, with the attention term of
-    Chowdhery et al. 2022, App. B). Encoder-decoder: 6 x (encoder parameters x I + (decoder
-    parameters + head) x L) + attention 12 D_inner (layers_enc I^2 + layers_dec (L^2 + L I)),
-    per sequence, divided by R (the T5 analogue of the same counting).
-    """
-    from trainer.estimate import flops_per_token as decoder_flops
-
-    m = cfg.model
-    if m.model_type == "llama":
-        return decoder_flops(m, cfg.data.seq_len)
-    enc_len, dec_len = mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
-    enc, dec = m.stack_parameters()
-    head = m.vocab_size * m.d_model
-    dense = 6 * (enc * enc_len + (dec + head) * dec_len)
-    attn = (
-        12
-        * m.inner_dim
-        * (m.num_layers * enc_len**2 + m.num_decoder_layers * (dec_len**2 + dec_len * enc_len))
-    )
-    return (dense + attn) / cfg.data.seq_len
-
-
 def describe(cfg: KilnConfig) -> str:
     """One line on the objective and its lengths, for logs and `--dry-run`."""
-    m = cfg.model
-    if m.model_type == "llama":
+    if is_causal(cfg.objective.mixture):
         return f"causal LM over {cfg.data.seq_len} tokens"
     enc_len, dec_len = mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
     parts = []

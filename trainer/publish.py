@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from model.registry import family, spec
 from trainer import storage
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,25 +87,20 @@ class PublishReport:
 def hf_model(model, dtype: torch.dtype):
     """Kiln model -> the `transformers` model of its family holding the same weights in ``dtype``
     (fp32 shares the tensors; other dtypes are rounded copies)."""
+    import transformers
     from torch import nn
-    from transformers import LlamaForCausalLM, T5ForConditionalGeneration
-
-    from model import hf, hf_t5
 
     cfg = model.config
-    if cfg.model_type == "llama":
-        hf_cfg, cls = hf.to_hf_config(cfg), LlamaForCausalLM
-        sd = hf.to_hf_state_dict(model.state_dict(), cfg)
-    else:
-        hf_cfg, cls = hf_t5.to_hf_config(cfg), T5ForConditionalGeneration
-        sd = hf_t5.to_hf_state_dict(model.state_dict(), cfg)
+    family = spec(cfg)
+    sd = family.hf.to_hf_state_dict(model.state_dict(), cfg)
     with torch.device("meta"):
-        out = cls(hf_cfg)
-        if cfg.model_type == "t5" and not cfg.tie_word_embeddings:
+        out = getattr(transformers, family.hf_model_class)(family.hf.to_hf_config(cfg))
+        head, embedding = out.get_output_embeddings(), out.get_input_embeddings()
+        if not cfg.tie_word_embeddings and head.weight is embedding.weight:
             # transformers 5 ties a fresh T5's head to `shared`; T5 v1.1's head is its own.
-            out.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            out.set_output_embeddings(nn.Linear(*reversed(head.weight.shape), bias=False))
     out.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
-    if cfg.model_type == "llama" and cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:
         out.tie_weights()
     out.generation_config = generation_config(cfg)
     return out.eval()
@@ -114,26 +110,18 @@ def generation_config(cfg):
     """Greedy decoding with Kiln's special ids (T5: decoding starts from the pad id)."""
     from transformers import GenerationConfig
 
-    from model.tokenizer import BOS_ID, EOS_ID, PAD_ID
-
-    if cfg.model_type == "llama":
-        return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    return GenerationConfig(
-        decoder_start_token_id=cfg.decoder_start_token_id,
-        eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id,
-    )
+    return GenerationConfig(**spec(cfg).generation_config(cfg))
 
 
 def _fix_config_json(folder: Path, cfg) -> None:
-    """transformers 5 writes ``tie_word_embeddings: true`` for every T5 (the v1.1 flag lives in
-    ``scale_decoder_outputs``); an untied T5 v1.1 says false, as Google's own configs do, so
-    transformers 4 also loads it untied."""
-    if cfg.model_type != "t5" or cfg.tie_word_embeddings:
-        return
+    """``tie_word_embeddings`` as the model is: transformers 5 writes ``true`` for every T5 (the
+    v1.1 flag lives in ``scale_decoder_outputs``); an untied T5 v1.1 says false, as Google's own
+    configs do, so transformers 4 also loads it untied."""
     path = folder / "config.json"
     hf_cfg = json.loads(path.read_text())
-    hf_cfg["tie_word_embeddings"] = False
+    if hf_cfg.get("tie_word_embeddings") == cfg.tie_word_embeddings:
+        return
+    hf_cfg["tie_word_embeddings"] = cfg.tie_word_embeddings
     path.write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -154,23 +142,13 @@ def check_batch(cfg, tok, seed: int = 0) -> dict[str, torch.Tensor]:
             first = torch.cat([first, fill])
         return torch.stack([first, torch.randint(4, tok.vocab_size, (length,), generator=g)])
 
-    if cfg.model_type == "llama":
-        return {"input_ids": rows(min(32, cfg.max_position_embeddings))}
-    mask = torch.ones(2, 32, dtype=torch.long)
-    mask[1, 20:] = 0
-    decoder = rows(16)
-    decoder[:, 0] = cfg.decoder_start_token_id
-    return {"input_ids": rows(32), "attention_mask": mask, "decoder_input_ids": decoder}
+    return spec(cfg).check_batch(cfg, rows)
 
 
 def kiln_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of Kiln's model on a :func:`check_batch`: (2, T, V) fp32."""
     with torch.no_grad():
-        if model.config.model_type == "llama":
-            return model(batch["input_ids"]).float()
-        return model(
-            batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
-        ).float()
+        return model(**batch).float()
 
 
 def hf_logits(model, batch: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -183,11 +161,7 @@ def load_published(folder: Path, model_type: str, dtype: torch.dtype | str):
     """The folder loaded the way a user does (Auto class, offline), in ``dtype``."""
     import transformers
 
-    cls = (
-        transformers.AutoModelForCausalLM
-        if model_type == "llama"
-        else transformers.AutoModelForSeq2SeqLM
-    )
+    cls = getattr(transformers, family(model_type).hf_auto_class)
     return cls.from_pretrained(folder, dtype=dtype, local_files_only=True).eval()
 
 
@@ -303,7 +277,7 @@ def publish(
         hf.save_pretrained(staging, max_shard_size=max_shard_size)
         del hf
         _fix_config_json(staging, cfg)
-        max_length = cfg.max_position_embeddings if cfg.model_type == "llama" else None
+        max_length = cfg.max_seq_len
         save_hf_tokenizer(
             tok,
             staging,
@@ -450,7 +424,7 @@ def load_snippet(folder: Path | str, model_type: str) -> list[str]:
     (``s3://.../hf/step-N``) three more before them copy it into the current folder first
     (transformers reads local folders and the Hub only)."""
 
-    auto = "AutoModelForCausalLM" if model_type == "llama" else "AutoModelForSeq2SeqLM"
+    auto = family(model_type).hf_auto_class
     download = []
     if storage.is_url(folder):
         url, folder = folder.rstrip("/"), folder.rstrip("/").rsplit("/", 1)[-1]

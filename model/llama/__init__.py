@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from model.family import ActivationStack, FamilySpec
+from model.generate import generate
 from model.llama import hf
 from model.llama.config import LlamaConfig
 from model.llama.model import LlamaForCausalLM
 from model.llama.presets import PRESETS
-from model.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
 def flops_per_sequence(cfg: LlamaConfig, lengths: tuple[int, ...]) -> float:
@@ -25,7 +26,7 @@ def flops_per_sequence(cfg: LlamaConfig, lengths: tuple[int, ...]) -> float:
 def activation_stacks(cfg: LlamaConfig, lengths: tuple[int, ...]) -> list[ActivationStack]:
     """One stack of self-attention blocks over the sequence."""
     (T,) = lengths
-    return [ActivationStack(cfg.num_hidden_layers, T, 34)]
+    return [ActivationStack(cfg.num_hidden_layers, T, cfg.hidden_size, 34)]
 
 
 def architecture_rows(m: LlamaConfig) -> list[tuple[str, Any]]:
@@ -51,6 +52,16 @@ def generation_config(cfg: LlamaConfig) -> dict[str, int]:
     return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
 
 
+def complete(model: LlamaForCausalLM, tok: Tokenizer, prompt: str, **sampling) -> str:
+    """The prompt followed by its sampled continuation (up to EOS)."""
+    return prompt + tok.decode(generate(model, tok.encode(prompt), eos_id=tok.eos_id, **sampling))
+
+
+def shape_row(m: LlamaConfig) -> tuple[str, str, str]:
+    heads = f"{m.num_attention_heads}/{m.num_key_value_heads}"
+    return str(m.num_hidden_layers), str(m.hidden_size), heads
+
+
 SPEC = FamilySpec(
     model_type="llama",
     description="decoder",
@@ -71,6 +82,8 @@ SPEC = FamilySpec(
     architecture_rows=architecture_rows,
     check_batch=check_batch,
     generation_config=generation_config,
+    complete=complete,
+    shape_row=shape_row,
 )
 
 __all__ = ["SPEC", "LlamaConfig", "LlamaForCausalLM"]

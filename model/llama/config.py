@@ -79,6 +79,16 @@ class LlamaConfig(BaseModel):
         return self
 
     @property
+    def num_blocks(self) -> int:
+        """Transformer blocks L (the most pipeline stages the model can be cut into)."""
+        return self.num_hidden_layers
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence the model takes, in tokens (its RoPE table)."""
+        return self.max_position_embeddings
+
+    @property
     def head_dim(self) -> int:
         """Width of one attention head, Dh = hidden_size // num_attention_heads."""
         return self.hidden_size // self.num_attention_heads

@@ -7,10 +7,12 @@ from typing import Any
 import torch
 
 from model.family import ActivationStack, FamilySpec
+from model.generate import fill_in_spans, generate_seq2seq
 from model.t5 import hf
 from model.t5.config import T5Config
 from model.t5.model import T5ForConditionalGeneration
 from model.t5.presets import PRESETS
+from model.tokenizer import Tokenizer
 
 
 def flops_per_sequence(cfg: T5Config, lengths: tuple[int, ...]) -> float:
@@ -30,7 +32,10 @@ def activation_stacks(cfg: T5Config, lengths: tuple[int, ...]) -> list[Activatio
     """Encoder blocks at the encoder length; decoder blocks, which add cross-attention, at 1.5x
     the values per token and the decoder length."""
     S, T = lengths
-    return [ActivationStack(cfg.num_layers, S, 34), ActivationStack(cfg.num_decoder_layers, T, 51)]
+    return [
+        ActivationStack(cfg.num_layers, S, cfg.d_model, 34),
+        ActivationStack(cfg.num_decoder_layers, T, cfg.d_model, 51),
+    ]
 
 
 def architecture_rows(m: T5Config) -> list[tuple[str, Any]]:
@@ -70,6 +75,20 @@ def generation_config(cfg: T5Config) -> dict[str, int]:
     }
 
 
+def complete(model: T5ForConditionalGeneration, tok: Tokenizer, prompt: str, **sampling) -> str:
+    """The prompt (the encoder input) with its sentinel spans filled in by the generated ones;
+    a prompt without sentinels gets the decoder's continuation after it."""
+    ids = tok.encode(prompt)
+    new = generate_seq2seq(model, [*ids, tok.eos_id], **sampling)
+    if not set(ids) & set(tok.sentinel_ids.tolist()):
+        return prompt + tok.decode(new)
+    return tok.decode(fill_in_spans(ids, new, tok.sentinel_ids, tok.eos_id))
+
+
+def shape_row(m: T5Config) -> tuple[str, str, str]:
+    return f"{m.num_layers}+{m.num_decoder_layers}", str(m.d_model), str(m.num_heads)
+
+
 SPEC = FamilySpec(
     model_type="t5",
     description="encoder-decoder",
@@ -90,6 +109,8 @@ SPEC = FamilySpec(
     architecture_rows=architecture_rows,
     check_batch=check_batch,
     generation_config=generation_config,
+    complete=complete,
+    shape_row=shape_row,
 )
 
 __all__ = ["SPEC", "T5Config", "T5ForConditionalGeneration"]

@@ -81,6 +81,16 @@ class T5Config(BaseModel):
         return self
 
     @property
+    def num_blocks(self) -> int:
+        """Transformer blocks, encoder + decoder (the most pipeline stages it can be cut into)."""
+        return self.num_layers + self.num_decoder_layers
+
+    @property
+    def max_seq_len(self) -> None:
+        """None: relative position buckets take any length."""
+        return None
+
+    @property
     def inner_dim(self) -> int:
         """Width of the concatenated heads, H x d_kv."""
         return self.num_heads * self.d_kv

@@ -59,6 +59,7 @@ from model.tokenizer import (
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
 from trainer.data.dataset import FORMAT_VERSION, MANIFEST_FILE, SPLITS, read_manifest
 from trainer.data.sources import SKIP_REASONS, classify, iter_texts, load_source
+from trainer.objectives import check_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def prepare_all(cfg: KilnConfig, *, force: bool = False) -> list[dict[str, Any]]
         the manifest of each dataset, in config order.
 
     Raises:
-        ValueError: no datasets; the tokenizer is larger than ``model.vocab_size``; a dataset was
+        ValueError: no datasets; the tokenizer does not fit the run; a dataset was
             prepared with another tokenizer or seq_len (and not ``force``); a dataset has no
             usable document.
         FileNotFoundError: a source path matches nothing.
@@ -154,8 +155,9 @@ def load_or_train_tokenizer(
     ``train``, default :func:`train_tokenizer_from_config`; the Ray path passes its own).
 
     Raises:
-        ValueError: no datasets; the tokenizer is larger than ``model.vocab_size``; the file
-            holds another tokenizer than ``model.init_from``'s.
+        ValueError: no datasets; the tokenizer does not fit the run
+            (:func:`trainer.objectives.check_tokenizer`); the file holds another tokenizer than
+            ``model.init_from``'s.
         FileNotFoundError: a source path matches nothing; ``model.init_from`` has no tokenizer.
     """
     if not cfg.data.datasets:
@@ -169,13 +171,7 @@ def load_or_train_tokenizer(
         tokenizer = install_tokenizer(source, cfg.tokenizer_path)
     else:
         tokenizer = (train or train_tokenizer_from_config)(cfg)
-    model_vocab = cfg.model.vocab_size
-    if model_vocab is not None and tokenizer.vocab_size > model_vocab:
-        raise ValueError(
-            f"tokenizer {cfg.tokenizer_path} has {tokenizer.vocab_size} pieces but "
-            f"model.vocab_size={model_vocab}; raise model.vocab_size (or leave it unset and set "
-            f"tokenizer.vocab_size={tokenizer.vocab_size})"
-        )
+    check_tokenizer(cfg, tokenizer)
     return tokenizer
 
 
