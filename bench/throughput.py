@@ -136,7 +136,7 @@ class PlainLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
     def train_step(self) -> torch.Tensor:
-        from trainer.loop import token_loss
+        from trainer.objectives import token_loss
 
         p, total = self.plan, torch.zeros(())
         self.model.train()

@@ -15,16 +15,11 @@ from pathlib import Path
 
 import click
 
+from launcher import preflight
+from launcher.preflight import user_errors
 from launcher.ray_cli import ray_group
 from launcher.slurm import slurm
-from trainer.config import (
-    ConfigError,
-    KilnConfig,
-    batch_plan,
-    check_device,
-    check_paths,
-    load_config,
-)
+from trainer.config import check_paths
 
 
 class _RunDir(click.Path):
@@ -40,13 +35,6 @@ class _RunDir(click.Path):
 
 RUN_DIR = _RunDir(file_okay=False, exists=True)
 OVERRIDES_HELP = "KEY=VALUE overrides of the config, e.g. train.lr=3e-4 parallel.zero_stage=2"
-
-
-def _load(config: str, overrides: tuple[str, ...], extra: list[str] = ()) -> KilnConfig:
-    try:
-        return load_config(config, [*overrides, *extra])
-    except (ConfigError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,37 +67,29 @@ def train(
         extra.append(f"launch.nproc_per_node={nproc}")
     if nnodes is not None:
         extra.append(f"launch.nnodes={nnodes}")
-    cfg = _load(config, overrides, extra)
+    cfg = preflight.load(config, overrides, extra)
     world_size = cfg.launch.nproc_per_node * cfg.launch.nnodes
-    try:
-        plan = batch_plan(cfg, world_size)
-        check_paths(cfg)
-        if not dry_run:
+    with user_errors():
+        if dry_run:
+            cuda = None
+        else:
             import torch
 
-            check_device(cfg, cuda_available=torch.cuda.is_available())
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    if plan.data_parallel_size == 1 and cfg.parallel.zero_stage > 0:
-        click.echo(
-            f"warning: parallel.zero_stage={cfg.parallel.zero_stage} partitions nothing on one "
-            "data-parallel process and only adds copies; parallel.zero_stage=0 is faster",
-            err=True,
-        )
+            cuda = torch.cuda.is_available()
+        plan = preflight.check(cfg, [world_size], cuda_available=cuda)
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if dry_run:
         from launcher.report import plan_report
 
-        click.echo(plan_report(cfg, plan))
+        click.echo(plan_report(cfg, plan.batch))
         return
 
     from launcher.local import run_workers, torchrun_command
     from trainer import checkpoint, storage
-    from trainer.data.prepare import prepare_all
 
-    try:
-        prepare_all(cfg)  # checks that the tokenizer fits the model and the objective
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+    with user_errors():
+        preflight.prepare(cfg)
     # A URL run folder: the workers use a local mirror of it and upload (trainer.storage).
     run_dir = storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())
     if (store := storage.for_run(cfg.run_dir)) is not None:
@@ -179,11 +159,9 @@ def tokenizer_train(config, overrides, use_ray, address, num_blocks):
     """
     from trainer.data.prepare import train_tokenizer_from_config
 
-    cfg = _load(config, overrides)
-    try:
+    cfg = preflight.load(config, overrides)
+    with user_errors():
         check_paths(cfg)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
     if use_ray:
         from launcher.ray_cli import train_tokenizer_on_ray_cluster
 
@@ -215,11 +193,9 @@ def data_prepare(config, overrides, force, use_ray, address, num_blocks):
     """
     from trainer.data.prepare import prepare_all
 
-    cfg = _load(config, overrides)
-    try:
+    cfg = preflight.load(config, overrides)
+    with user_errors():
         check_paths(cfg)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
     if use_ray:
         from launcher.ray_cli import prepare_on_ray
 

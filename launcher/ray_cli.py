@@ -16,7 +16,9 @@ from typing import Any
 
 import click
 
-from trainer.config import ConfigError, KilnConfig, check_device, check_paths
+from launcher import preflight
+from launcher.preflight import user_errors
+from trainer.config import KilnConfig
 from trainer.storage import is_url
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -162,10 +164,9 @@ def submit(
     accumulation changes; every size in the range must divide it) and the sampler reshards the
     data, so no sample is skipped or repeated; steps since that checkpoint are trained again.
     """
-    from launcher.cli import _load
-    from launcher.ray_driver import CONFIG_ENV, check_batches, parse_num_workers
+    from launcher.ray_driver import CONFIG_ENV, parse_num_workers, worker_counts
 
-    cfg = _load(config, overrides)
+    cfg = preflight.load(config, overrides)
     try:
         workers = parse_num_workers(
             num_workers or str(cfg.launch.nproc_per_node * cfg.launch.nnodes)
@@ -179,13 +180,13 @@ def submit(
             f"node mounts; give absolute paths or --workdir DIR (the folder they are relative to "
             f"on the cluster, e.g. ~/kiln where configs/ray/*.yaml install Kiln)"
         )
-    try:
-        check_batches(cfg, workers)
-        check_device(cfg, cuda_available=gpus_per_worker > 0)
-        if not no_path_check:
-            check_paths(cfg)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+    with user_errors():
+        preflight.check(
+            cfg,
+            worker_counts(workers),
+            cuda_available=gpus_per_worker > 0,
+            paths=not no_path_check,
+        )
 
     from ray.job_submission import JobSubmissionClient
 

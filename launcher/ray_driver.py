@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from launcher import preflight
 from trainer.callbacks import Callback
-from trainer.config import KilnConfig, batch_plan, check_paths, config_from_dict, load_config
+from trainer.config import KilnConfig, config_from_dict, load_config
 from trainer.storage import is_url
 
 if TYPE_CHECKING:
@@ -66,16 +67,6 @@ def parse_num_workers(text: str) -> int | tuple[int, int]:
 def worker_counts(num_workers: int | tuple[int, int]) -> range:
     lo, hi = (num_workers, num_workers) if isinstance(num_workers, int) else num_workers
     return range(lo, hi + 1)
-
-
-def check_batches(cfg: KilnConfig, num_workers: int | tuple[int, int]) -> None:
-    """``batch_plan`` for every world size the job may run on.
-
-    Raises:
-        ConfigError: the global batch does not divide for one of them (the message says which).
-    """
-    for n in worker_counts(num_workers):
-        batch_plan(cfg, n)
 
 
 def absolute_paths(cfg: KilnConfig, base: Path) -> KilnConfig:
@@ -192,9 +183,8 @@ def run(
 
     if not ray.is_initialized():
         ray.init()
-    check_batches(cfg, num_workers)
-    check_paths(cfg)
-    prepare_all_ray(cfg, num_blocks=num_blocks)
+    preflight.check(cfg, worker_counts(num_workers), cuda_available=gpus_per_worker > 0)
+    preflight.prepare(cfg, lambda c: prepare_all_ray(c, num_blocks=num_blocks))
     # A URL run folder: every worker node uses a local mirror of it and uploads to it.
     store = storage.for_run(cfg.run_dir)
     run_dir = storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())

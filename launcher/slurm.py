@@ -35,7 +35,9 @@ from typing import Literal
 import click
 import jinja2
 
-from trainer.config import KilnConfig, batch_plan, check_device, check_paths
+from launcher import preflight
+from launcher.preflight import user_errors
+from trainer.config import KilnConfig
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 TEMPLATE = "train.sbatch.j2"
@@ -372,7 +374,6 @@ def submit(config, overrides, dry_run, **options):
     the run's latest checkpoint, checkpoints and requeues itself before its time limit, and stops
     requeueing once train.max_steps is reached.
     """
-    from launcher.cli import _load
     from trainer.storage import is_url
 
     gpus, nproc = options["gpus_per_node"], options.pop("nproc_per_node")
@@ -381,7 +382,7 @@ def submit(config, overrides, dry_run, **options):
         nproc = gpus
     if nproc is not None:
         extra.append(f"launch.nproc_per_node={nproc}")
-    cfg = _load(config, overrides, extra)
+    cfg = preflight.load(config, overrides, extra)
     if is_url(cfg.run_dir):
         raise click.ClickException(
             f"run_dir={cfg.run_dir!r} is a URL; a Slurm job keeps its script, log and job record "
@@ -392,14 +393,12 @@ def submit(config, overrides, dry_run, **options):
     # Without an environment set-up the job runs the interpreter that runs this command (shared
     # filesystem); with one, the `python` that the set-up puts on PATH.
     python = "python" if opts.env_setup else sys.executable
-    try:
+    with user_errors():
         opts.validate()
-        batch_plan(cfg, opts.nodes * opts.nproc_per_node)
-        check_paths(cfg)
-        check_device(cfg, cuda_available=gpus > 0)
+        plan = preflight.check(cfg, [opts.nodes * opts.nproc_per_node], cuda_available=gpus > 0)
         script = render_script(cfg, opts, workdir=Path.cwd(), python=python)
-    except ValueError as e:  # ConfigError is a ValueError
-        raise click.ClickException(str(e)) from None
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if gpus > 0 and opts.cpus_per_task is None:
         click.echo(
             "warning: no --cpus-per-task; where Slurm binds tasks to their CPUs, the "
@@ -423,12 +422,8 @@ def submit(config, overrides, dry_run, **options):
                 f"job {previous} of {run_dir} is still {state}; two jobs would write the same "
                 f"checkpoints: wait for it or `kiln slurm cancel {run_dir}` first"
             )
-    from trainer.data.prepare import prepare_all
-
-    try:
-        prepare_all(cfg)  # checks that the tokenizer fits the model and the objective
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+    with user_errors():
+        preflight.prepare(cfg)
     if (step := _latest_step_or_exit(cfg)) >= cfg.train.max_steps:
         click.echo(
             f"warning: {run_dir} is already at step {step} >= train.max_steps="
@@ -516,9 +511,7 @@ def logs(run_dir, follow):
 @click.argument("config", type=click.Path(dir_okay=False, exists=True))
 def progress(config):
     """Print the step of the run's latest checkpoint (0 if none)."""
-    from launcher.cli import _load
-
-    click.echo(_latest_step_or_exit(_load(config, ())))
+    click.echo(_latest_step_or_exit(preflight.load(config)))
 
 
 @slurm.command(hidden=True)
@@ -563,9 +556,7 @@ def node(config, nproc_per_node, nnodes, node_rank, master_addr, master_port):
 @click.option("--srun-exit-code", type=int, required=True)
 def after(config, start_step, signal_name, srun_exit_code):
     """Finish, requeue or fail the job once srun returned (see :func:`after_run`)."""
-    from launcher.cli import _load
-
-    cfg = _load(config, ())
+    cfg = preflight.load(config)
     outcome = after_run(
         step=_latest_step_or_exit(cfg),
         start_step=start_step,

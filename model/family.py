@@ -17,7 +17,9 @@ Adding a third family (say ``model/gpt2/``) is:
 4. ``model/gpt2/hf.py``: ``to_hf_config``, ``from_hf_config``, ``to_hf_state_dict``,
    ``from_hf_state_dict``;
 5. ``model/gpt2/__init__.py``: ``SPEC = FamilySpec(...)``;
-6. one line in ``model/registry.py``: ``FAMILIES`` gets ``"gpt2": gpt2.SPEC``.
+6. in ``model/registry.py``: import ``model.gpt2.SPEC`` and add it to ``FAMILIES``.
+
+``tests/test_family.py`` checks that every registered family provides all of this.
 """
 
 from __future__ import annotations

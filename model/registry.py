@@ -6,10 +6,11 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field
 
-from model import llama, t5
 from model.family import FamilySpec
+from model.llama import SPEC as LLAMA
+from model.t5 import SPEC as T5
 
-FAMILIES: dict[str, FamilySpec] = {"llama": llama.SPEC, "t5": t5.SPEC}
+FAMILIES: dict[str, FamilySpec] = {"llama": LLAMA, "t5": T5}
 DEFAULT_MODEL_TYPE = "llama"  # a model section without model_type
 
 ModelConfig = Union[tuple(s.config_class for s in FAMILIES.values())]  # noqa: UP007

@@ -527,12 +527,16 @@ def test_num_workers_is_a_count_or_an_elastic_range():
 
 
 def test_every_size_of_an_elastic_range_must_divide_the_batch(prepared_data, tmp_path):
-    from launcher.ray_driver import check_batches
+    from launcher import preflight
+    from launcher.ray_driver import worker_counts
     from trainer.config import ConfigError
 
+    def check_batches(cfg, workers):
+        return preflight.check(cfg, worker_counts(workers), cuda_available=False)
+
     cfg = load_config(train_config(tmp_path, prepared_data))  # global 8, micro 2
-    check_batches(cfg, (1, 2))
-    check_batches(cfg, 4)
+    assert set(check_batches(cfg, (1, 2)).batches) == {1, 2}
+    assert check_batches(cfg, 4).batch.gradient_accumulation_steps == 1
     with pytest.raises(ConfigError, match="data_parallel_size=3"):
         check_batches(cfg, (2, 4))
 

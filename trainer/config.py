@@ -22,16 +22,14 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.registry import DEFAULT_MODEL_TYPE, ModelConfigField, family, model_types, spec
+from trainer.errors import ConfigError
+from trainer.init_from import resolve_init_from
 from trainer.objectives import span_corruption_lengths
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 VOCAB_MULTIPLE = 64  # pad the model vocab so the embedding / head matmuls tile well on GPUs
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the field, the value and the fix."""
 
 
 class _Section(BaseModel):
@@ -387,8 +385,6 @@ def config_from_dict(tree: dict[str, Any]) -> KilnConfig:
     if not isinstance(model, dict):
         raise ConfigError(f"model must be a mapping, got {model!r}")
     if model.get("init_from") is not None:
-        from trainer.init_from import resolve_init_from
-
         tree = resolve_init_from(tree, model)
         model = tree["model"]
     else:

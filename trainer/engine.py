@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from trainer.config import BatchPlan, KilnConfig
+from trainer.objectives import token_loss
 
 
 def lr_lambda(cfg: KilnConfig):
@@ -135,7 +136,6 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
     import deepspeed
 
     if plan.pipeline_stages > 1:
-        from trainer.loop import token_loss
         from trainer.pipeline import build_pipeline
 
         model = build_pipeline(cfg, model, token_loss)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from model.registry import FAMILIES, get_preset, model_types, preset_names
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 # Model fields a checkpoint's weights do not fix: a run may set them (T5's dropout, init stds).
 _TRAINING_FIELDS = frozenset({"dropout_rate", "initializer_range", "initializer_factor"})

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from trainer import checkpoint, distributed
 from trainer.callbacks import Callback
@@ -31,21 +30,7 @@ from trainer.data.dataset import TrainData
 from trainer.distributed import World
 from trainer.engine import group_weight_decays
 from trainer.estimate import flops_per_token
-from trainer.objectives import IGNORE_INDEX
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-    """Cross-entropy of the labelled positions, in fp32: next tokens of a decoder, targets of an
-    encoder-decoder.
-
-    Args:
-        logits: (B, T, V) any float dtype.
-        labels: (B, T) int64 aligned with the logits; ``-100`` marks positions that do not count.
-    """
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )  # fmt: skip
+from trainer.objectives import IGNORE_INDEX, token_loss
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from trainer.config import KilnConfig
@@ -41,6 +42,20 @@ class Batch(NamedTuple):
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
     sample_ids: np.ndarray
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of the labelled positions, in fp32: next tokens of a decoder, targets of an
+    encoder-decoder.
+
+    Args:
+        logits: (B, T, V) any float dtype.
+        labels: (B, T) int64 aligned with the logits; ``-100`` marks positions that do not count.
+    """
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )  # fmt: skip
 
 
 class CausalLM:
