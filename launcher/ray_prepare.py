@@ -6,7 +6,7 @@ or nodes. That holds by construction:
 
 1. The driver reads the sources (``load_documents``), numbers the documents and cuts them into
    ``num_blocks`` Arrow blocks.
-2. Ray Data tokenizes the blocks in parallel (the local path's ``_tokenize_batch``: classify,
+2. Ray Data tokenizes the blocks in parallel (the local path's ``tokenize_batch``: classify,
    encode, EOS after each document), keeping each document's number.
 3. The driver collects the small per-document columns (status, token count), draws the
    validation documents exactly as the local path does and computes where each document's
@@ -38,21 +38,21 @@ from model.tokenizer import Tokenizer, keyed_line_sample, merge_line_samples
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
 from trainer.data.dataset import SPLITS
 from trainer.data.prepare import (
-    _MAP_BATCH,
-    _STATUS,
-    _log_summary,
-    _tokenize_batch,
-    _validation_mask,
+    DOCUMENT_STATUS,
+    MAP_BATCH_SIZE,
     build_manifest,
     check_eos,
     check_usable,
     hf_cache_dir,
     load_documents,
     load_or_train_tokenizer,
+    log_summary,
     reusable_manifest,
     staging_dir,
     token_dtype,
+    tokenize_batch,
     train_tokenizer_from_config,
+    validation_mask,
     write_manifest,
 )
 from trainer.data.sources import SKIP_REASONS, classify, load_source
@@ -125,10 +125,10 @@ def prepare_dataset_ray(
     with staging_dir(final) as tmp:
         tokenized = _tokenize(docs, tokenizer, num_blocks)
         status, lengths = _document_columns(tokenized, n_docs)
-        skipped = {r: int((status == _STATUS[r]).sum()) for r in SKIP_REASONS}
+        skipped = {r: int((status == DOCUMENT_STATUS[r]).sum()) for r in SKIP_REASONS}
         usable = status == 0
         check_usable(ds_cfg, n_docs, int(usable.sum()), skipped)
-        is_val = _validation_mask(
+        is_val = validation_mask(
             n_docs, np.flatnonzero(usable), d.validation_fraction, d.seed, ds_cfg.name
         )
         dtype = token_dtype(tokenizer.vocab_size)
@@ -138,7 +138,7 @@ def prepare_dataset_ray(
             _write_tokens,
             fn_kwargs={"layout": layout},
             batch_format="pyarrow",
-            batch_size=_MAP_BATCH,
+            batch_size=MAP_BATCH_SIZE,
         ).take_all()  # one small row per batch (an aggregate would shuffle)
         expected = sum(s["sequences"] * layout.row for s in layout.splits.values())
         assert sum(r["written"] for r in written) == expected, (written, expected)
@@ -148,7 +148,7 @@ def prepare_dataset_ray(
             cfg, ds_cfg, tokenizer, n_docs, int(usable.sum()), skipped, splits
         )
         write_manifest(tmp, manifest)
-    _log_summary(manifest)
+    log_summary(manifest)
     return manifest
 
 
@@ -251,14 +251,14 @@ def _tokenize(docs, tokenizer: Tokenizer, num_blocks: int | None):
             _tokenize_block,
             fn_kwargs={"tokenizer": tokenizer},
             batch_format="pyarrow",
-            batch_size=_MAP_BATCH,
+            batch_size=MAP_BATCH_SIZE,
         )
         .materialize()
     )
 
 
 def _tokenize_block(batch: pa.Table, *, tokenizer: Tokenizer) -> pa.Table:
-    out = _tokenize_batch({"text": batch.column("text").to_pylist()}, tokenizer)
+    out = tokenize_batch({"text": batch.column("text").to_pylist()}, tokenizer)
     ids = pa.array(out["input_ids"], type=pa.list_(pa.int32()))
     return pa.table(
         {

@@ -156,7 +156,7 @@ def save_hf_tokenizer(
     fast = build_fast_tokenizer(tok, model_type=model_type)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.model").write_bytes(tok._proto)  # the model bytes, as Kiln loads them
+    (out_dir / "tokenizer.model").write_bytes(tok.model_proto)  # the bytes Kiln loads
     fast.save(str(out_dir / "tokenizer.json"))
     specials = _special_tokens(tok)
     added = {
@@ -215,7 +215,7 @@ def _bpe_merges(pieces) -> list[tuple[str, str]]:
 
 def _proto(tok: Tokenizer) -> sentencepiece_model_pb2.ModelProto:
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(tok._proto)
+    proto.ParseFromString(tok.model_proto)
     norm = proto.normalizer_spec
     specials = [tok.id_to_piece(i) for i in (UNK_ID, BOS_ID, EOS_ID, PAD_ID)]
     if (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) != (UNK_ID, BOS_ID, EOS_ID, PAD_ID):

@@ -69,7 +69,7 @@ class Tokenizer:
     """
 
     def __init__(self, model_proto: bytes, path: Path | None = None) -> None:
-        self._proto = model_proto
+        self.model_proto = model_proto  # the serialized sentencepiece model (tokenizer.model)
         self.path = path
         self.sha256 = hashlib.sha256(model_proto).hexdigest()
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -90,7 +90,7 @@ class Tokenizer:
         return cls(path.read_bytes(), path)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"model_proto": self._proto, "path": self.path}
+        return {"model_proto": self.model_proto, "path": self.path}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["model_proto"], state["path"])
@@ -374,7 +374,7 @@ def write_meta(tok: Tokenizer, folder: Path, **extra: Any) -> dict[str, Any]:
     """Write ``tokenizer_meta.json`` for ``tok`` into ``folder`` (atomically) and return it: what
     the model file says (algorithm, ``vocab_size``, special ids, sha256, character coverage, byte
     fallback, sentinels), then ``extra`` (how it was trained, where it was copied from)."""
-    spec = sentencepiece_model_pb2.ModelProto.FromString(tok._proto).trainer_spec
+    spec = sentencepiece_model_pb2.ModelProto.FromString(tok.model_proto).trainer_spec
     meta = {
         "format_version": META_FORMAT_VERSION,
         "model_type": spec.ModelType.Name(spec.model_type).lower(),

@@ -63,8 +63,9 @@ from trainer.objectives import check_tokenizer
 
 logger = logging.getLogger(__name__)
 
-_STATUS = {None: 0, **{reason: i + 1 for i, reason in enumerate(SKIP_REASONS)}}
-_MAP_BATCH = 1000
+# A document's status code in the tokenized columns: 0 usable, else 1 + its skip reason's index.
+DOCUMENT_STATUS = {None: 0, **{reason: i + 1 for i, reason in enumerate(SKIP_REASONS)}}
+MAP_BATCH_SIZE = 1000  # documents per tokenizing batch (local `datasets.map` and Ray Data alike)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -251,15 +252,15 @@ def prepare_dataset(
 
     with staging_dir(final) as tmp:
         status, tokenized = _tokenize(docs, tokenizer, tmp / "map-cache", d.num_proc)
-        skipped = {r: int((status == _STATUS[r]).sum()) for r in SKIP_REASONS}
+        skipped = {r: int((status == DOCUMENT_STATUS[r]).sum()) for r in SKIP_REASONS}
         usable = np.flatnonzero(status == 0)
         check_usable(ds_cfg, n_docs, len(usable), skipped)
-        is_val = _validation_mask(n_docs, usable, d.validation_fraction, d.seed, name)
+        is_val = validation_mask(n_docs, usable, d.validation_fraction, d.seed, name)
 
         dtype = token_dtype(tokenizer.vocab_size)
         writers = {s: _SplitWriter(tmp, s, d.seq_len + 1, dtype, d.shard_tokens) for s in SPLITS}
         start = 0
-        for table in tokenized.with_format("arrow").iter(batch_size=_MAP_BATCH):
+        for table in tokenized.with_format("arrow").iter(batch_size=MAP_BATCH_SIZE):
             val = pa.array(is_val[start : start + table.num_rows])
             start += table.num_rows
             for split, mask in (("train", pc.invert(val)), ("validation", val)):
@@ -275,7 +276,7 @@ def prepare_dataset(
 
         manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, len(usable), skipped, splits)
         write_manifest(tmp, manifest)
-    _log_summary(manifest)
+    log_summary(manifest)
     return manifest
 
 
@@ -401,8 +402,11 @@ def _existing_manifest(
     )
 
 
-def _tokenize_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
-    status = [_STATUS[classify(t)] for t in batch["text"]]
+def tokenize_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+    """A batch of documents (``{"text": [str | None]}``) -> ``{"input_ids": [[int]], "status":
+    [int]}``: each document's token ids (EOS-terminated) and :data:`DOCUMENT_STATUS` code (ids
+    empty when skipped). Used by the local and the Ray preparation alike."""
+    status = [DOCUMENT_STATUS[classify(t)] for t in batch["text"]]
     ids = iter(
         tokenizer.encode_batch([t for t, s in zip(batch["text"], status, strict=True) if s == 0])
     )
@@ -428,9 +432,9 @@ def _tokenize(
         f"{docs._fingerprint}/{tokenizer.sha256}/kiln-tokenize-v1".encode()
     ).hexdigest()[:32]
     tokenized = docs.map(
-        _tokenize_batch,
+        tokenize_batch,
         batched=True,
-        batch_size=_MAP_BATCH,
+        batch_size=MAP_BATCH_SIZE,
         fn_kwargs={"tokenizer": tokenizer},
         remove_columns=docs.column_names,
         features=datasets.Features(
@@ -448,7 +452,7 @@ def _tokenize(
     return status, tokenized
 
 
-def _validation_mask(
+def validation_mask(
     n_docs: int, usable: np.ndarray, fraction: float, seed: int, name: str
 ) -> np.ndarray:
     """(n_docs,) bool: the documents held out for validation, a seeded choice of usable ones."""
@@ -547,7 +551,8 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _log_summary(man: dict[str, Any]) -> None:
+def log_summary(man: dict[str, Any]) -> None:
+    """Log a prepared dataset's counts (sequences and tokens per split, skipped documents)."""
     skipped = man["skipped"]
     n_skipped = sum(skipped.values())
     tr, va = man["splits"]["train"], man["splits"]["validation"]
