@@ -6,6 +6,7 @@ consolidate into the plain model's weights; bad layouts are refused before any p
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,20 +25,33 @@ from trainer.config import ConfigError, batch_plan, load_config
 from trainer.pipeline import key_map, layer_specs
 
 
-def run_layers(specs: list, inputs):
-    """``specs``' layers applied in sequence as DeepSpeed's `PipelineModule` does on one stage:
-    a tied module is built once per key and a later use of it calls its ``forward_fn``; what
-    goes between layers is a tensor or a tuple whose floating tensors all carry gradients."""
+def pipeline_layers(specs: list, device: str | None = None) -> list:
+    """``specs``' layers as DeepSpeed's `PipelineModule` builds them on a stage holding them all:
+    a tied module built once per key, a later use of it calling its ``forward_fn`` on it; then,
+    as the `PipelineModule` does, moved to ``device`` (None: left where the model is)."""
     tied: dict[str, torch.nn.Module] = {}
-    x = inputs
+    modules, layers = [], []
     for spec in specs:
-        if isinstance(spec, TiedLayerSpec):
-            if spec.key not in tied:
-                tied[spec.key] = spec.build()
-            module = tied[spec.key]
-            x = module(x) if spec.forward_fn is None else spec.forward_fn(module, x)
-        else:
-            x = spec.build()(x)
+        if not isinstance(spec, TiedLayerSpec):
+            modules.append(spec.build())
+            layers.append(modules[-1])
+            continue
+        if spec.key not in tied:
+            tied[spec.key] = spec.build()
+            modules.append(tied[spec.key])
+        module = tied[spec.key]
+        layers.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
+    for module in modules if device else []:
+        module.to(device)
+    return layers
+
+
+def run_layers(layers: list, inputs):
+    """The layers applied in sequence; what goes between them is a tensor or a tuple whose
+    floating tensors all carry gradients (DeepSpeed runs backward on each of them)."""
+    x = inputs
+    for layer in layers:
+        x = layer(x)
         outs = x if isinstance(x, tuple) else (x,)
         assert all(t.requires_grad for t in outs if t is not None and t.is_floating_point())
     return x
@@ -84,10 +98,27 @@ def test_pipeline_layers_compute_the_plain_forward(case, tie):
         return logits, dict(zip(params, grads, strict=True))
 
     want, want_grads = logits_and_grads(lambda: model(**kwargs))
-    got, got_grads = logits_and_grads(lambda: run_layers(layer_specs(model), pipe_inputs))
+    got, got_grads = logits_and_grads(
+        lambda: run_layers(pipeline_layers(layer_specs(model)), pipe_inputs)
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for name in params:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_pipeline_layers_read_only_what_they_hold(tie):
+    """A stage moves only its layers to its device, the rest of the plain model stays on the
+    CPU: moved to the meta device, the layers still run (a piece reading any other tensor of
+    the model, such as the model's own RoPE tables, would mix devices and fail)."""
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    for cfg, inputs in (
+        (LlamaConfig(**LLAMA, tie_word_embeddings=tie), ids),
+        (T5Config(**T5, tie_word_embeddings=tie), (ids, torch.ones_like(ids), ids[:, :3])),
+    ):
+        model = build_model(cfg, seed=0)
+        logits = run_layers(pipeline_layers(layer_specs(model), "meta"), inputs)
+        assert logits.device.type == "meta" and logits.shape[-1] == 64
 
 
 # Same weights, same micro-batches, same accumulation order, fp32: the pipeline only moves the
