@@ -2,9 +2,9 @@
 
 A family is one folder under ``model/`` (``model/llama/``, ``model/t5/``) holding its config,
 presets, module, Hugging Face adapter and a ``SPEC``; ``model/registry.py`` maps ``model_type`` to
-it. Generic code (config validation, objectives, memory and FLOPs estimates, pipeline cut,
-publishing, ``model.init_from``, the model card, the CLI) asks the spec and never branches on
-``model_type``.
+it. Generic code (config validation, objectives, memory and FLOPs estimates, publishing,
+``model.init_from``, the model card, the CLI) asks the spec, the pipeline cut asks the module
+(``pipeline_pieces()``), and none branches on ``model_type``.
 
 Adding a third family (say ``model/gpt2/``) is:
 
@@ -12,8 +12,9 @@ Adding a third family (say ``model/gpt2/``) is:
    shape properties every family config has (``num_blocks``, ``max_seq_len``, ``d_model``,
    ``num_parameters``, ``head_dim``);
 2. ``model/gpt2/presets.py``: ``PRESETS``, a dict of factory functions with a ``debug`` entry;
-3. ``model/gpt2/model.py``: the ``nn.Module`` with ``from_config``, ``blocks()`` and a forward
-   that takes the batch's model inputs by keyword;
+3. ``model/gpt2/model.py``: the ``nn.Module`` with ``from_config``, ``blocks()``, a forward
+   that takes the batch's model inputs by keyword and ``pipeline_pieces()``, that forward as a
+   list of :class:`Piece` (the pipeline cut);
 4. ``model/gpt2/hf.py``: ``to_hf_config``, ``from_hf_config``, ``to_hf_state_dict``,
    ``from_hf_state_dict``;
 5. ``model/gpt2/__init__.py``: ``SPEC = FamilySpec(...)``;
@@ -25,7 +26,7 @@ Adding a third family (say ``model/gpt2/``) is:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -48,6 +49,40 @@ class ActivationStack:
     seq_len: int
     d_model: int
     values_per_token: int
+
+
+@dataclass(frozen=True, repr=False)
+class Piece:
+    """One piece of a model's forward, in the order of a pipeline cut (``trainer.pipeline`` makes
+    each a DeepSpeed pipeline layer): a function of the previous piece's output over some of the
+    model's own modules, so the cut runs the model's code on the model's parameters.
+
+    Attributes:
+        kind: ``"embed"``, ``"bias"``, ``"block"``, ``"norm"`` or ``"head"``; a ``"block"`` is a
+            transformer block (recomputed under activation checkpointing).
+        forward: ``(holder, inputs) -> outputs``: ``inputs`` is the previous piece's output (the
+            first piece's is the model's inputs), a tensor or a tuple of tensors; ``holder`` is a
+            module holding ``modules`` and ``buffers`` under their names. It reads parameters and
+            buffers only through those: from ``holder``, or by calling (in a closure) the
+            model's modules and methods over them, such as a block whose children are held flat.
+            A module called so is not the holder's and never sees ``train()``/``eval()`` itself,
+            only through its held children: it must not read its own ``training``.
+        modules: name -> a module of the model, held under that name; the holder's state-dict
+            keys are the model's keys below these modules (``embed_tokens.weight``, a block's
+            ``self_attn.q_proj.weight``).
+        buffers: name -> a tensor ``forward`` reads from the holder (RoPE tables); not saved.
+        tie: pieces with the same key share one holder, built from the first of them (an
+            embedding used again by the decoder or as the tied head); None: its own holder.
+    """
+
+    kind: str
+    forward: Callable[[Any, Any], Any]
+    modules: Mapping[str, Any]
+    buffers: Mapping[str, Any] = field(default_factory=dict)
+    tie: str | None = None
+
+    def __repr__(self) -> str:  # DeepSpeed prints its layer specs' arguments
+        return f"Piece({self.kind!r}, modules={list(self.modules)}, tie={self.tie!r})"
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,125 @@
-"""Pipeline parallelism through `kiln train` (DeepSpeed's pipeline engine, gloo, CPU): a 2-stage
+"""Pipeline parallelism: the cut's layers, applied in sequence, compute the plain model's logits
+and gradients; through `kiln train` (DeepSpeed's pipeline engine, gloo, CPU): a 2-stage
 pipeline trains exactly as the plain model on the same batches and weights, for both families;
 2 stages x 2 data-parallel ranks (4 processes) train; pipeline checkpoints resume exactly and
 consolidate into the plain model's weights; bad layouts are refused before any process starts."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train, train_config
+from deepspeed.pipe import TiedLayerSpec
 from safetensors.torch import load_file
 from test_train_distributed import STAGE_TOLERANCE, continue_from
 
+from model import build_model
 from model.llama import LlamaConfig
 from model.t5 import T5Config
 from trainer.checkpoint import latest_checkpoint, load_model_weights
 from trainer.config import ConfigError, batch_plan, load_config
-from trainer.pipeline import key_map
+from trainer.pipeline import key_map, layer_specs
+
+
+def pipeline_layers(specs: list, device: str | None = None) -> list:
+    """``specs``' layers as DeepSpeed's `PipelineModule` builds them on a stage holding them all:
+    a tied module built once per key, a later use of it calling its ``forward_fn`` on it; then,
+    as the `PipelineModule` does, moved to ``device`` (None: left where the model is)."""
+    tied: dict[str, torch.nn.Module] = {}
+    modules, layers = [], []
+    for spec in specs:
+        if not isinstance(spec, TiedLayerSpec):
+            modules.append(spec.build())
+            layers.append(modules[-1])
+            continue
+        if spec.key not in tied:
+            tied[spec.key] = spec.build()
+            modules.append(tied[spec.key])
+        module = tied[spec.key]
+        layers.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
+    for module in modules if device else []:
+        module.to(device)
+    return layers
+
+
+def run_layers(layers: list, inputs):
+    """The layers applied in sequence; what goes between them is a tensor or a tuple whose
+    floating tensors all carry gradients (DeepSpeed runs backward on each of them)."""
+    x = inputs
+    for layer in layers:
+        x = layer(x)
+        outs = x if isinstance(x, tuple) else (x,)
+        assert all(t.requires_grad for t in outs if t is not None and t.is_floating_point())
+    return x
+
+
+LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+             initializer_range=0.2)  # fmt: skip
+T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+          num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+          dropout_rate=0.1)  # fmt: skip
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("case", ["llama", "t5-no-mask", "t5-padded"])
+def test_pipeline_layers_compute_the_plain_forward(case, tie):
+    """Logits and every parameter's gradient, in training mode (T5's dropout draws the same
+    masks in the same order from the same seed), equal the plain model's."""
+    gen = torch.Generator().manual_seed(0)
+    B, S, T = 2, 12, 9
+    if case == "llama":
+        cfg = LlamaConfig(**LLAMA, tie_word_embeddings=tie)
+        ids = torch.randint(0, 64, (B, T), generator=gen)
+        kwargs, pipe_inputs = {"input_ids": ids}, ids
+    else:
+        cfg = T5Config(**T5, tie_word_embeddings=tie)
+        ids = torch.randint(0, 64, (B, S), generator=gen)
+        dec = torch.randint(0, 64, (B, T), generator=gen)
+        mask = None
+        if case == "t5-padded":
+            mask = torch.ones(B, S, dtype=torch.long)
+            mask[1, 7:] = 0
+        kwargs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+        pipe_inputs = (ids, mask, dec)
+    labels = torch.randint(0, 64, (B, T), generator=gen)
+    model = build_model(cfg, seed=0).train()
+    params = dict(model.named_parameters())  # a tied head's weight once
+
+    def logits_and_grads(forward):
+        torch.manual_seed(1)
+        logits = forward()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        grads = torch.autograd.grad(loss, list(params.values()))
+        return logits, dict(zip(params, grads, strict=True))
+
+    want, want_grads = logits_and_grads(lambda: model(**kwargs))
+    got, got_grads = logits_and_grads(
+        lambda: run_layers(pipeline_layers(layer_specs(model)), pipe_inputs)
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name in params:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_pipeline_layers_read_only_what_they_hold(tie):
+    """A stage moves only its layers to its device, the rest of the plain model stays on the
+    CPU: moved to the meta device, the layers still run (a piece reading any other tensor of
+    the model, such as the model's own RoPE tables, would mix devices and fail)."""
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    for cfg, inputs in (
+        (LlamaConfig(**LLAMA, tie_word_embeddings=tie), ids),
+        (T5Config(**T5, tie_word_embeddings=tie), (ids, torch.ones_like(ids), ids[:, :3])),
+    ):
+        model = build_model(cfg, seed=0)
+        logits = run_layers(pipeline_layers(layer_specs(model), "meta"), inputs)
+        assert logits.device.type == "meta" and logits.shape[-1] == 64
+
 
 # Same weights, same micro-batches, same accumulation order, fp32: the pipeline only moves the
 # activations between processes, so the losses come out bit-identical here (0.0 measured); the
@@ -163,3 +265,26 @@ def test_key_map_covers_every_weight(tie):
         assert set(mapping) == keys
         targets = list(mapping.values())
         assert len(set(targets)) == len(targets) - int(tie)  # only a tied head shares a slot
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_layer_files_keep_their_layout(tie):
+    """The keys of each `layer_XX-model_states.pt` as pipeline checkpoints have always had them
+    (a tied head is saved with the embedding in layer 0), so older checkpoints consolidate."""
+    cfg = LlamaConfig(vocab_size=64, num_hidden_layers=3, tie_word_embeddings=tie)
+    got = key_map(cfg)
+    assert got["embed_tokens.weight"] == (0, "embed_tokens.weight")
+    assert got["layers.1.self_attn.q_proj.weight"] == (2, "self_attn.q_proj.weight")
+    assert got["layers.2.mlp.down_proj.weight"] == (3, "mlp.down_proj.weight")
+    assert got["norm.weight"] == (4, "norm.weight")
+    assert got["lm_head.weight"] == ((0, "embed_tokens.weight") if tie else (5, "lm_head.weight"))
+    cfg = T5Config(vocab_size=64, num_layers=2, num_decoder_layers=3, tie_word_embeddings=tie)
+    got, bias = key_map(cfg), "relative_attention_bias.embedding.weight"
+    assert got["shared.weight"] == (0, "shared.weight")
+    assert got[f"encoder.{bias}"] == (1, bias)
+    assert got["encoder.layers.1.mlp.up_proj.weight"] == (3, "mlp.up_proj.weight")
+    assert got["encoder.final_layer_norm.weight"] == (4, "final_layer_norm.weight")
+    assert got[f"decoder.{bias}"] == (6, bias)  # layer 5 is the decoder's use of `shared`
+    assert got["decoder.layers.0.cross_attn.k_proj.weight"] == (7, "cross_attn.k_proj.weight")
+    assert got["decoder.final_layer_norm.weight"] == (10, "final_layer_norm.weight")
+    assert got["lm_head.weight"] == ((0, "shared.weight") if tie else (11, "lm_head.weight"))

@@ -6,12 +6,30 @@ Shape legend: B batch, T time, D model dim (hidden_size), V vocab, Dh head dim.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.family import Piece
 from model.layers import Attention, GatedMLP, KVCache, RMSNorm, rope_cos_sin
 from model.llama.config import LlamaConfig
+
+
+def rope_window(cos: Tensor, sin: Tensor, start: int, length: int) -> tuple[Tensor, Tensor]:
+    """The rows of positions ``start .. start + length - 1`` of the RoPE tables cos, sin:
+    (max_position_embeddings, Dh) -> (length, Dh) each.
+
+    Raises:
+        ValueError: the positions run past the tables (``max_position_embeddings``).
+    """
+    if start + length > cos.shape[0]:
+        raise ValueError(
+            f"sequence length {start + length} exceeds max_position_embeddings="
+            f"{cos.shape[0]}; shorten the input or raise the limit"
+        )
+    return cos[start : start + length], sin[start : start + length]
 
 
 class DecoderLayer(nn.Module):
@@ -137,15 +155,54 @@ class LlamaForCausalLM(nn.Module):
             ValueError: the positions run past `max_position_embeddings`.
         """
         start = 0 if kv_cache is None else kv_cache[0].length
-        T = input_ids.shape[1]
-        if start + T > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {start + T} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}; shorten the input or raise the limit"
-            )
-        cos = self.rope_cos[start : start + T]  # (T, Dh)
-        sin = self.rope_sin[start : start + T]  # (T, Dh)
+        cos, sin = rope_window(self.rope_cos, self.rope_sin, start, input_ids.shape[1])  # (T, Dh)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if kv_cache is None else kv_cache[i])
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def pipeline_pieces(self) -> list[Piece]:
+        """The forward (without a cache) as pieces for a pipeline cut, in order: embed
+        (input_ids (B, T) int64 -> (B, T, D)), each block ((B, T, D) -> (B, T, D), reading the
+        RoPE tables from its holder, which every stage keeps on its device), norm, head
+        (-> logits (B, T, V)). A tied head is the embedding's piece again (tie key ``"embed"``).
+        """
+        embed = {"embed_tokens": self.embed_tokens}
+        tie = "embed" if self.config.tie_word_embeddings else None
+        rope = {"rope_cos": self.rope_cos, "rope_sin": self.rope_sin}
+        blocks = [
+            Piece("block", partial(_block, block), dict(block.named_children()), rope)
+            for block in self.layers
+        ]
+        if tie:
+            head = Piece("head", _tied_head, embed, tie=tie)
+        else:
+            head = Piece("head", _head, {"lm_head": self.lm_head})
+        return [
+            Piece("embed", _embed, embed, tie=tie),
+            *blocks,
+            Piece("norm", _norm, {"norm": self.norm}),
+            head,
+        ]
+
+
+# -- the pieces' forwards: (holder, inputs) -> outputs (see `model.family.Piece`) ------------------
+def _embed(holder: nn.Module, input_ids: Tensor) -> Tensor:
+    return holder.embed_tokens(input_ids)  # (B, T, D)
+
+
+def _block(block: DecoderLayer, holder: nn.Module, x: Tensor) -> Tensor:
+    cos, sin = rope_window(holder.rope_cos, holder.rope_sin, 0, x.shape[1])  # (T, Dh)
+    return block(x, cos, sin)
+
+
+def _norm(holder: nn.Module, x: Tensor) -> Tensor:
+    return holder.norm(x)
+
+
+def _head(holder: nn.Module, x: Tensor) -> Tensor:
+    return holder.lm_head(x)  # (B, T, V)
+
+
+def _tied_head(holder: nn.Module, x: Tensor) -> Tensor:
+    return F.linear(x, holder.embed_tokens.weight)  # lm_head(x): its weight is this one

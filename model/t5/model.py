@@ -15,11 +15,13 @@ Dk d_kv, V vocab.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.family import Piece
 from model.layers import GatedMLP, KVCache, RMSNorm
 from model.t5.config import T5Config
 
@@ -200,17 +202,27 @@ class T5Stack(nn.Module):
         """x: (B, T, D) embedded tokens; pad_bias: (B, 1, 1, T) encoder key mask (encoder only);
         memory, memory_bias: the encoder output and its key mask (decoder only); cache: one
         (self, cross) pair per layer (decoder inference). Returns (B, T, D)."""
-        T = x.shape[1]
         past = cache[0][0].length if cache is not None else 0
-        bias = self.relative_attention_bias(T, past + T, offset=past)  # (1, H, T, past + T)
-        if self.is_decoder:
-            future = torch.ones(T, past + T, dtype=torch.bool, device=x.device).triu(past + 1)
-            bias = bias.masked_fill(future, torch.finfo(bias.dtype).min)
-        elif pad_bias is not None:
-            bias = bias + pad_bias
+        bias = self.position_bias(x.shape[1], pad_bias, past)
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, bias, memory, memory_bias, None if cache is None else cache[i])
+        return self.finish(x)
+
+    def position_bias(self, length: int, pad_bias: Tensor | None = None, past: int = 0) -> Tensor:
+        """The self-attention bias of T = ``length`` queries after ``past`` cached positions,
+        shared by every block of the stack: the relative position bias (1, H, T, past + T), with
+        the future keys masked in the decoder; in the encoder plus ``pad_bias`` (B, 1, 1, T),
+        the keys' padding, if given (-> (B, H, T, T))."""
+        T = length
+        bias = self.relative_attention_bias(T, past + T, offset=past)  # (1, H, T, past + T)
+        if self.is_decoder:
+            future = torch.ones(T, past + T, dtype=torch.bool, device=bias.device).triu(past + 1)
+            return bias.masked_fill(future, torch.finfo(bias.dtype).min)
+        return bias if pad_bias is None else bias + pad_bias
+
+    def finish(self, x: Tensor) -> Tensor:
+        """The last block's output (B, T, D) -> the stack's: final norm, then dropout."""
         return self.dropout(self.final_layer_norm(x))
 
 
@@ -223,6 +235,15 @@ def padding_bias(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | 
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
         ~keep, torch.finfo(dtype).min
     )
+
+
+def memory_bias(attention_mask: Tensor | None, memory: Tensor, dtype: torch.dtype) -> Tensor:
+    """The cross-attention bias over the encoder output memory (B, S, D): `padding_bias` of the
+    encoder's (B, S) mask, or zeros (1, 1, 1, S) without one (the attention adds a tensor)."""
+    bias = padding_bias(attention_mask, dtype)
+    if bias is None:
+        bias = torch.zeros(1, 1, 1, memory.shape[1], dtype=dtype, device=memory.device)
+    return bias
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -332,13 +353,20 @@ class T5ForConditionalGeneration(nn.Module):
         the encoder's (B, S) mask; cache (inference, from `new_cache`): the ids are the positions
         after the cached ones. Returns logits (B, T, V)."""
         x = self.shared(decoder_input_ids)
-        memory_bias = padding_bias(attention_mask, x.dtype)
-        if memory_bias is None:
-            memory_bias = torch.zeros(1, 1, 1, memory.shape[1], dtype=x.dtype, device=x.device)
-        h = self.decoder(x, memory=memory, memory_bias=memory_bias, cache=cache)
+        bias = memory_bias(attention_mask, memory, x.dtype)
+        return self.head(self.decoder(x, memory=memory, memory_bias=bias, cache=cache))
+
+    def head(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Decoder output h: (B, T, D) -> logits (B, T, V). A tied head first rescales h by
+        d_model**-0.5, as T5 (Mesh TF; HF `T5ForConditionalGeneration.forward`).
+
+        ``weight``: project with this (V, D) matrix instead of calling ``lm_head`` (a pipeline's
+        tied head holds ``shared.weight``, which is ``lm_head.weight``); the call is what ZeRO-3's
+        parameter-fetch hooks see.
+        """
         if self.config.tie_word_embeddings:
             h = h * self.config.d_model**-0.5
-        return self.lm_head(h)
+        return self.lm_head(h) if weight is None else F.linear(h, weight)  # (B, T, V)
 
     def new_cache(self) -> list[tuple[KVCache, KVCache]]:
         """An empty (self, cross) key/value cache pair per decoder layer, for `decode`."""
@@ -355,3 +383,100 @@ class T5ForConditionalGeneration(nn.Module):
         (None: no padding). Returns logits (B, T, V) in the parameters' dtype."""
         memory = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, memory, attention_mask)
+
+    def pipeline_pieces(self) -> list[Piece]:
+        """The forward as pieces for a pipeline cut, in order, each mapping the previous one's
+        output (a tuple; ``mask`` is the encoder's attention_mask, None: no padding):
+
+        - encoder embed: (input_ids, mask, decoder_input_ids) -> (x, mask, decoder_input_ids);
+        - encoder bias: -> (x, bias, mask, decoder_input_ids), bias the stack's
+          `T5Stack.position_bias` (B, H, S, S); encoder block x N: -> the same;
+        - encoder norm: -> (memory, mask, decoder_input_ids);
+        - decoder embed: -> (y, memory, mask); decoder bias: -> (y, bias, memory, mask);
+          decoder block x M: -> the same; decoder norm: -> h (B, T, D); head: -> logits (B, T, V).
+
+        Each stack's bias is computed once and travels to all its blocks (and its gradient back
+        from them); the encoder output and mask travel to every decoder block. Both embeddings
+        and a tied head are one holder of ``shared`` (tie key ``"shared"``).
+        """
+        enc, dec = self.encoder, self.decoder
+        shared = {"shared": self.shared}
+        if self.config.tie_word_embeddings:
+            head = Piece("head", partial(_tied_head, self), shared, tie="shared")
+        else:
+            head = Piece("head", partial(_head, self), {"lm_head": self.lm_head})
+        return [
+            Piece("embed", _embed_encoder, shared, tie="shared"),
+            Piece("bias", partial(_encoder_bias, enc), _bias_modules(enc)),
+            *[Piece("block", partial(_encoder_block, b), _children(b)) for b in enc.layers],
+            Piece("norm", partial(_encoder_norm, enc), _norm_modules(enc)),
+            Piece("embed", _embed_decoder, shared, tie="shared"),
+            Piece("bias", partial(_decoder_bias, dec), _bias_modules(dec)),
+            *[Piece("block", partial(_decoder_block, b), _children(b)) for b in dec.layers],
+            Piece("norm", partial(_decoder_norm, dec), _norm_modules(dec)),
+            head,
+        ]
+
+
+# -- the pieces' forwards: (holder, inputs) -> outputs (see `model.family.Piece`) ----------------
+# The stack and block functions call the model's modules, whose children the holder holds.
+def _children(block: nn.Module) -> dict[str, nn.Module]:
+    return dict(block.named_children())  # held flat: the holder's keys are the block's
+
+
+def _bias_modules(stack: T5Stack) -> dict[str, nn.Module]:
+    return {"relative_attention_bias": stack.relative_attention_bias, "dropout": stack.dropout}
+
+
+def _norm_modules(stack: T5Stack) -> dict[str, nn.Module]:
+    return {"final_layer_norm": stack.final_layer_norm, "dropout": stack.dropout}
+
+
+def _embed_encoder(holder: nn.Module, inputs: tuple) -> tuple:
+    input_ids, attention_mask, decoder_input_ids = inputs
+    return holder.shared(input_ids), attention_mask, decoder_input_ids
+
+
+def _encoder_bias(stack: T5Stack, holder: nn.Module, inputs: tuple) -> tuple:
+    x, attention_mask, decoder_input_ids = inputs
+    bias = stack.position_bias(x.shape[1], padding_bias(attention_mask, x.dtype))  # (B, H, S, S)
+    return stack.dropout(x), bias, attention_mask, decoder_input_ids
+
+
+def _encoder_block(block: T5Block, holder: nn.Module, inputs: tuple) -> tuple:
+    x, bias, attention_mask, decoder_input_ids = inputs
+    return block(x, bias), bias, attention_mask, decoder_input_ids
+
+
+def _encoder_norm(stack: T5Stack, holder: nn.Module, inputs: tuple) -> tuple:
+    x, _bias, attention_mask, decoder_input_ids = inputs
+    return stack.finish(x), attention_mask, decoder_input_ids
+
+
+def _embed_decoder(holder: nn.Module, inputs: tuple) -> tuple:
+    memory, attention_mask, decoder_input_ids = inputs
+    return holder.shared(decoder_input_ids), memory, attention_mask
+
+
+def _decoder_bias(stack: T5Stack, holder: nn.Module, inputs: tuple) -> tuple:
+    y, memory, attention_mask = inputs
+    bias = stack.position_bias(y.shape[1])  # (1, H, T, T), causal
+    return stack.dropout(y), bias, memory, attention_mask
+
+
+def _decoder_block(block: T5Block, holder: nn.Module, inputs: tuple) -> tuple:
+    y, bias, memory, attention_mask = inputs
+    y = block(y, bias, memory, memory_bias(attention_mask, memory, y.dtype))
+    return y, bias, memory, attention_mask
+
+
+def _decoder_norm(stack: T5Stack, holder: nn.Module, inputs: tuple) -> Tensor:
+    return stack.finish(inputs[0])  # (B, T, D)
+
+
+def _head(model: T5ForConditionalGeneration, holder: nn.Module, h: Tensor) -> Tensor:
+    return model.head(h)  # (B, T, V); calls lm_head, which the holder holds
+
+
+def _tied_head(model: T5ForConditionalGeneration, holder: nn.Module, h: Tensor) -> Tensor:
+    return model.head(h, holder.shared.weight)  # (B, T, V)
