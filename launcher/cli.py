@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +27,11 @@ class _RunDir(click.Path):
     name = "run_dir"
 
     def convert(self, value, param, ctx):
-        from trainer.storage import is_url
+        from trainer.storage import RunFolder
 
-        return value if is_url(value) else super().convert(value, param, ctx)
+        if RunFolder(value).url is not None:  # checked when it is opened
+            return value
+        return super().convert(value, param, ctx)
 
 
 RUN_DIR = _RunDir(file_okay=False, exists=True)
@@ -86,17 +87,15 @@ def train(
         return
 
     from launcher.local import run_workers, torchrun_command
-    from trainer import checkpoint, storage
+    from trainer.storage import RunFolder, checkpoint_tag
 
     with user_errors():
         preflight.prepare(cfg)
     # A URL run folder: the workers use a local mirror of it and upload (trainer.storage).
-    run_dir = storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())
-    if (store := storage.for_run(cfg.run_dir)) is not None:
-        if (tag := store.latest_tag()) is not None:
-            click.echo(f"resuming {cfg.run_dir} from {tag}")
-    elif (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
-        click.echo(f"resuming {run_dir} from {ckpt.name}")
+    folder = RunFolder(cfg.run_dir)
+    run_dir = folder.prepare(cfg.to_yaml())
+    if (tag := folder.latest_tag()) is not None:
+        click.echo(f"resuming {folder.location} from {tag}")
     cmd = torchrun_command(
         run_dir / "config.yaml",
         nproc_per_node=cfg.launch.nproc_per_node,
@@ -108,31 +107,15 @@ def train(
     rc = run_workers(cmd)
     if rc != 0:
         raise click.ClickException(f"training failed (torchrun exit code {rc}); see the log above")
-    if store is not None:  # a finished run's workers deleted the mirror: the URL says
-        step = store.latest_step()
-    elif (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
-        step = checkpoint.read_trainer_state(ckpt)["step"]
-    else:
-        step = None
+    step = folder.latest_step()  # a finished URL run's workers deleted the mirror: the URL says
     if step is None or step < cfg.train.max_steps or node_rank != 0:
         return
-    tag = checkpoint.tag_for(step)
     if sample_prompt:
-        if store is None:
-            text = _sample(run_dir, sample_prompt, 200, 0.8, 50, None, 0)
-        else:  # from a download of the checkpoint that leaves no mirror behind
-            storage.mirrors_root().mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="sample-", dir=storage.mirrors_root()) as tmp:
-                local = storage.localize(cfg.run_dir, step, into=Path(tmp))
-                text = _sample(local, sample_prompt, 200, 0.8, 50, None, 0, step)
-        click.echo(f"\nsample from {tag}:\n{text}")
-    if store is not None:
-        published = f"{store.url}/hf/{tag}"
-        exists = store.fs.isfile(store.remote(f"hf/{tag}/config.json"))
-    else:
-        published = run_dir / "hf" / tag
-        exists = published.is_dir()
-    if cfg.checkpoint.publish_at_end and exists:
+        with folder.read_copy(step) as local:  # a URL's: a download that leaves no mirror
+            text = _sample(local, sample_prompt, 200, 0.8, 50, None, 0, step)
+        click.echo(f"\nsample from {checkpoint_tag(step)}:\n{text}")
+    published = folder.published(step)
+    if cfg.checkpoint.publish_at_end and published is not None:
         from trainer.publish import load_snippet
 
         lines = load_snippet(published, cfg.model.model_type)
@@ -258,11 +241,11 @@ def checkpoint_consolidate(run_dir, step, out):
     Hugging Face's)."""
     from safetensors.torch import save_file
 
-    from trainer.checkpoint import find_checkpoint, load_model_weights
-    from trainer.storage import localize
+    from trainer.checkpoint import load_model_weights
+    from trainer.storage import RunFolder
 
     try:
-        ckpt = find_checkpoint(localize(run_dir, step), step)
+        ckpt = RunFolder(run_dir).checkpoint(step)
         weights = load_model_weights(ckpt)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None

@@ -9,7 +9,6 @@ driver is :mod:`launcher.ray_driver`: Ray Data prepares what is missing, Ray Tra
 from __future__ import annotations
 
 import asyncio
-import os
 import shlex
 import sys
 from typing import Any
@@ -19,7 +18,7 @@ import click
 from launcher import preflight
 from launcher.preflight import user_errors
 from trainer.config import KilnConfig
-from trainer.storage import is_url
+from trainer.storage import is_relative_path
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -247,8 +246,4 @@ def _relative_paths(cfg: KilnConfig) -> list[str]:
     for d in cfg.data.datasets:
         for i, s in enumerate(d.sources):
             paths[f"{d.name} sources[{i}].path"] = s.path
-    return [
-        f"{k}={v}"
-        for k, v in paths.items()
-        if not is_url(v) and not os.path.isabs(os.path.expanduser(v))
-    ]
+    return [f"{k}={v}" for k, v in paths.items() if is_relative_path(v)]

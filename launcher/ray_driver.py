@@ -38,7 +38,7 @@ import yaml
 from launcher import preflight
 from trainer.callbacks import Callback
 from trainer.config import KilnConfig, config_from_dict, load_config
-from trainer.storage import is_url
+from trainer.storage import RunFolder, is_relative_path
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -75,10 +75,7 @@ def absolute_paths(cfg: KilnConfig, base: Path) -> KilnConfig:
     tree = cfg.model_dump(mode="json")
 
     def fix(p: str) -> str:
-        if is_url(p):
-            return p
-        p = os.path.expanduser(p)
-        return p if os.path.isabs(p) else str(base / p)
+        return str(base / os.path.expanduser(p)) if is_relative_path(p) else os.path.expanduser(p)
 
     tree["run_dir"] = fix(tree["run_dir"])
     tree["data"]["root"] = fix(tree["data"]["root"])
@@ -179,30 +176,16 @@ def run(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from launcher.ray_prepare import prepare_all_ray
-    from trainer import checkpoint, storage
 
     if not ray.is_initialized():
         ray.init()
     preflight.check(cfg, worker_counts(num_workers), cuda_available=gpus_per_worker > 0)
     preflight.prepare(cfg, lambda c: prepare_all_ray(c, num_blocks=num_blocks))
     # A URL run folder: every worker node uses a local mirror of it and uploads to it.
-    store = storage.for_run(cfg.run_dir)
-    run_dir = storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())
-    if store is not None:
-        if (tag := store.latest_tag()) is not None:
-            print(f"resuming {cfg.run_dir} from {tag}", flush=True)
-    elif (ckpt := checkpoint.latest_checkpoint(run_dir)) is not None:
-        print(f"resuming {run_dir} from {ckpt.name}", flush=True)
-
-    storage_kwargs: dict[str, Any] = {"storage_path": str(run_dir.resolve() / "ray")}
-    if store is not None:
-        # Through fsspec, as Kiln's own files: pyarrow alone resolves fewer protocols.
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        storage_kwargs = {
-            "storage_path": f"{store.root}/ray",
-            "storage_filesystem": PyFileSystem(FSSpecHandler(store.fs)),
-        }
+    folder = RunFolder(cfg.run_dir)
+    folder.prepare(cfg.to_yaml())
+    if (tag := folder.latest_tag()) is not None:
+        print(f"resuming {folder.location} from {tag}", flush=True)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     elastic = {"elastic_resize_monitor_interval_s": resize_interval}
@@ -217,16 +200,12 @@ def run(
             **(elastic if isinstance(num_workers, tuple) else {}),
         ),
         run_config=RunConfig(
-            **storage_kwargs,
+            **folder.ray_storage(),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     trainer.fit()  # raises TrainingFailedError past max_failures
-    if store is not None:
-        step = store.latest_step() or 0
-    else:
-        ckpt = checkpoint.latest_checkpoint(run_dir)
-        step = checkpoint.read_trainer_state(ckpt)["step"] if ckpt is not None else 0
+    step = folder.latest_step() or 0  # a finished run's workers deleted a URL's mirror
     print(f"training ended at step {step} of {cfg.train.max_steps}; run folder {cfg.run_dir}")
     return step
 

@@ -208,12 +208,11 @@ def latest_step(cfg: KilnConfig) -> int:
 
     Raises:
         FileNotFoundError: ``latest`` names an incomplete checkpoint (see
-            :func:`trainer.checkpoint.latest_checkpoint`).
+            :meth:`trainer.storage.RunFolder.latest_step`).
     """
-    from trainer import checkpoint
+    from trainer.storage import RunFolder
 
-    ckpt = checkpoint.latest_checkpoint(cfg.run_dir)
-    return 0 if ckpt is None else checkpoint.read_trainer_state(ckpt)["step"]
+    return RunFolder(cfg.run_dir).latest_step() or 0
 
 
 def _latest_step_or_exit(cfg: KilnConfig) -> int:
@@ -374,7 +373,7 @@ def submit(config, overrides, dry_run, **options):
     the run's latest checkpoint, checkpoints and requeues itself before its time limit, and stops
     requeueing once train.max_steps is reached.
     """
-    from trainer.storage import is_url
+    from trainer.storage import RunFolder
 
     gpus, nproc = options["gpus_per_node"], options.pop("nproc_per_node")
     extra = [f"launch.nnodes={options['nodes']}"]
@@ -383,7 +382,7 @@ def submit(config, overrides, dry_run, **options):
     if nproc is not None:
         extra.append(f"launch.nproc_per_node={nproc}")
     cfg = preflight.load(config, overrides, extra)
-    if is_url(cfg.run_dir):
+    if RunFolder(cfg.run_dir).url is not None:
         raise click.ClickException(
             f"run_dir={cfg.run_dir!r} is a URL; a Slurm job keeps its script, log and job record "
             "in the run folder, so give a path on the cluster's shared filesystem (URL run "

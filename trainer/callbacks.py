@@ -131,7 +131,7 @@ class WandbLogger(Callback):
     def __init__(self, trainer: Trainer):
         import wandb
 
-        from trainer.storage import local_run_dir
+        from trainer.storage import RunFolder
 
         cfg = trainer.cfg
         self.wandb = wandb
@@ -141,7 +141,7 @@ class WandbLogger(Callback):
             name=cfg.tracking.run_name or Path(cfg.run_dir).name,
             id=trainer.wandb_run_id,
             resume="allow",
-            dir=str(local_run_dir(cfg.run_dir).resolve()),  # a URL run's local mirror
+            dir=str(RunFolder(cfg.run_dir).local.resolve()),  # a URL run's local mirror
             mode=wandb_mode(cfg.tracking.wandb_mode),
             config=cfg.model_dump(mode="json"),
         )

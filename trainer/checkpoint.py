@@ -13,7 +13,9 @@ Layout under ``<run_dir>/checkpoints/``::
 A checkpoint is written under ``.tmp-step-N`` and renamed when every rank has finished writing;
 ``latest`` is replaced atomically afterwards, so it only ever names complete checkpoints.
 
-A run folder at an fsspec URL is written through a local mirror (:mod:`trainer.storage`).
+Where the run folder is (a path, or an fsspec URL written through a local mirror) and which
+checkpoint is newest and complete is :class:`trainer.storage.RunFolder`'s to say; this module
+writes and reads the checkpoints themselves.
 """
 
 from __future__ import annotations
@@ -31,61 +33,39 @@ from typing import Any
 import torch
 
 from trainer import distributed, storage
+from trainer.storage import RunFolder
 
 STATE_FILE = storage.STATE_FILE
+tag_for = storage.checkpoint_tag
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
+    """The local ``checkpoints/`` folder of a run folder (:class:`trainer.storage.RunFolder`)."""
+    return RunFolder(run_dir).checkpoints
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run folder, or None if there is none."""
-    root = checkpoint_root(run_dir)
-    latest = root / "latest"
-    if not latest.is_file():
-        return None
-    ckpt = root / latest.read_text().strip()
-    if not (ckpt / STATE_FILE).is_file():
-        raise FileNotFoundError(
-            f"{latest} names {ckpt.name}, which is not a complete checkpoint; point it at one of "
-            f"{sorted(p.name for p in root.glob('step-*'))} or delete {latest} to start afresh"
-        )
-    return ckpt
+    """:meth:`RunFolder.latest_checkpoint <trainer.storage.RunFolder.latest_checkpoint>` of a
+    local run folder: the newest complete checkpoint, or None.
+
+    Raises:
+        FileNotFoundError: ``latest`` names an incomplete checkpoint.
+    """
+    return RunFolder(run_dir).latest_checkpoint()
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
-    """The run's latest complete checkpoint, or the one of ``step``.
+    """:meth:`RunFolder.find_checkpoint <trainer.storage.RunFolder.find_checkpoint>` of a local
+    run folder: the latest complete checkpoint, or the one of ``step``.
 
     Raises:
         FileNotFoundError: the run has no (such) complete checkpoint.
     """
-    if step is None:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it with `kiln train`")
-        return ckpt
-    ckpt = checkpoint_root(run_dir) / tag_for(step)
-    if not (ckpt / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint")
-    return ckpt
+    return RunFolder(run_dir).find_checkpoint(step)
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,7 +84,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     engine,
-    run_dir: str | Path,
+    run_dir: str | Path | RunFolder,
     state: dict[str, Any],
     *,
     rank: int,
@@ -115,9 +95,9 @@ def save_checkpoint(
 
     Args:
         engine: the DeepSpeed engine (every rank writes its shards).
-        run_dir: the run folder, a path or an fsspec URL (:mod:`trainer.storage`): with a URL
-            the checkpoint is written into this node's mirror and uploaded, and ``latest`` at
-            the URL is written after every node's upload.
+        run_dir: the run folder, a path or an fsspec URL (:class:`trainer.storage.RunFolder`):
+            with a URL the checkpoint is written into this node's mirror and uploaded, and
+            ``latest`` at the URL is written after every node's upload.
         state: JSON-serialisable trainer state; must hold ``step``.
         extra_files: copied into the checkpoint by rank 0 (config, tokenizer).
 
@@ -125,64 +105,35 @@ def save_checkpoint(
         the (local) checkpoint folder. Older complete checkpoints beyond ``keep_last`` are
         deleted (at the URL too).
     """
-    store = storage.for_run(run_dir)
-    root = checkpoint_root(storage.local_run_dir(run_dir))
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
     tag = tag_for(state["step"])
-    tmp_tag = f".tmp-{tag}"
-    # With a URL every node has its own mirror, prepared by its first process; torchrun, srun
-    # and Ray Train all set LOCAL_RANK.
-    node_main = int(os.environ.get("LOCAL_RANK", rank)) == 0 if store else rank == 0
-    if node_main:
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)
-    if store is not None and rank == 0 and store.latest_tag() != tag:
-        store.remove(f"checkpoints/{tag}")  # a partial upload of an earlier attempt
+    # torchrun, srun and Ray Train all set LOCAL_RANK.
+    node_main = folder.node_main(rank, int(os.environ.get("LOCAL_RANK", rank)))
+    tmp = folder.begin_checkpoint(tag, rank=rank, node_main=node_main)
     distributed.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    torch.save(rng_state(), root / tmp_tag / f"rng_state_rank{rank}.pt")
+    engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
     distributed.barrier()
-    tmp = root / tmp_tag
     if rank == 0:
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
-        _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
-    if store is not None:
-        if node_main:  # the shards this node's ranks wrote (the state file comes last)
-            files = [f for f in tmp.rglob("*") if f.is_file() and f.name != STATE_FILE]
-            store.upload(files, tmp, f"checkpoints/{tag}")
-        store.push_run_files(rank)  # metrics of this step were logged before it was saved
-        distributed.barrier()
-        if rank == 0:
-            store.upload([tmp / STATE_FILE], tmp, f"checkpoints/{tag}")
-            store.write_text("checkpoints/latest", tag)
-            store.prune(keep_last)
-        elif node_main:  # the mirror of another node keeps nothing: a resume downloads
-            shutil.rmtree(tmp, ignore_errors=True)
-    if rank == 0:
-        final = root / tag
-        if final.exists():  # a re-save of the same step (e.g. a signal right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", tag)
-        prune(root, keep_last)
+        storage.write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+    final = folder.commit_checkpoint(
+        tag, rank=rank, node_main=node_main, keep_last=keep_last, barrier=distributed.barrier
+    )
     distributed.barrier()
-    return root / tag
+    return final
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Delete complete checkpoints older than the newest ``keep_last`` (and their conversions)."""
-    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
-    complete = [p for p in complete if not p.name.endswith("-universal")]
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(old.with_name(old.name + "-universal"), ignore_errors=True)
+    """Delete complete checkpoints in ``root`` older than the newest ``keep_last`` (and their
+    conversions): :func:`trainer.storage.prune_checkpoints`."""
+    storage.prune_checkpoints(root, keep_last)
 
 
 def remove_partial(run_dir: str | Path) -> list[Path]:
     """Delete ``.tmp-*`` folders left by a run that died while saving (rank 0, at start)."""
-    removed = sorted(checkpoint_root(run_dir).glob(".tmp-*"))
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
+    return RunFolder(run_dir).remove_partial()
 
 
 def needs_universal(state: dict[str, Any], zero_stage: int, world_size: int) -> bool:

@@ -9,8 +9,9 @@ from torch import nn
 
 from model import spec
 from model.tokenizer import Tokenizer
-from trainer import checkpoint, storage
+from trainer import checkpoint
 from trainer.config import config_from_dict
+from trainer.storage import RunFolder
 
 
 def load_run(
@@ -23,7 +24,7 @@ def load_run(
     Raises:
         FileNotFoundError: the run has no (such) complete checkpoint.
     """
-    ckpt = checkpoint.find_checkpoint(storage.localize(run_dir, step), step)
+    ckpt = RunFolder(run_dir).checkpoint(step)
     cfg = config_from_dict(checkpoint.read_trainer_state(ckpt)["config"])
     with torch.device("meta"):
         model = spec(cfg.model).model_class(cfg.model)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from trainer import checkpoint, distributed, storage
+from trainer import checkpoint, distributed
 from trainer.callbacks import (
     Callback,
     Checkpointer,
@@ -28,6 +28,7 @@ from trainer.callbacks import (
     WandbLogger,
 )
 from trainer.config import KilnConfig, batch_plan, load_config
+from trainer.storage import RunFolder
 
 
 def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
@@ -51,19 +52,14 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
 
     # A run folder at a URL is worked on in a local mirror on every node (trainer.storage): its
     # first process fetches what the URL's `latest` names, so the resume below reads local files.
-    store = storage.for_run(cfg.run_dir)
-    run_dir = storage.local_run_dir(cfg.run_dir)
-    node_main = world.local_rank == 0 if store is not None else world.is_main
-    if store is not None:
-        if node_main:
-            store.make_mirror()
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())  # also on nodes kiln never ran on
-            store.pull_run()
-        distributed.barrier()
-    ckpt = checkpoint.latest_checkpoint(run_dir)
+    folder = RunFolder(cfg.run_dir)
+    run_dir = folder.local
+    node_main = folder.node_main(world.rank, world.local_rank)
+    folder.start(cfg.to_yaml(), node_main=node_main, barrier=distributed.barrier)
+    ckpt = folder.latest_checkpoint()
     universal = False
     if node_main:
-        checkpoint.remove_partial(run_dir)
+        folder.remove_partial()
     if ckpt is not None:
         state = checkpoint.read_trainer_state(ckpt)
         checkpoint.check_pipeline_layout(state, plan.pipeline_stages, world.world_size)
@@ -100,7 +96,7 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
         data,
         token_bytes=tokenizer.token_bytes(),
         peak_flops=cfg.train.peak_flops or peak_flops(world.device, cfg.train.precision),
-        extra_files=(run_dir / "config.yaml", cfg.tokenizer_path, meta),
+        extra_files=(folder.config_path, cfg.tokenizer_path, meta),
     )
     if ckpt is not None:
         trainer.load(ckpt)
@@ -108,7 +104,7 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     if cfg.train.log_sample_ids and getattr(engine, "stage_id", 0) == 0:  # one stage per replica
         callbacks.append(SampleIdLogger(run_dir, world.rank))
     if world.is_main:
-        callbacks += [ConsoleProgress(), JsonlLogger(run_dir / "metrics.jsonl")]
+        callbacks += [ConsoleProgress(), JsonlLogger(folder.metrics_path)]
         if cfg.tracking.wandb_mode != "disabled":
             callbacks.append(WandbLogger(trainer))
     callbacks.append(Checkpointer())  # metrics of a step are logged before it is saved
@@ -123,8 +119,7 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     trainer.install_signal_handlers()
     try:
         trainer.fit()
-        if store is not None:  # the records after the last save (the final evaluation)
-            store.push_run_files(world.rank)
+        folder.push_run_files(world.rank)  # the records after the last save (final evaluation)
     finally:
         # Its barrier is the last time the ranks wait for each other: past it every rank of
         # this node has uploaded its files and is done with the node's mirror.
@@ -134,20 +129,17 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     published = True
     if publisher is not None:
         published = publisher.wait()  # outside the process group: the other ranks go on
-    if store is not None and publisher is not None:  # rank 0: the hf/ folders and their logs
-        outputs = publisher.outputs()
-        files = [f for p in outputs if p.is_dir() for f in p.rglob("*") if f.is_file()]
-        store.upload(files + [p for p in outputs if p.is_file()], run_dir, "")
+    if publisher is not None:  # rank 0: the hf/ folders and their logs
+        folder.upload(publisher.outputs())
     # A finished URL run is all at the URL now and its mirror only takes disk space; a run
     # stopped by a signal keeps it for its resume, a failed publish for its retry. The node's
     # first process deletes it, past the barrier above and its own uploads; rank 0, the only
     # rank that publishes, is node 0's first process.
     finished = not trainer.stopping and trainer.step >= cfg.train.max_steps
-    if store is not None and node_main and finished and published:
-        offline_wandb = any((run_dir / "wandb").glob("offline-run-*"))  # only here: they stay
-        storage.remove_mirror(run_dir, keep=("wandb", storage.URL_FILE) if offline_wandb else ())
-        if world.is_main and offline_wandb:
-            print(f"kept the offline wandb runs in {run_dir / 'wandb'} (`wandb sync` them)")
+    if node_main and finished and published:
+        kept = folder.finish()
+        if world.is_main and kept is not None:
+            print(f"kept the offline wandb runs in {kept} (`wandb sync` them)")
 
 
 def main(argv: list[str] | None = None) -> None:

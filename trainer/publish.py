@@ -264,7 +264,7 @@ def publish(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
-    run_dir = storage.localize(run_dir, step)  # a URL's checkpoint, complete, in its mirror
+    run_dir = storage.RunFolder(run_dir).localize(step)  # a URL's checkpoint, in its mirror
     ckpt = checkpoint.find_checkpoint(run_dir, step)
     state = checkpoint.read_trainer_state(ckpt)
     model, tok = load_run(run_dir, step=state["step"])
@@ -425,14 +425,7 @@ def load_snippet(folder: Path | str, model_type: str) -> list[str]:
     (transformers reads local folders and the Hub only)."""
 
     auto = family(model_type).hf_auto_class
-    download = []
-    if storage.is_url(folder):
-        url, folder = folder.rstrip("/"), folder.rstrip("/").rsplit("/", 1)[-1]
-        download = [
-            "from fsspec.core import url_to_fs",
-            f'fs, path = url_to_fs("{url}")',
-            f'fs.get(path + "/", "{folder}/", recursive=True)',
-        ]
+    download, folder = storage.download_lines(folder)
     return [
         *download,
         f"from transformers import {auto}, AutoTokenizer",

@@ -1,43 +1,52 @@
-"""Run folders at an fsspec URL (``s3://bucket/runs/x``, ``gs://...``, ``file:///abs/path``).
+"""Where a run lives: :class:`RunFolder`, a local path or an fsspec URL (``s3://bucket/runs/x``,
+``gs://...``, ``file:///abs/path``), and which of its checkpoints is newest and complete.
+
+Everything that reads or writes a run folder (checkpointing, resume, publish, generate, the
+launchers) asks a :class:`RunFolder`; nothing else branches on whether the run is at a URL.
+This module imports nothing of Kiln's: :mod:`trainer.checkpoint` imports it, never the reverse.
+
+A plain path is no URL: it is used as it is, nothing is copied.
 
 DeepSpeed reads and writes local paths only, so a run whose ``run_dir`` is a URL works in a
 local *mirror* of it, ``<cache>/runs/<name>-<hash of the URL>/`` on every node, where ``<cache>``
 is ``$KILN_CACHE`` or ``<system temp>/kiln-cache`` (it must be a node-local disk). The mirror has
-the layout of a plain run folder, plus ``.kiln-url`` naming its URL; this module copies between
-it and the URL:
+the layout of a plain run folder, plus ``.kiln-url`` naming its URL; :class:`RunStorage` copies
+between it and the URL:
 
-- saving (:func:`trainer.checkpoint.save_checkpoint`): each node uploads the shards its ranks
-  wrote to ``<url>/checkpoints/step-N/``, rank 0 last uploads ``trainer_state.json`` and then
-  writes ``<url>/checkpoints/latest`` as one object. Object stores have no rename; what makes a
-  checkpoint at the URL complete is that ``trainer_state.json`` and ``latest`` are written only
-  after every rank's upload finished, so ``latest`` only ever names a complete checkpoint;
-- starting (:func:`trainer.main.train`): each node downloads the checkpoint ``latest`` names
-  into its mirror, which the resume logic then reads as a plain run folder;
-- finishing (:func:`trainer.main.train`): a run that reached ``train.max_steps`` deletes each
-  node's mirror once everything is uploaded (:func:`remove_mirror`; an offline wandb folder, its
-  only copy, is kept). A run stopped by a signal or a crash keeps it: its resume reuses it;
-- reading (``kiln generate / publish / checkpoint consolidate``): :func:`localize`, which
-  downloads into the mirror (kept for the next read);
+- saving (:meth:`RunFolder.commit_checkpoint`, from :func:`trainer.checkpoint.save_checkpoint`):
+  each node uploads the shards its ranks wrote to ``<url>/checkpoints/step-N/``, rank 0 last
+  uploads ``trainer_state.json`` and then writes ``<url>/checkpoints/latest`` as one object.
+  Object stores have no rename; what makes a checkpoint at the URL complete is that
+  ``trainer_state.json`` and ``latest`` are written only after every rank's upload finished, so
+  ``latest`` only ever names a complete checkpoint;
+- starting (:meth:`RunFolder.start`): each node downloads the checkpoint ``latest`` names into
+  its mirror, which the resume logic then reads as a plain run folder;
+- finishing (:meth:`RunFolder.finish`): a run that reached ``train.max_steps`` deletes each
+  node's mirror once everything is uploaded (an offline wandb folder, its only copy, is kept).
+  A run stopped by a signal or a crash keeps it: its resume reuses it;
+- reading (``kiln generate / publish / checkpoint consolidate``): :meth:`RunFolder.localize`,
+  which downloads into the mirror (kept for the next read);
 - cleaning (``kiln cache list / clean``): :func:`list_mirrors` and :func:`stale_mirrors` say
   what the mirrors of this node hold and when they last changed, :func:`remove_mirror` deletes.
-
-A plain path is no URL: it is used as it is, nothing is copied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "KILN_CACHE"
-STATE_FILE = "trainer_state.json"  # trainer.checkpoint.STATE_FILE
+STATE_FILE = "trainer_state.json"  # in a checkpoint: what makes it complete
 URL_FILE = ".kiln-url"  # in a mirror: the URL it mirrors (for `kiln cache list`)
 
 
@@ -89,12 +98,7 @@ def mirror_dir(url: str) -> Path:
 
 def local_run_dir(run_dir: str | Path) -> Path:
     """Where this process reads and writes the run: the mirror of a URL, else the path itself."""
-    return mirror_dir(run_dir) if is_url(run_dir) else Path(run_dir)
-
-
-def for_run(run_dir: str | Path) -> RunStorage | None:
-    """The :class:`RunStorage` of a URL run folder; None for a plain path."""
-    return RunStorage(run_dir) if is_url(run_dir) else None
+    return RunFolder(run_dir).local
 
 
 class RunStorage:
@@ -265,42 +269,390 @@ class RunStorage:
                 self.fs.rm(self.remote(f"checkpoints/{tag}"), recursive=True)
 
 
+def checkpoint_tag(step: int) -> str:
+    """The folder name of the checkpoint of ``step``: ``step-00000100``."""
+    return f"step-{step:08d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and a rename: readers see the old or the new text."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete the complete checkpoints in the folder ``root`` (a run's ``checkpoints/``) older
+    than the newest ``keep_last``, with their universal conversions."""
+    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    complete = [p for p in complete if not p.name.endswith("-universal")]
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name + "-universal"), ignore_errors=True)
+
+
+def is_relative_path(path: str) -> bool:
+    """Whether ``path`` is a local path relative to the current folder (a URL and ``~/x`` are
+    not): the paths a process elsewhere reads differently."""
+    return not is_url(path) and not os.path.isabs(os.path.expanduser(path))
+
+
+def download_lines(folder: str | Path) -> tuple[list[str], str]:
+    """How a user gets the folder ``folder`` (a path, or a URL such as ``s3://.../hf/step-N``)
+    to load it with ``from_pretrained``, which reads local folders and the Hub only: the lines
+    of Python that copy a URL's folder into the current folder (none for a path), and the local
+    folder to load."""
+    if not is_url(folder):
+        return [], str(folder)
+    url = str(folder).rstrip("/")
+    name = url.rsplit("/", 1)[-1]
+    lines = [
+        "from fsspec.core import url_to_fs",
+        f'fs, path = url_to_fs("{url}")',
+        f'fs.get(path + "/", "{name}/", recursive=True)',
+    ]
+    return lines, name
+
+
+class RunFolder:
+    """Where a run lives, and which of its checkpoints is newest and complete.
+
+    ``run_dir`` is a local path, used as it is, or an fsspec URL, worked through this node's
+    mirror (:class:`RunStorage`). Everything that reads or writes a run folder asks this object;
+    nothing else needs to know which of the two it is. Layout (the same in a mirror)::
+
+        config.yaml  metrics.jsonl  sample_ids/rank<r>.jsonl  hf/step-N/  wandb/
+        checkpoints/step-N/ (complete: holds trainer_state.json)  checkpoints/.tmp-step-N/
+        checkpoints/latest  (names the newest complete checkpoint)
+
+    Paths (``local``, ``checkpoints``, ...) are where this process reads and writes: the path
+    itself, or the mirror.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        """Nothing is opened or created here (a URL's filesystem is opened on first use)."""
+        self.url: str | None = str(run_dir) if is_url(run_dir) else None
+        self.location = self.url if self.url is not None else str(Path(run_dir))
+        self.local = mirror_dir(self.url) if self.url is not None else Path(run_dir)
+        self._store: RunStorage | None = None
+
+    def __repr__(self) -> str:
+        return f"RunFolder({self.location!r})"
+
+    @property
+    def store(self) -> RunStorage | None:
+        """The URL's filesystem and mirror; None for a path.
+
+        Raises:
+            ValueError: no installed filesystem opens the URL (:func:`check_url`).
+        """
+        if self.url is not None and self._store is None:
+            self._store = RunStorage(self.url)
+        return self._store
+
+    # -- paths -----------------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.local / "checkpoints"
+
+    @property
+    def config_path(self) -> Path:
+        return self.local / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.local / "metrics.jsonl"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        """The local folder of the checkpoint of ``step`` (complete or not, present or not)."""
+        return self.checkpoints / checkpoint_tag(step)
+
+    def node_main(self, rank: int, local_rank: int) -> bool:
+        """Whether this process prepares the run folder for the processes of its node: with a
+        URL every node has its own mirror, prepared by its first process (``local_rank`` 0); a
+        path is one folder for all, prepared by rank 0."""
+        return local_rank == 0 if self.url is not None else rank == 0
+
+    # -- the newest complete checkpoint ----------------------------------------------------------
+    def _local_latest(self) -> str | None:
+        """The tag the local ``checkpoints/latest`` names, or None.
+
+        Raises:
+            FileNotFoundError: it names an incomplete checkpoint (the message says what to do).
+        """
+        root = self.checkpoints
+        latest = root / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not (root / tag / STATE_FILE).is_file():
+            raise FileNotFoundError(
+                f"{latest} names {tag}, which is not a complete checkpoint; point it at one of "
+                f"{sorted(p.name for p in root.glob('step-*'))} or delete {latest} to start afresh"
+            )
+        return tag
+
+    def latest_tag(self) -> str | None:
+        """The newest complete checkpoint of the run (``step-N``), None if it has none: what
+        ``latest`` names, at the URL for a URL run. ``latest`` is written only after a
+        checkpoint is complete, so an incomplete newer one (a save that died) is never named.
+
+        Raises:
+            FileNotFoundError: a local ``latest`` names an incomplete checkpoint.
+        """
+        if self.store is not None:
+            return self.store.latest_tag()
+        return self._local_latest()
+
+    def latest_step(self) -> int | None:
+        """The step of :meth:`latest_tag`, None if the run has no checkpoint.
+
+        Raises:
+            FileNotFoundError: a local ``latest`` names an incomplete checkpoint.
+        """
+        if self.store is not None:
+            return self.store.latest_step()
+        tag = self._local_latest()
+        if tag is None:
+            return None
+        return json.loads((self.checkpoints / tag / STATE_FILE).read_text())["step"]
+
+    def latest_checkpoint(self) -> Path | None:
+        """The local folder of the newest complete checkpoint this process can read, or None: a
+        URL run's mirror has the URL's after :meth:`start` or :meth:`localize`.
+
+        Raises:
+            FileNotFoundError: the local ``latest`` names an incomplete checkpoint.
+        """
+        tag = self._local_latest()
+        return None if tag is None else self.checkpoints / tag
+
+    def find_checkpoint(self, step: int | None = None) -> Path:
+        """The local folder of the newest complete checkpoint, or of the one of ``step``
+        (:meth:`localize` first to read a URL's).
+
+        Raises:
+            FileNotFoundError: there is no (such) complete checkpoint here.
+        """
+        if step is None:
+            ckpt = self.latest_checkpoint()
+            if ckpt is None:
+                raise FileNotFoundError(
+                    f"{self.local} has no checkpoint yet; train it with `kiln train`"
+                )
+            return ckpt
+        ckpt = self.checkpoint_dir(step)
+        if not (ckpt / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{ckpt} is not a complete checkpoint")
+        return ckpt
+
+    # -- the life of a run -----------------------------------------------------------------------
+    def prepare(self, config_yaml: str) -> Path:
+        """Create the run folder (and, for a URL, this node's mirror) and write ``config.yaml``
+        into it (uploaded for a URL). Returns the local folder the run works in."""
+        if self.store is not None:
+            self.store.make_mirror()
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(config_yaml)
+        if self.store is not None:
+            self.store.write_text("config.yaml", config_yaml)
+        return self.local
+
+    def start(self, config_yaml: str, *, node_main: bool, barrier: Callable[[], None]) -> None:
+        """Make this node's copy resume where the run is (every process of the world calls it,
+        before it reads a checkpoint): for a URL the node's first process writes
+        ``config.yaml`` into the mirror (also on nodes ``kiln`` never ran on) and fetches what
+        the URL's ``latest`` names, while the others wait in ``barrier``. A path is already
+        where the run is."""
+        if self.store is None:
+            return
+        if node_main:
+            self.store.make_mirror()
+            self.config_path.write_text(config_yaml)
+            self.store.pull_run()
+        barrier()
+
+    def remove_partial(self) -> list[Path]:
+        """Delete the local ``.tmp-*`` folders a run that died while saving left; returns them."""
+        removed = sorted(self.checkpoints.glob(".tmp-*"))
+        for p in removed:
+            shutil.rmtree(p, ignore_errors=True)
+        return removed
+
+    def begin_checkpoint(self, tag: str, *, rank: int, node_main: bool) -> Path:
+        """Clear what an earlier attempt at saving ``tag`` left (before any rank writes):
+        this node's temporary folder, and at a URL a partial upload. Returns the temporary
+        folder the ranks write the checkpoint into."""
+        tmp = self.checkpoints / f".tmp-{tag}"
+        if node_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.store is not None and rank == 0 and self.store.latest_tag() != tag:
+            self.store.remove(f"checkpoints/{tag}")  # a partial upload of an earlier attempt
+        return tmp
+
+    def commit_checkpoint(
+        self,
+        tag: str,
+        *,
+        rank: int,
+        node_main: bool,
+        keep_last: int,
+        barrier: Callable[[], None],
+    ) -> Path:
+        """Make the checkpoint ``tag`` complete once every rank wrote its files into the
+        temporary folder and rank 0 ``trainer_state.json`` (all ranks call this together).
+
+        For a URL each node's first process uploads the shards its ranks wrote, every rank its
+        run files (:meth:`RunStorage.push_run_files`); after ``barrier`` rank 0 uploads
+        ``trainer_state.json`` and then ``latest``, so ``latest`` at the URL only names complete
+        checkpoints; the mirrors of other nodes drop their copy. Then rank 0 renames the local
+        folder, replaces the local ``latest`` and prunes (:meth:`prune`).
+
+        Returns:
+            the local folder of the checkpoint.
+        """
+        tmp = self.checkpoints / f".tmp-{tag}"
+        store = self.store
+        if store is not None:
+            if node_main:  # the shards this node's ranks wrote (the state file comes last)
+                files = [f for f in tmp.rglob("*") if f.is_file() and f.name != STATE_FILE]
+                store.upload(files, tmp, f"checkpoints/{tag}")
+            store.push_run_files(rank)  # metrics of this step were logged before it was saved
+            barrier()
+            if rank == 0:
+                store.upload([tmp / STATE_FILE], tmp, f"checkpoints/{tag}")
+                store.write_text("checkpoints/latest", tag)
+            elif node_main:  # the mirror of another node keeps nothing: a resume downloads
+                shutil.rmtree(tmp, ignore_errors=True)
+        final = self.checkpoints / tag
+        if rank == 0:
+            if final.exists():  # a re-save of the same step (e.g. a signal right after a save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_atomic(self.checkpoints / "latest", tag)
+            self.prune(keep_last)
+        return final
+
+    def prune(self, keep_last: int) -> None:
+        """Delete complete checkpoints older than the newest ``keep_last`` (rank 0): locally
+        with their universal conversions, and at a URL also the incomplete ones older than its
+        newest complete one (:meth:`RunStorage.prune`)."""
+        if self.store is not None:
+            self.store.prune(keep_last)
+        prune_checkpoints(self.checkpoints, keep_last)
+
+    def push_run_files(self, rank: int) -> None:
+        """Upload this rank's run files to a URL (:meth:`RunStorage.push_run_files`); a path
+        has them already."""
+        if self.store is not None:
+            self.store.push_run_files(rank)
+
+    def upload(self, paths: Iterable[Path]) -> None:
+        """Upload files and folders under :attr:`local` (e.g. ``hf/step-N`` and its log) to
+        the same place at a URL; a path has them already."""
+        if self.store is None:
+            return
+        paths = list(paths)
+        files = [f for p in paths if p.is_dir() for f in p.rglob("*") if f.is_file()]
+        self.store.upload(files + [p for p in paths if p.is_file()], self.local, "")
+
+    def finish(self) -> Path | None:
+        """A finished URL run is all at the URL: delete this node's mirror, which only takes
+        disk space, but for offline wandb runs (their only copy). Call it from the node's first
+        process once the node is done with it. Nothing happens for a path.
+
+        Returns:
+            the ``wandb`` folder kept, or None.
+        """
+        if self.store is None:
+            return None
+        offline_wandb = any((self.local / "wandb").glob("offline-run-*"))
+        remove_mirror(self.local, keep=("wandb", URL_FILE) if offline_wandb else ())
+        return self.local / "wandb" if offline_wandb else None
+
+    # -- readers ---------------------------------------------------------------------------------
+    def localize(self, step: int | None = None, *, into: Path | None = None) -> Path:
+        """A local run folder to read the checkpoint of ``step`` (default: latest) from.
+
+        A path is returned as it is. For a URL the checkpoint and ``metrics.jsonl`` are
+        downloaded into the mirror (what is missing), or into the folder ``into`` instead,
+        whose ``latest`` then names the URL's.
+
+        Raises:
+            FileNotFoundError: the URL has no (such) complete checkpoint.
+        """
+        if self.url is None:
+            return self.local
+        store = RunStorage(self.url, local=into)
+        tag = store.latest_tag() if step is None else checkpoint_tag(step)
+        if tag is None:
+            raise FileNotFoundError(f"{self.url} has no checkpoint yet; train it with `kiln train`")
+        store.fetch_checkpoint(tag)
+        store.make_mirror()
+        if step is None:
+            (store.local / "checkpoints" / "latest").write_text(tag)
+        store.download_file("metrics.jsonl")
+        return store.local
+
+    def checkpoint(self, step: int | None = None) -> Path:
+        """The local folder of the complete checkpoint of ``step`` (default: the newest),
+        downloaded into the mirror first for a URL.
+
+        Raises:
+            FileNotFoundError: the run has no (such) complete checkpoint.
+        """
+        return RunFolder(self.localize(step)).find_checkpoint(step)
+
+    @contextlib.contextmanager
+    def read_copy(self, step: int) -> Iterator[Path]:
+        """A local run folder holding the checkpoint of ``step`` for the ``with`` block: the
+        path itself, or for a URL a download that leaves no mirror behind.
+
+        Raises:
+            FileNotFoundError: the URL has no such complete checkpoint.
+        """
+        if self.url is None:
+            yield self.local
+            return
+        mirrors_root().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="sample-", dir=mirrors_root()) as tmp:
+            yield self.localize(step, into=Path(tmp))
+
+    def published(self, step: int) -> str | Path | None:
+        """Where the run's ``transformers`` folder of ``step`` (``hf/step-N``) is, at the URL
+        for a URL run; None if it was not published (completely)."""
+        tag = checkpoint_tag(step)
+        if self.store is not None:
+            found = self.store.fs.isfile(self.store.remote(f"hf/{tag}/config.json"))
+            return f"{self.store.url}/hf/{tag}" if found else None
+        folder = self.local / "hf" / tag
+        return folder if folder.is_dir() else None
+
+    def ray_storage(self) -> dict[str, Any]:
+        """The ``storage_path`` (and ``storage_filesystem``) arguments of Ray Train's
+        ``RunConfig`` for Ray's own files under ``<run>/ray``: at the URL through fsspec, as
+        Kiln's own files (pyarrow alone resolves fewer protocols)."""
+        if self.store is None:
+            return {"storage_path": str(self.local.resolve() / "ray")}
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return {
+            "storage_path": f"{self.store.root}/ray",
+            "storage_filesystem": PyFileSystem(FSSpecHandler(self.store.fs)),
+        }
+
+
 def prepare_run_dir(run_dir: str | Path, config_yaml: str) -> Path:
-    """Create the run folder (and, for a URL, its mirror) and write ``config.yaml`` into it
-    (uploaded for a URL). Returns the local folder the run works in."""
-    store = for_run(run_dir)
-    local = store.make_mirror() if store is not None else Path(run_dir)
-    local.mkdir(parents=True, exist_ok=True)
-    (local / "config.yaml").write_text(config_yaml)
-    if store is not None:
-        store.write_text("config.yaml", config_yaml)
-    return local
+    """:meth:`RunFolder.prepare` of ``run_dir``."""
+    return RunFolder(run_dir).prepare(config_yaml)
 
 
 def localize(run_dir: str | Path, step: int | None = None, *, into: Path | None = None) -> Path:
-    """A local run folder to read the checkpoint of ``step`` (default: latest) from.
-
-    A path is returned as it is. For a URL the checkpoint and ``metrics.jsonl`` are downloaded
-    into the mirror (what is missing), or into the folder ``into`` instead, whose ``latest`` then
-    names the URL's.
-
-    Raises:
-        FileNotFoundError: the URL has no (such) complete checkpoint.
-    """
-    if not is_url(run_dir):
-        return Path(run_dir)
-    store = RunStorage(run_dir, local=into)
-    from trainer.checkpoint import tag_for
-
-    tag = store.latest_tag() if step is None else tag_for(step)
-    if tag is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it with `kiln train`")
-    store.fetch_checkpoint(tag)
-    store.make_mirror()
-    if step is None:
-        (store.local / "checkpoints" / "latest").write_text(tag)
-    store.download_file("metrics.jsonl")
-    return store.local
+    """:meth:`RunFolder.localize` of ``run_dir``."""
+    return RunFolder(run_dir).localize(step, into=into)
 
 
 # -- the cache of mirrors ------------------------------------------------------------------------
