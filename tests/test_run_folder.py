@@ -1,0 +1,148 @@
+"""The run-folder object (:class:`trainer.storage.RunFolder`) on its own, for a local path and a
+``file://`` URL alike: the newest complete checkpoint, prune, localize. Fast: a fake engine
+writes the shards, one process, no training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from trainer import checkpoint, storage
+from trainer.storage import STATE_FILE, RunFolder
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv(storage.CACHE_ENV, str(path))
+    return path
+
+
+class FakeEngine:
+    """What save_checkpoint asks of a DeepSpeed engine: a shard under root/tag."""
+
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+        out = Path(root) / tag
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.ones(3)}, out / "mp_rank_00_model_states.pt")
+
+
+@pytest.fixture(params=["path", "url"])
+def run(request, tmp_path) -> tuple[RunFolder, Path]:
+    """A run folder and where its files really are (the path, or the URL's folder)."""
+    real = tmp_path / "runs" / "r"
+    folder = RunFolder(f"file://{real}" if request.param == "url" else real)
+    folder.prepare("seed: 1\n")
+    return folder, real
+
+
+def save(folder: RunFolder, step: int, keep_last: int = 5) -> Path:
+    state = {"step": step, "zero_stage": 0}
+    return checkpoint.save_checkpoint(FakeEngine(), folder, state, rank=0, keep_last=keep_last)
+
+
+def incomplete(real: Path, step: int) -> None:
+    """A save that died: the shards of ``step`` but no trainer_state.json."""
+    ckpt = real / "checkpoints" / storage.checkpoint_tag(step)
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+
+
+def test_paths_and_where_it_works(run, cache):
+    folder, real = run
+    assert (folder.url is None) == (folder.local == real)
+    if folder.url is not None:
+        assert folder.local.parent == cache / "runs" and folder.location == f"file://{real}"
+    assert folder.config_path == folder.local / "config.yaml"
+    assert (real / "config.yaml").read_text() == "seed: 1\n"  # uploaded for a URL
+    assert folder.metrics_path == folder.local / "metrics.jsonl"
+    assert folder.checkpoint_dir(7) == folder.local / "checkpoints" / "step-00000007"
+    # One folder for all ranks, or one mirror per node prepared by its first process.
+    assert folder.node_main(rank=0, local_rank=0) and not folder.node_main(rank=3, local_rank=1)
+    assert folder.node_main(rank=2, local_rank=0) == (folder.url is not None)
+
+
+def test_newest_complete_checkpoint_ignores_an_incomplete_one(run):
+    folder, real = run
+    assert folder.latest_tag() is None and folder.latest_step() is None
+    assert folder.latest_checkpoint() is None
+    save(folder, 3)
+    save(folder, 6)
+    incomplete(real, 9)
+    assert folder.latest_tag() == "step-00000006" and folder.latest_step() == 6
+    assert folder.latest_checkpoint() == folder.local / "checkpoints" / "step-00000006"
+    assert folder.find_checkpoint(3).name == "step-00000003"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        folder.checkpoint(9)
+
+
+def test_a_local_latest_naming_an_incomplete_checkpoint_is_refused(tmp_path):
+    folder = RunFolder(tmp_path / "r")
+    save(folder, 3)
+    incomplete(tmp_path / "r", 6)
+    (folder.checkpoints / "latest").write_text("step-00000006")
+    with pytest.raises(FileNotFoundError, match="step-00000006, which is not a complete"):
+        folder.latest_step()
+
+
+def test_prune_keeps_the_newest_complete_ones(run):
+    folder, real = run
+    for step in (3, 6):
+        save(folder, step, keep_last=2)
+    incomplete(real, 7)  # older than the next save: a URL drops it, a path keeps it
+    save(folder, 9, keep_last=2)
+    at_url = sorted(p.name for p in (real / "checkpoints").iterdir())
+    want = ["latest", "step-00000006", "step-00000009"]
+    assert at_url == (want if folder.url else [*want[:2], "step-00000007", want[2]])
+    local = sorted(p.name for p in folder.checkpoints.iterdir() if p.name != "step-00000007")
+    assert local == want
+    folder.prune(keep_last=1)
+    assert folder.latest_tag() == "step-00000009"
+    assert not (real / "checkpoints" / "step-00000006").exists()
+    assert not (folder.checkpoints / "step-00000006").exists()
+
+
+def test_localize_reads_a_checkpoint_without_the_writer_s_copy(run):
+    folder, _ = run
+    save(folder, 3)
+    save(folder, 6)
+    if folder.url is not None:  # another machine: no mirror yet
+        shutil.rmtree(folder.local)
+    assert folder.localize() == folder.local
+    ckpt = folder.checkpoint(3)
+    assert ckpt == folder.local / "checkpoints" / "step-00000003"
+    assert json.loads((ckpt / STATE_FILE).read_text())["step"] == 3
+    assert folder.checkpoint().name == "step-00000006"
+    with folder.read_copy(6) as local:
+        assert RunFolder(local).find_checkpoint(6).name == "step-00000006"
+    assert local.exists() == (folder.url is None)  # a URL's throwaway download is gone
+    with pytest.raises(FileNotFoundError):
+        folder.checkpoint(12)
+
+
+def test_finish_removes_a_url_run_s_mirror_only(run):
+    folder, real = run
+    save(folder, 3)
+    assert folder.finish() is None
+    assert folder.local.exists() == (folder.url is None)
+    assert (real / "checkpoints" / "step-00000003" / STATE_FILE).is_file()
+
+
+def test_the_run_folder_imports_no_other_kiln_module():
+    """trainer.checkpoint imports trainer.storage, never the reverse (and not torch, so that
+    the CLI's run-folder checks stay fast)."""
+    code = (
+        "import sys, trainer.storage; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trainer', 'torch')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["['trainer',", "'trainer.storage']"]
