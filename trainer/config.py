@@ -25,6 +25,7 @@ from model.registry import DEFAULT_MODEL_TYPE, ModelConfigField, family, model_t
 from trainer.errors import ConfigError
 from trainer.init_from import resolve_init_from
 from trainer.objectives import span_corruption_lengths
+from trainer.storage import RunFolder
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -486,13 +487,10 @@ def check_paths(cfg: KilnConfig) -> None:
         ConfigError: no datasets, a source path of an unprepared dataset matches nothing, or
             run_dir is a URL no installed filesystem opens (the message names the package).
     """
-    from trainer.storage import check_url, is_url
-
-    if is_url(cfg.run_dir):
-        try:
-            check_url(cfg.run_dir)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        RunFolder(cfg.run_dir).check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty; name at least one dataset with its sources")
     for i, ds in enumerate(cfg.data.datasets):

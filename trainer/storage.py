@@ -353,6 +353,17 @@ class RunFolder:
             self._store = RunStorage(self.url)
         return self._store
 
+    def check(self) -> None:
+        """Refuse a location this machine cannot reach (before any process starts); opens
+        nothing.
+
+        Raises:
+            ValueError: a URL whose protocol no installed fsspec filesystem handles (the message
+                names the package to install).
+        """
+        if self.url is not None:
+            check_url(self.url)
+
     # -- paths -----------------------------------------------------------------------------------
     @property
     def checkpoints(self) -> Path:
