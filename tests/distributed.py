@@ -132,6 +132,11 @@ def train_in_process(config: Path, *overrides: str) -> Path:
     from trainer.data.prepare import prepare_all
 
     cfg = load_config(config, overrides)
+    import deepspeed
+
+    # What trainer.distributed.init_distributed does under torchrun; over an existing group it
+    # only wraps it (the pipeline's PipelineModule needs DeepSpeed's comm before the engine).
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     if dist.get_rank() == 0:
         prepare_all(cfg)
         storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())
