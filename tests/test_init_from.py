@@ -241,6 +241,7 @@ def one_step(tmp: Path, data_root: Path, folder: Path, **sections) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_kiln_train_starts_from_the_folder_and_resume_ignores_it(folders, prepared_data, tmp_path):
     """Llama, sharded fp32, 1 process, ZeRO 0, a fresh data root: the tokenizer is copied (not
     trained) and the data prepared with it; then a resume with init_from pointing at a folder
@@ -275,6 +276,7 @@ def test_kiln_train_starts_from_the_folder_and_resume_ignores_it(folders, prepar
     assert latest_checkpoint(run).name == "step-00000002"
 
 
+@pytest.mark.slow
 def test_kiln_train_t5_zero3_two_processes_starts_from_a_bf16_folder(
     folders, prepared_t5_data, tmp_path, capfd
 ):

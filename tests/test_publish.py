@@ -202,6 +202,7 @@ def test_push_to_hub_needs_a_token_and_dry_run_lists_the_upload(run_dirs, tmp_pa
     assert "no Hub token is configured" in result.stdout
 
 
+@pytest.mark.slow
 def test_publishing_callback(prepared_data, tmp_path):
     config = train_config(
         tmp_path, prepared_data, checkpoint__publish_every=3, checkpoint__publish_at_end="true"

@@ -118,6 +118,7 @@ def test_resume_on_one_process(zero_runs, resumed_on_one, stage):
     assert len(seen) == len(set(seen)) == 6 * 8
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(prepared_data, tmp_path, monkeypatch):
     """SIGTERM makes both ranks save and stop; the run resumes to its end. The run folder is a
     file:// URL, so this is also the test of its mirror: a stopped run keeps it, a finished one
