@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed import run_distributed, train_runs
 
 REPO = Path(__file__).resolve().parents[1]
 # Tests never reach the network: transformers and huggingface_hub read local folders only.
@@ -19,7 +20,22 @@ SAMPLE = REPO / "sample" / "tinyshakespeare" / "input.txt"
 T5_SENTINELS = 16
 
 
+# Fixtures that train (or start a cluster) for more than ~20 s on 2 cores: a test that uses one
+# is `slow`, since `pytest -m "not slow"` would pay for the fixture.
+SLOW_FIXTURES = {"zero_runs", "t5_runs", "pipeline_runs", "ray_cluster", "cluster"}
+# Tests of tests/test_pipeline.py (not edited here) that train through `kiln train` themselves.
+SLOW_TESTS = {
+    "test_pipeline.py::test_pipeline_resume_is_exact",
+    "test_pipeline.py::test_two_stages_by_two_data_parallel_ranks",
+    "test_pipeline.py::test_tied_head_across_stages",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = f"{item.path.name}::{item.originalname}"
+        if SLOW_FIXTURES & set(item.fixturenames) or name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -120,6 +136,23 @@ def kiln(
     )
 
 
+def kiln_in_process(*args: str) -> subprocess.CompletedProcess:
+    """Run the `kiln` CLI in this process (click's test runner) for commands that start no
+    workers (generate, publish): the same command, without a Python start-up and its imports.
+    Returns what :func:`kiln` returns; an uncaught exception's traceback is in ``stderr``."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from launcher.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    stderr = result.stderr
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+
+
 def train(config: Path, *extra: str, nproc: int = 2) -> Path:
     """`kiln train CONFIG --nproc N` to completion; returns the run folder."""
     result = kiln("train", str(config), "--nproc", str(nproc), "--sample-prompt", "", *extra)
@@ -136,44 +169,52 @@ def t5_sections(**sections) -> dict[str, object]:
 @pytest.fixture(scope="session")
 def zero_runs(prepared_data, tmp_path_factory) -> dict[int, Path]:
     """6 steps of the debug decoder under each ZeRO stage on 2 processes, checkpoints at steps
-    3 and 6."""
-    runs = {}
-    for stage in (0, 1, 2, 3):
-        tmp = tmp_path_factory.mktemp(f"zero{stage}")
-        runs[stage] = train(train_config(tmp, prepared_data, parallel__zero_stage=stage))
-    return runs
+    3 and 6 (trained in-process on 2 gloo ranks, one worker start-up for the four runs)."""
+    stages = (0, 1, 2, 3)
+    configs = [
+        train_config(tmp_path_factory.mktemp(f"zero{s}"), prepared_data, parallel__zero_stage=s)
+        for s in stages
+    ]
+    return dict(zip(stages, run_distributed(train_runs, 2, *configs)[0], strict=True))
 
 
 @pytest.fixture(scope="session")
 def t5_runs(prepared_t5_data, tmp_path_factory) -> dict[int, Path]:
     """6 steps of the T5 debug preset under each ZeRO stage on 2 processes, checkpoints at steps
-    3 and 6, a validation pass at steps 0, 3 and 6."""
-    runs = {}
-    for stage in (0, 1, 2, 3):
-        tmp = tmp_path_factory.mktemp(f"t5zero{stage}")
-        config = train_config(
-            tmp, prepared_t5_data, **t5_sections(parallel__zero_stage=stage, train__eval_every=3)
+    3 and 6, a validation pass at steps 0, 3 and 6 (in-process, as `zero_runs`)."""
+    stages = (0, 1, 2, 3)
+    configs = [
+        train_config(
+            tmp_path_factory.mktemp(f"t5zero{s}"),
+            prepared_t5_data,
+            **t5_sections(parallel__zero_stage=s, train__eval_every=3),
         )
-        runs[stage] = train(config)
-    return runs
+        for s in stages
+    ]
+    return dict(zip(stages, run_distributed(train_runs, 2, *configs)[0], strict=True))
 
 
 @pytest.fixture(scope="session")
 def pipeline_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
     """6 steps (global batch 8 = 4 micro-batches of 2) of each family: `{family}-plain` on 1
     process and `{family}-pipe`, 2 pipeline stages on 2 processes (ZeRO 1), checkpoints at steps
-    3 and 6."""
-    out = {}
+    3 and 6 (in-process: one 1-rank and one 2-rank worker start-up)."""
+    configs: dict[str, dict[str, Path]] = {"plain": {}, "pipe": {}}
     for family, data, extra in (
         ("llama", prepared_data, {}),
         ("t5", prepared_t5_data, t5_sections()),
     ):
-        for name, nproc, stages in (("plain", 1, 1), ("pipe", 2, 2)):
+        for name, stages in (("plain", 1), ("pipe", 2)):
             tmp = tmp_path_factory.mktemp(f"{family}-{name}")
-            config = train_config(
+            configs[name][family] = train_config(
                 tmp, data, parallel__zero_stage=1, parallel__pipeline_stages=stages, **extra
             )
-            out[f"{family}-{name}"] = train(config, nproc=nproc)
+    out = {}
+    for name, nproc in (("plain", 1), ("pipe", 2)):
+        runs = run_distributed(train_runs, nproc, *configs[name].values())[0]
+        out.update(
+            {f"{family}-{name}": run for family, run in zip(configs[name], runs, strict=True)}
+        )
     return out
 
 

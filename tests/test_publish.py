@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import kiln, train, train_config
+from conftest import kiln, kiln_in_process, train_config
+from distributed import run_distributed, train_runs
 
 from model.generate import fill_in_spans
 from model.tokenizer import Tokenizer
@@ -45,11 +46,13 @@ def run_dirs(zero_runs, t5_runs, pipeline_runs) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def published(run_dirs, tmp_path_factory) -> dict[str, Path]:
-    """Each source run published with the CLI, as a user would."""
+    """Each source run published with the CLI, as a user would (in this process)."""
     out = {}
     for key, run in run_dirs.items():
         folder = tmp_path_factory.mktemp("hf") / key
-        result = kiln("publish", str(run), "--out", str(folder), "--license", "apache-2.0")
+        result = kiln_in_process(
+            "publish", str(run), "--out", str(folder), "--license", "apache-2.0"
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         assert "load it with:" in result.stdout
         out[key] = folder
@@ -109,7 +112,7 @@ def test_published_tokenizer_encodes_like_kiln(published, run_dirs, key):
 def test_transformers_generate_equals_kiln_generate(published, run_dirs, key):
     family = key.split("-")[0]
     prompt = "ROMEO:" if family == "llama" else "ROMEO: <extra_id_0> the <extra_id_1>."
-    result = kiln(
+    result = kiln_in_process(
         "generate", str(run_dirs[key]), "--prompt", prompt, "--temperature", "0",
         "--max-new-tokens", "12",
     )  # fmt: skip
@@ -199,11 +202,12 @@ def test_push_to_hub_needs_a_token_and_dry_run_lists_the_upload(run_dirs, tmp_pa
     assert "no Hub token is configured" in result.stdout
 
 
+@pytest.mark.slow
 def test_publishing_callback(prepared_data, tmp_path):
     config = train_config(
         tmp_path, prepared_data, checkpoint__publish_every=3, checkpoint__publish_at_end="true"
     )
-    run = train(config, nproc=1)
+    (run,) = run_distributed(train_runs, 1, config)[0]
     for step in (3, 6):
         folder = run / "hf" / f"step-{step:08d}"
         assert (folder / "README.md").is_file(), (run / "hf" / f"{folder.name}.log").read_text()

@@ -140,6 +140,7 @@ def test_kiln_train_refuses_an_unknown_protocol(prepared_data, tmp_path):
     assert not (REPO / "nosuchproto:").exists()
 
 
+@pytest.mark.slow
 def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache, monkeypatch):
     """6 steps to file://.../remote/run (checkpoints 3 and 6, published at the end); the
     finished run deletes its local mirror. With the URL's latest set back to step 3 (a run
@@ -198,6 +199,7 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+@pytest.mark.slow
 def test_kiln_cache_lists_and_cleans_mirrors(tmp_path, cache):
     """Two mirrors made as `kiln train` makes them, one with files last changed 2 hours ago, and
     an old one without .kiln-url: `clean --older-than 1h` removes the old ones, frees their bytes

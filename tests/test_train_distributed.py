@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kiln, step_losses, step_sample_ids, train, train_config
+from conftest import REPO, kiln_in_process, step_losses, step_sample_ids, train, train_config
+from distributed import run_distributed, train_runs
 
 from trainer import storage
 from trainer.checkpoint import latest_checkpoint, read_trainer_state
@@ -55,12 +56,40 @@ def grad_norms(run: Path) -> dict[int, float]:
     return {r["step"]: r["grad_norm"] for r in records if "grad_norm" in r}
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_resume_is_exact(zero_runs, prepared_data, tmp_path, stage):
-    reference = zero_runs[stage]
-    config = train_config(tmp_path, prepared_data, parallel__zero_stage=stage)
-    run = continue_from(reference, 3, tmp_path)
-    train(config)
+RESUME_STAGES = (0, 2, 3)
+ONE_PROCESS_STAGES = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def resumed(zero_runs, prepared_data, tmp_path_factory) -> dict[int, Path]:
+    """`zero_runs` of stages 0, 2 and 3 cut back to step 3 and resumed on 2 processes
+    (in-process, one worker start-up)."""
+    configs = []
+    for stage in RESUME_STAGES:
+        tmp = tmp_path_factory.mktemp(f"resume{stage}")
+        configs.append(train_config(tmp, prepared_data, parallel__zero_stage=stage))
+        continue_from(zero_runs[stage], 3, tmp)
+    runs = run_distributed(train_runs, 2, *configs)[0]
+    return dict(zip(RESUME_STAGES, runs, strict=True))
+
+
+@pytest.fixture(scope="module")
+def resumed_on_one(zero_runs, prepared_data, tmp_path_factory) -> dict[int, Path]:
+    """`zero_runs` of stages 1, 2 and 3 cut back to step 3 and resumed on 1 process: stages 1
+    and 2 in-process, stage 3 through `kiln train --nproc 1`, the launch a user runs."""
+    configs = {}
+    for stage in ONE_PROCESS_STAGES:
+        tmp = tmp_path_factory.mktemp(f"one{stage}")
+        configs[stage] = train_config(tmp, prepared_data, parallel__zero_stage=stage)
+        continue_from(zero_runs[stage], 3, tmp)
+    runs = dict(zip((1, 2), run_distributed(train_runs, 1, configs[1], configs[2])[0], strict=True))
+    runs[3] = train(configs[3], nproc=1)
+    return runs
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES)
+def test_resume_is_exact(zero_runs, resumed, stage):
+    reference, run = zero_runs[stage], resumed[stage]
     want, got = step_losses(reference), step_losses(run)
     assert sorted(got) == [4, 5, 6]
     for s in (4, 5, 6):
@@ -68,14 +97,11 @@ def test_resume_is_exact(zero_runs, prepared_data, tmp_path, stage):
     assert step_sample_ids(run) == {s: step_sample_ids(reference)[s] for s in (4, 5, 6)}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_on_one_process(zero_runs, prepared_data, tmp_path, stage):
+@pytest.mark.parametrize("stage", ONE_PROCESS_STAGES)
+def test_resume_on_one_process(zero_runs, resumed_on_one, stage):
     """A 2-process ZeRO checkpoint resumes on 1 process through the universal format; the global
     batch stays 8 (accumulation goes 2 -> 4) and every sample is seen exactly once."""
-    reference = zero_runs[stage]
-    config = train_config(tmp_path, prepared_data, parallel__zero_stage=stage)
-    run = continue_from(reference, 3, tmp_path)
-    train(config, nproc=1)
+    reference, run = zero_runs[stage], resumed_on_one[stage]
     assert (run / "checkpoints" / "step-00000003-universal").is_dir()
     want, got = step_losses(reference), step_losses(run)
     # The first resumed step sees the restored weights exactly. ZeRO-3's universal loader does not
@@ -92,6 +118,7 @@ def test_resume_on_one_process(zero_runs, prepared_data, tmp_path, stage):
     assert len(seen) == len(set(seen)) == 6 * 8
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(prepared_data, tmp_path, monkeypatch):
     """SIGTERM makes both ranks save and stop; the run resumes to its end. The run folder is a
     file:// URL, so this is also the test of its mirror: a stopped run keeps it, a finished one
@@ -143,7 +170,7 @@ def test_sigterm_saves_and_resumes(prepared_data, tmp_path, monkeypatch):
 def test_generate_from_checkpoint(zero_runs, stage):
     """`kiln generate` consolidates the checkpoint (ZeRO-3 shards too) and continues a prompt."""
     args = ["generate", str(zero_runs[stage]), "--prompt", "ROMEO:", "--max-new-tokens", "12"]
-    greedy = [kiln(*args, "--temperature", "0") for _ in range(2)]
+    greedy = [kiln_in_process(*args, "--temperature", "0") for _ in range(2)]
     assert greedy[0].returncode == 0, greedy[0].stderr[-3000:]
     assert greedy[0].stdout.startswith("ROMEO:")
     assert len(greedy[0].stdout.strip()) > len("ROMEO:")

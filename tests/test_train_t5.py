@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train, train_config
+from conftest import T5_SENTINELS, kiln_in_process, step_losses, step_sample_ids, train_config
+from distributed import run_distributed, train_runs
 from test_train_distributed import STAGE_TOLERANCE, continue_from
 
 from model.generate import fill_in_spans, generate_seq2seq
@@ -42,12 +43,27 @@ def test_t5_validation_reports_target_metrics(t5_runs):
         assert r["val_bpb"] > 0
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_t5_resume_is_exact(t5_runs, prepared_t5_data, tmp_path, stage):
-    reference = t5_runs[stage]
-    config = t5_config(tmp_path, prepared_t5_data, parallel__zero_stage=stage, train__eval_every=3)
-    run = continue_from(reference, 3, tmp_path)
-    train(config)
+RESUME_STAGES = (0, 3)
+
+
+@pytest.fixture(scope="module")
+def t5_resumed(t5_runs, prepared_t5_data, tmp_path_factory) -> dict[int, Path]:
+    """`t5_runs` of stages 0 and 3 cut back to step 3 and resumed on 2 processes (in-process,
+    one worker start-up)."""
+    configs = []
+    for stage in RESUME_STAGES:
+        tmp = tmp_path_factory.mktemp(f"t5resume{stage}")
+        configs.append(
+            t5_config(tmp, prepared_t5_data, parallel__zero_stage=stage, train__eval_every=3)
+        )
+        continue_from(t5_runs[stage], 3, tmp)
+    runs = run_distributed(train_runs, 2, *configs)[0]
+    return dict(zip(RESUME_STAGES, runs, strict=True))
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES)
+def test_t5_resume_is_exact(t5_runs, t5_resumed, stage):
+    reference, run = t5_runs[stage], t5_resumed[stage]
     want, got = step_losses(reference), step_losses(run)
     assert sorted(got) == [4, 5, 6]
     for s in (4, 5, 6):
@@ -58,7 +74,7 @@ def test_t5_resume_is_exact(t5_runs, prepared_t5_data, tmp_path, stage):
 def test_kiln_generate_fills_the_spans(t5_runs):
     run = t5_runs[3]
     prompt = "ROMEO: <extra_id_0> the <extra_id_1> night."
-    result = kiln("generate", str(run), "--prompt", prompt, "--temperature", "0",
+    result = kiln_in_process("generate", str(run), "--prompt", prompt, "--temperature", "0",
                   "--max-new-tokens", "12")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     model, tok = load_run(run)
