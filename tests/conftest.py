@@ -23,18 +23,11 @@ T5_SENTINELS = 16
 # Fixtures that train (or start a cluster) for more than ~20 s on 2 cores: a test that uses one
 # is `slow`, since `pytest -m "not slow"` would pay for the fixture.
 SLOW_FIXTURES = {"zero_runs", "t5_runs", "pipeline_runs", "ray_cluster", "cluster"}
-# Tests of tests/test_pipeline.py (not edited here) that train through `kiln train` themselves.
-SLOW_TESTS = {
-    "test_pipeline.py::test_pipeline_resume_is_exact",
-    "test_pipeline.py::test_two_stages_by_two_data_parallel_ranks",
-    "test_pipeline.py::test_tied_head_across_stages",
-}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        name = f"{item.path.name}::{item.originalname}"
-        if SLOW_FIXTURES & set(item.fixturenames) or name in SLOW_TESTS:
+        if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return

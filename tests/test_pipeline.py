@@ -170,6 +170,7 @@ def test_consolidated_pipeline_checkpoint_equals_the_plain_model(runs, family, t
     assert all(torch.equal(v, got[k]) for k, v in load_file(out).items())
 
 
+@pytest.mark.slow  # trains through `kiln train`
 def test_pipeline_resume_is_exact(runs, prepared_data, tmp_path):
     reference = runs["llama-pipe"]
     config = train_config(
@@ -188,6 +189,7 @@ def test_pipeline_resume_is_exact(runs, prepared_data, tmp_path):
     assert "resumes on the same layout: run with parallel.pipeline_stages=2" in result.stderr
 
 
+@pytest.mark.slow  # trains through `kiln train`
 def test_two_stages_by_two_data_parallel_ranks(runs, prepared_data, tmp_path):
     """4 processes: 2 pipeline stages x 2 data-parallel replicas. The global batch is the same
     8 sequences, split over the replicas instead of accumulated, so losses agree with the plain
@@ -206,6 +208,7 @@ def test_two_stages_by_two_data_parallel_ranks(runs, prepared_data, tmp_path):
         assert losses[s] == pytest.approx(plain[s], abs=STAGE_TOLERANCE), (s, losses[s])
 
 
+@pytest.mark.slow  # trains through `kiln train`
 def test_tied_head_across_stages(runs, prepared_data, tmp_path_factory):
     """A tied decoder head lives on the last stage and shares the first stage's embedding
     (DeepSpeed all-reduces the tied weight's gradient): same losses as the plain tied model."""
