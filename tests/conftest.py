@@ -146,6 +146,26 @@ def kiln_in_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """Run-folder mirrors under the test's folder (KILN_CACHE travels to `kiln` subprocesses
+    too)."""
+    from trainer import storage
+
+    path = tmp_path / "cache"
+    monkeypatch.setenv(storage.CACHE_ENV, str(path))
+    return path
+
+
+class FakeEngine:
+    """What save_checkpoint asks of a DeepSpeed engine: a shard under root/tag."""
+
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+        out = Path(root) / tag
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.ones(3)}, out / "mp_rank_00_model_states.pt")
+
+
 def train(config: Path, *extra: str, nproc: int = 2) -> Path:
     """`kiln train CONFIG --nproc N` to completion; returns the run folder."""
     result = kiln("train", str(config), "--nproc", str(nproc), "--sample-prompt", "", *extra)

@@ -11,27 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO
+from conftest import REPO, FakeEngine
 
 from trainer import checkpoint, storage
 from trainer.storage import STATE_FILE, RunFolder
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv(storage.CACHE_ENV, str(path))
-    return path
-
-
-class FakeEngine:
-    """What save_checkpoint asks of a DeepSpeed engine: a shard under root/tag."""
-
-    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
-        out = Path(root) / tag
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"w": torch.ones(3)}, out / "mp_rank_00_model_states.pt")
+pytestmark = pytest.mark.usefixtures("cache")  # mirrors under the test's folder
 
 
 @pytest.fixture(params=["path", "url"])

@@ -10,28 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO, kiln, step_losses, train, train_config
+from conftest import REPO, FakeEngine, kiln, step_losses, train, train_config
 
 from trainer import checkpoint, storage
 from trainer.config import ConfigError, check_paths, load_config
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    """Mirrors under the test's folder (KILN_CACHE travels to `kiln` subprocesses too)."""
-    path = tmp_path / "cache"
-    monkeypatch.setenv(storage.CACHE_ENV, str(path))
-    return path
-
-
-class FakeEngine:
-    """What save_checkpoint asks of a DeepSpeed engine: a shard per rank under root/tag."""
-
-    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
-        out = Path(root) / tag
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"w": torch.ones(3)}, out / "mp_rank_00_model_states.pt")
+pytestmark = pytest.mark.usefixtures("cache")  # mirrors under the test's folder
 
 
 def save(url: str, step: int, keep_last: int = 2) -> Path:
