@@ -65,7 +65,6 @@ class RunPlan:
     """What the pre-flight found: the batch plan of each world size the run may take (one for a
     fixed world, several for an elastic Ray group) and the warnings to show the user."""
 
-    config: KilnConfig
     batches: dict[int, BatchPlan]
     warnings: tuple[str, ...]
 
@@ -107,7 +106,7 @@ def check(
             f"parallel.zero_stage={cfg.parallel.zero_stage} partitions nothing on one "
             "data-parallel process and only adds copies; parallel.zero_stage=0 is faster"
         )
-    return RunPlan(cfg, batches, tuple(warnings))
+    return RunPlan(batches, tuple(warnings))
 
 
 def prepare(cfg: KilnConfig, prepare_data: Callable[[KilnConfig], Any] | None = None) -> None:

@@ -139,7 +139,7 @@ def train_in_process(config: Path, *overrides: str) -> Path:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     if dist.get_rank() == 0:
         prepare_all(cfg)
-        storage.prepare_run_dir(cfg.run_dir, cfg.to_yaml())
+        storage.RunFolder(cfg.run_dir).prepare(cfg.to_yaml())
     dist.barrier()
     close = distributed.close
     distributed.close = distributed.barrier  # keep run_distributed's group for the next run

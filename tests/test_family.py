@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -15,7 +16,7 @@ from model.family import FamilySpec
 from model.registry import FAMILIES, family, model_types, spec
 from trainer.config import load_config
 from trainer.estimate import flops_per_token
-from trainer.objectives import is_causal, model_lengths
+from trainer.objectives import build_objective, is_causal, model_lengths
 from trainer.publish import hf_model, load_published
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,15 @@ def test_flops_and_activations_follow_the_objective_lengths(model_type):
     )
     s = spec(cfg.model)
     lengths = model_lengths(cfg)
-    assert len(lengths) == len(s.model_inputs) - (len(s.model_inputs) > 1)  # T5: mask too
+    # the lengths the estimates use are those of the batches the objective makes
+    sentinels = np.arange(511, 511 - 16, -1)
+    rows = np.random.default_rng(0).integers(4, 400, (2, 129))
+    batch = build_objective(cfg, sentinels)(rows, np.arange(2), 0)
+    assert set(batch.inputs) == set(s.model_inputs)
+    made = [batch.inputs["input_ids"].shape[1]]
+    if "decoder_input_ids" in batch.inputs:
+        made.append(batch.inputs["decoder_input_ids"].shape[1])
+    assert lengths == tuple(made)
     per_token = flops_per_token(cfg)
     n = cfg.model.num_parameters(exclude_input_embedding=True)
     assert 6 * n * 0.5 < per_token < 6 * n * 2  # dominated by 6N

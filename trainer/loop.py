@@ -31,6 +31,7 @@ from trainer.distributed import World
 from trainer.engine import group_weight_decays
 from trainer.estimate import flops_per_token
 from trainer.objectives import IGNORE_INDEX, token_loss
+from trainer.storage import RunFolder
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -66,6 +67,7 @@ class Trainer:
         extra_files: tuple[Path, ...] = (),
     ):
         self.cfg, self.engine, self.plan, self.world, self.data = cfg, engine, plan, world, data
+        self.run_folder = RunFolder(cfg.run_dir)  # where save() writes (a path or a URL mirror)
         self.token_bytes = torch.as_tensor(token_bytes, dtype=torch.float64)
         self.peak_flops = peak_flops
         self.callbacks = list(callbacks)
@@ -258,7 +260,7 @@ class Trainer:
         self.saved_step = self.step
         return checkpoint.save_checkpoint(
             self.engine,
-            self.cfg.run_dir,
+            self.run_folder,
             self.state(),
             rank=self.world.rank,
             keep_last=self.cfg.checkpoint.keep_last,
