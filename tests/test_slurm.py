@@ -180,8 +180,9 @@ def test_dry_run_is_a_script_sbatch_accepts(cluster, prepared_data, tmp_path):
 def test_sigterm_stops_without_requeue_then_resubmit_resumes_and_cancel(
     cluster, prepared_data, tmp_path
 ):
-    """SIGTERM to the whole job (what preemption and scancel send first): the ranks save and the
-    job ends without requeueing itself. A second submit is refused while the first job runs and
+    """SIGTERM to the job shell (preemption and scancel send it first): the shell passes it to the
+    training step through scancel, never to srun (which would SIGKILL the step); the ranks save and
+    the job ends without requeueing itself. A second submit is refused while the first job runs and
     resumes from the checkpoint afterwards; `kiln slurm cancel` cancels it."""
     config = train_config(tmp_path, prepared_data, train__max_steps=100_000)
     run = config.parent / "run"
@@ -193,12 +194,13 @@ def test_sigterm_stops_without_requeue_then_resubmit_resumes_and_cancel(
     assert again.returncode != 0
     assert f"job {job_id} of {run} is still" in again.stderr
     wait_for_steps(run, 3, log)
-    cluster.run("scancel", "--signal=TERM", "--full", job_id)
+    cluster.run("scancel", "--signal=TERM", "--batch", job_id)
     info = wait_for_end(cluster, job_id, log)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), tail(log)
     stopped = re.findall(r"kiln: stopped by SIGTERM at step (\d+) of 100000", tail(log))
     assert len(stopped) == 1, tail(log)
     assert (run / "checkpoints" / f"step-{int(stopped[0]):08d}").is_dir()
+    assert "forcing job termination" not in tail(log)
     assert "no longer in the queue" in kiln("slurm", "status", str(run)).stdout
 
     second = submit(config)
