@@ -133,7 +133,7 @@ class PlainLoop:
             eps=t.adam_eps,
             weight_decay=t.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train))
 
     def train_step(self) -> torch.Tensor:
         from trainer.objectives import token_loss
@@ -177,13 +177,13 @@ def worker(args) -> None:
         plan = batch_plan(cfg, world.world_size)
         samples = plan.global_batch_size * (args.warmup + args.steps)
         data = SyntheticTokens(cfg, plan.seq_len, samples)
-        model = build_model(cfg.model, seed=cfg.train.seed)
+        model = build_model(cfg.derived.model, seed=cfg.train.seed)
         if args.runner == "plain":
             assert world.world_size == 1, "the plain loop runs on one process"
             train_step = PlainLoop(cfg, model, plan, data).train_step
         else:
             engine = build_engine(cfg, model, plan)
-            ones = np.ones(cfg.model.vocab_size)  # token bytes: only evaluate() reads them
+            ones = np.ones(cfg.derived.model.vocab_size)  # token bytes: only evaluate() reads them
             trainer = Trainer(cfg, engine, plan, world, data, token_bytes=ones, peak_flops=1.0)
             train_step = trainer.train_step
         for _ in range(args.warmup):

@@ -99,7 +99,7 @@ def check(
     if paths:
         check_paths(cfg)
     if cuda_available is not None:
-        check_device(cfg, cuda_available=cuda_available)
+        check_device(cfg.train, cuda_available=cuda_available)
     warnings = []
     if min(b.data_parallel_size for b in batches.values()) == 1 and cfg.parallel.zero_stage > 0:
         warnings.append(

@@ -43,7 +43,6 @@ from trainer.data.prepare import (
     build_manifest,
     check_eos,
     check_usable,
-    hf_cache_dir,
     load_documents,
     load_or_train_tokenizer,
     log_summary,
@@ -178,7 +177,7 @@ def sample_lines_on_ray(
     if not ray.is_initialized():
         ray.init()
     t = cfg.tokenizer
-    cache = hf_cache_dir(cfg)
+    cache = cfg.data.hf_cache_dir
     tables = [
         load_source(s, cache_dir=cache).select_columns(["text"]).with_format("arrow")[:]
         for s in sources

@@ -12,7 +12,7 @@ def _gib(n: float) -> str:
 
 
 def plan_report(cfg: KilnConfig, plan: BatchPlan) -> str:
-    m = cfg.model
+    m = cfg.derived.model
     mem = memory_estimate(cfg, plan)
     n = m.num_parameters()
     world = plan.pipeline_stages * plan.data_parallel_size
@@ -24,7 +24,7 @@ def plan_report(cfg: KilnConfig, plan: BatchPlan) -> str:
         f"parameters:            {n:,} ({n / 1e6:.2f}M; "
         f"{m.num_parameters(exclude_input_embedding=True):,} in matmuls)",
         f"FLOPs per token:       {flops_per_token(cfg):.4g} (6N + attention; per raw token)",
-        f"objective:             {describe(cfg)}",
+        f"objective:             {describe(cfg.derived.objectives, cfg.data.seq_len)}",
         "",
         "# batch",
         f"micro_batch_size x gradient_accumulation_steps x data_parallel_size = global_batch_size"

@@ -4,6 +4,7 @@ process starts, with the field, the value and the fix in the message."""
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from launcher.cli import cli
@@ -42,7 +43,36 @@ def test_precedence_preset_yaml_cli(yaml_file):
     assert cfg.model.hidden_size == 128  # CLI over preset
     assert cfg.train.lr == 5e-4  # CLI over YAML
     assert cfg.train.micro_batch_size == 2  # YAML over default
-    assert cfg.model.vocab_size == 512  # derived: 500 padded to a multiple of 64
+    assert cfg.derived.model.vocab_size == 512  # derived: 500 padded to a multiple of 64
+    assert cfg.model.vocab_size is None  # ... and not written into the user's section
+
+
+def test_derived_values_stay_out_of_the_users_sections(yaml_file, tmp_path):
+    """The config round-trips as written: derived values (padded vocab, sentinels, the default
+    objective) come from `cfg.derived`, and a dumped config loads back equal, deriving the same."""
+    for overrides, derived in [
+        ([], (512, 0, ("causal_lm",))),
+        (["model.model_type=t5"], (512, 100, ("span_corruption",))),
+        (["model.vocab_size=640", "tokenizer.num_sentinels=3"], (640, 3, ("causal_lm",))),
+    ]:
+        t5 = "model.model_type=t5" in overrides
+        if t5:  # the T5 preset has no num_hidden_layers: a file without it
+            text = yaml_file.read_text().replace("debug, num_hidden_layers: 3", "debug")
+            (tmp_path / "t5.yaml").write_text(text)
+        cfg = load_config(tmp_path / "t5.yaml" if t5 else yaml_file, overrides)
+        d = cfg.derived
+        assert (d.model.vocab_size, d.num_sentinels, tuple(o.type for o in d.objectives)) == derived
+        dumped = yaml.safe_load(cfg.to_yaml())
+        given = {o.split("=")[0]: o.split("=")[1] for o in overrides}
+        assert dumped["model"]["vocab_size"] == (640 if "model.vocab_size" in given else None)
+        assert dumped["tokenizer"]["num_sentinels"] == (
+            3 if given.get("tokenizer.num_sentinels") else None
+        )
+        assert dumped["objective"]["mixture"] is None
+        again = tmp_path / "again.yaml"
+        again.write_text(cfg.to_yaml())
+        reloaded = load_config(again)
+        assert reloaded == cfg and reloaded.derived == d
 
 
 @pytest.mark.parametrize(
@@ -57,7 +87,7 @@ def test_precedence_preset_yaml_cli(yaml_file):
         ("data.seq_len=0", "data.seq_len=0"),
         ("model.num_key_value_heads=3", "num_key_value_heads"),
         ("model.vocab_size=256", "raise model.vocab_size"),
-        ("parallel.zero_stage=4", "parallel.zero_stage=4 is not a ZeRO stage"),
+        ("parallel.zero_stage=4", "zero_stage=4 is not allowed: Input should be 0, 1, 2 or 3"),
         ("parallel.offload_params=true", "needs parallel.zero_stage=3"),
         ("data.seq_len=4096", "max_position_embeddings"),
         ("model.name=huge", "not a llama preset"),
@@ -101,7 +131,7 @@ def test_memory_estimate_follows_zero_stages(yaml_file):
     for stage in range(4):
         cfg = load_config(yaml_file, [f"parallel.zero_stage={stage}"])
         estimates.append(memory_estimate(cfg, batch_plan(cfg, world_size=4)))
-    psi = cfg.model.num_parameters()
+    psi = cfg.derived.model.num_parameters()
     assert estimates[0].optimizer_states == 8 * psi  # fp32 Adam moments
     assert estimates[1].optimizer_states == 8 * psi / 4
     assert estimates[1].gradients == 4 * psi and estimates[2].gradients == 4 * psi / 4
@@ -119,9 +149,9 @@ def test_cli_refuses_bad_config_before_launch(yaml_file):
 def test_fp16_needs_a_gpu(yaml_file):
     cfg = load_config(yaml_file, ["train.precision=fp16"])
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        check_device(cfg, cuda_available=False)
-    check_device(cfg, cuda_available=True)
-    check_device(load_config(yaml_file, ["train.precision=bf16"]), cuda_available=False)
+        check_device(cfg.train, cuda_available=False)
+    check_device(cfg.train, cuda_available=True)
+    check_device(load_config(yaml_file, ["train.precision=bf16"]).train, cuda_available=False)
 
 
 def test_dry_run_prints_plan(yaml_file):
@@ -130,7 +160,7 @@ def test_dry_run_prints_plan(yaml_file):
     )
     assert result.exit_code == 0, result.output
     cfg = load_config(yaml_file)
-    assert f"{cfg.model.num_parameters():,}" in result.output
+    assert f"{cfg.derived.model.num_parameters():,}" in result.output
     assert "2 x 2 x 2 = 8 sequences" in result.output
     assert "tokens_per_step:       512" in result.output
     for part in ("parameters:", "gradients:", "optimizer states:", "activations:"):

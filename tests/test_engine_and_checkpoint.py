@@ -29,7 +29,7 @@ def test_lr_schedules(schedule):
         "train.warmup_steps=10",
         "train.max_steps=110",
     )
-    f = lr_lambda(cfg)
+    f = lr_lambda(cfg.train)
     lrs = [1e-3 * f(step) for step in range(111)]
     assert lrs[0] == pytest.approx(1e-4)  # first warmup step: lr / warmup_steps
     assert lrs[9] == pytest.approx(1e-3)  # end of warmup

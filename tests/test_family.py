@@ -68,7 +68,7 @@ def test_flops_and_activations_follow_the_objective_lengths(model_type):
         None, [f"model.model_type={model_type}", "tokenizer.vocab_size=512", "data.seq_len=128"]
     )
     s = spec(cfg.model)
-    lengths = model_lengths(cfg)
+    lengths = model_lengths(cfg.derived.objectives, cfg.data.seq_len)
     # the lengths the estimates use are those of the batches the objective makes
     sentinels = np.arange(511, 511 - 16, -1)
     rows = np.random.default_rng(0).integers(4, 400, (2, 129))
@@ -79,12 +79,12 @@ def test_flops_and_activations_follow_the_objective_lengths(model_type):
         made.append(batch.inputs["decoder_input_ids"].shape[1])
     assert lengths == tuple(made)
     per_token = flops_per_token(cfg)
-    n = cfg.model.num_parameters(exclude_input_embedding=True)
+    n = cfg.derived.model.num_parameters(exclude_input_embedding=True)
     assert 6 * n * 0.5 < per_token < 6 * n * 2  # dominated by 6N
     stacks = s.activation_stacks(cfg.model, lengths)
     assert sum(st.num_blocks for st in stacks) == cfg.model.num_blocks
-    assert is_causal(cfg.objective.mixture) == (len(lengths) == 1)
-    assert cfg.objective.mixture[0].type == s.objectives[0]  # the family's default objective
+    assert is_causal(cfg.derived.objectives) == (len(lengths) == 1)
+    assert cfg.derived.objectives[0].type == s.objectives[0]  # the family's default objective
 
 
 def test_generic_code_never_branches_on_model_type():

@@ -158,10 +158,10 @@ def _cfg(*overrides):
 
 def test_config_defaults_for_t5():
     cfg = _cfg()
-    assert cfg.tokenizer.num_sentinels == 100
-    assert [o.type for o in cfg.objective.mixture] == ["span_corruption"]
-    assert load_config(None, []).objective.mixture[0].type == "causal_lm"
-    assert load_config(None, []).tokenizer.num_sentinels == 0
+    assert cfg.derived.num_sentinels == 100
+    assert [o.type for o in cfg.derived.objectives] == ["span_corruption"]
+    assert load_config(None, []).derived.objectives[0].type == "causal_lm"
+    assert load_config(None, []).derived.num_sentinels == 0
 
 
 @pytest.mark.parametrize(

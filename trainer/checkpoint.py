@@ -233,7 +233,7 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         from trainer.config import config_from_dict
         from trainer.pipeline import consolidate
 
-        weights = consolidate(ckpt, config_from_dict(state["config"]).model)
+        weights = consolidate(ckpt, config_from_dict(state["config"]).derived.model)
         return {k: v.float() for k, v in weights.items()}
     stage = state["zero_stage"]
     if stage == 0:

@@ -6,6 +6,11 @@ command line (``train.lr=3e-4 parallel.zero_stage=3``). Every section is a stric
 :meth:`KilnConfig._cross_field_rules`, and raise :class:`ConfigError` naming the fields, the values
 and the fix. Rules that need the filesystem or the world size are separate functions
 (:func:`check_paths`, :func:`batch_plan`) so that a config can be loaded anywhere.
+
+The config holds what the user wrote (and the defaults); it is never rewritten. Values a run
+derives from it (the padded model vocabulary, the sentinel count, the default objective) come from
+one property, :attr:`KilnConfig.derived`, so ``load(dump(cfg)) == cfg`` and every rank derives the
+same values from the same function.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.registry import DEFAULT_MODEL_TYPE, ModelConfigField, family, model_types, spec
+from model.registry import (
+    DEFAULT_MODEL_TYPE,
+    ModelConfig,
+    ModelConfigField,
+    family,
+    model_types,
+    spec,
+)
 from trainer.errors import ConfigError
 from trainer.init_from import resolve_init_from
 from trainer.objectives import span_corruption_lengths
@@ -96,6 +108,11 @@ class DataConfig(_Section):
     )
     seed: int = Field(0, description="seed of the validation split and of the sample order")
 
+    @property
+    def hf_cache_dir(self) -> Path:
+        """Where ``datasets`` caches the Arrow conversion of raw sources."""
+        return Path(self.root) / ".cache" / "huggingface"
+
 
 class TrainConfig(_Section):
     seed: int = Field(1234, description="seed of the model initialisation")
@@ -134,7 +151,7 @@ class TrainConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    zero_stage: int = Field(0, description="DeepSpeed ZeRO stage, 0-3")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage, 0-3")
     pipeline_stages: PositiveInt = Field(
         1,
         description="pipeline-parallel stages P (DeepSpeed pipeline engine when > 1); the "
@@ -217,6 +234,25 @@ class LaunchConfig(_Section):
     nnodes: PositiveInt = Field(1, description="nodes")
 
 
+@dataclass(frozen=True)
+class Derived:
+    """What a run derives from its config: one function (:attr:`KilnConfig.derived`) computes it,
+    and it is never written back into the user's sections.
+
+    Attributes:
+        model: the model section with ``vocab_size`` set: as given, else ``tokenizer.vocab_size``
+            rounded up to a multiple of 64 (:func:`pad_vocab`).
+        num_sentinels: ``tokenizer.num_sentinels`` as given, else the family's default (T5: 100
+            ``<extra_id_N>`` pieces, Llama: 0).
+        objectives: ``objective.mixture`` as given, else the family's default objective (causal
+            LM for Llama, span corruption for T5).
+    """
+
+    model: ModelConfig
+    num_sentinels: int
+    objectives: tuple[ObjectiveConfig, ...]
+
+
 class KilnConfig(_Section):
     run_dir: str = Field(
         "runs/default",
@@ -234,13 +270,27 @@ class KilnConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
+    @property
+    def derived(self) -> Derived:
+        """The values this run derives from its config (see :class:`Derived`); computed on each
+        access (cheap), never stored into the sections."""
+        family_spec = spec(self.model)
+        model = self.model
+        if model.vocab_size is None:
+            model = model.model_copy(update={"vocab_size": pad_vocab(self.tokenizer.vocab_size)})
+        sentinels = self.tokenizer.num_sentinels
+        mixture = self.objective.mixture
+        return Derived(
+            model=model,
+            num_sentinels=family_spec.default_num_sentinels if sentinels is None else sentinels,
+            objectives=tuple(
+                mixture if mixture is not None else [OBJECTIVES[family_spec.objectives[0]]()]
+            ),
+        )
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> KilnConfig:
         p, t, m = self.parallel, self.train, self.model
-        if p.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(
-                f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3"
-            )
         if p.offload_params and p.zero_stage != 3:
             raise ConfigError(
                 f"parallel.offload_params=true needs parallel.zero_stage=3 "
@@ -268,9 +318,7 @@ class KilnConfig(_Section):
                 f"checkpoint.save_every={c.save_every}: a publish reads the checkpoint of its "
                 f"step; use a multiple of {c.save_every}"
             )
-        if m.vocab_size is None:
-            m.vocab_size = pad_vocab(self.tokenizer.vocab_size)
-        elif m.vocab_size < self.tokenizer.vocab_size:
+        if m.vocab_size is not None and m.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(
                 f"tokenizer.vocab_size={self.tokenizer.vocab_size} is larger than "
                 f"model.vocab_size={m.vocab_size}; raise model.vocab_size to at least "
@@ -293,16 +341,12 @@ class KilnConfig(_Section):
         return self
 
     def _objective_rules(self) -> None:
-        m, tok, obj = self.model, self.tokenizer, self.objective
-        family_spec = spec(m)
-        if tok.num_sentinels is None:
-            tok.num_sentinels = family_spec.default_num_sentinels
-        if obj.mixture is None:
-            obj.mixture = [OBJECTIVES[family_spec.objectives[0]]()]
-        if not obj.mixture:
+        m, obj = self.model, self.objective
+        if obj.mixture is not None and not obj.mixture:
             raise ConfigError("objective.mixture is empty; name at least one objective")
-        allowed = family_spec.objectives
-        for i, o in enumerate(obj.mixture):
+        derived = self.derived
+        allowed = spec(m).objectives
+        for i, o in enumerate(derived.objectives):
             if o.type not in allowed:
                 raise ConfigError(
                     f"objective.mixture[{i}].type={o.type!r} does not train model.model_type="
@@ -325,11 +369,11 @@ class KilnConfig(_Section):
                     f"{o.noise_density} gives {n.num_noise_tokens} noise tokens per sequence; "
                     f"lower mean_noise_span_length or raise data.seq_len / noise_density"
                 )
-            if n.num_noise_spans > tok.num_sentinels:
+            if n.num_noise_spans > derived.num_sentinels:
                 raise ConfigError(
                     f"objective.mixture[{i}] makes {n.num_noise_spans} noise spans per sequence "
                     f"of data.seq_len={self.data.seq_len} tokens but tokenizer.num_sentinels="
-                    f"{tok.num_sentinels}; raise tokenizer.num_sentinels to at least "
+                    f"{derived.num_sentinels}; raise tokenizer.num_sentinels to at least "
                     f"{n.num_noise_spans}, or raise mean_noise_span_length / shorten seq_len"
                 )
 
@@ -420,6 +464,8 @@ def _explain(e: ValidationError) -> str:
         where = ".".join(str(x) for x in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key; check the spelling (see `kiln train --help`)")
+        elif err["type"] == "literal_error":
+            lines.append(f"  {where}={err.get('input')!r} is not allowed: {err['msg']}")
         elif err["type"] == "value_error":
             lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
@@ -518,13 +564,13 @@ def _matches(pattern: str) -> bool:
     return any(anchor.glob(rel))
 
 
-def check_device(cfg: KilnConfig, *, cuda_available: bool) -> None:
+def check_device(train: TrainConfig, *, cuda_available: bool) -> None:
     """Refuse settings this machine cannot run (before any process starts).
 
     Raises:
         ConfigError: fp16 without a GPU (DeepSpeed's CPU accelerator has no fp16 support).
     """
-    if cfg.train.precision == "fp16" and not cuda_available:
+    if train.precision == "fp16" and not cuda_available:
         raise ConfigError(
             "train.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); "
             "use train.precision=bf16 or fp32 on CPU"

@@ -13,15 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import BatchPlan, KilnConfig
+from trainer.config import BatchPlan, KilnConfig, TrainConfig
 from trainer.objectives import token_loss
 
 
-def lr_lambda(cfg: KilnConfig):
+def lr_lambda(t: TrainConfig):
     """Learning-rate multiplier per optimizer step: linear warmup from 0, then cosine, linear or
-    constant decay from ``lr`` to ``min_lr`` at ``max_steps`` (cosine as in Loshchilov & Hutter
-    2017, SGDR, without restarts). Returns a function ``step -> factor`` for ``LambdaLR``."""
-    t = cfg.train
+    constant decay from ``t.lr`` to ``t.min_lr`` at ``t.max_steps`` (cosine as in Loshchilov &
+    Hutter 2017, SGDR, without restarts). Returns a function ``step -> factor`` for ``LambdaLR``."""
     floor = t.min_lr / t.lr
 
     def factor(step: int) -> float:
@@ -146,7 +145,7 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay),
         config=deepspeed_config(cfg, plan, on_gpu=on_gpu, load_universal=load_universal),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
         dist_init_required=False,
     )
     if plan.data_parallel_size == 1 and cfg.parallel.zero_stage == 0 and plan.pipeline_stages == 1:

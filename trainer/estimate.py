@@ -26,7 +26,8 @@ def flops_per_token(cfg: KilnConfig) -> float:
     `model.llama.flops_per_sequence`); a T5's applies the same counting to each stack. Units:
     FLOP per token.
     """
-    return spec(cfg.model).flops_per_sequence(cfg.model, model_lengths(cfg)) / cfg.data.seq_len
+    d, seq_len = cfg.derived, cfg.data.seq_len
+    return spec(d.model).flops_per_sequence(d.model, model_lengths(d.objectives, seq_len)) / seq_len
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
     first stage's worst case). The fp32 logits and their gradient (``2 * 4 s b V`` bytes) are
     added on top. Fragmentation, communication buffers and the CUDA context are not included.
     """
-    m, p = cfg.model, cfg.parallel
+    m, p = cfg.derived.model, cfg.parallel
     psi = float(m.num_parameters())
     mixed = cfg.train.precision != "fp32"
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
@@ -87,7 +88,7 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
         weights = 0.0
 
     b, scale = plan.micro_batch_size, BYTES[cfg.train.precision] / 2
-    stacks = spec(m).activation_stacks(m, model_lengths(cfg))
+    stacks = spec(m).activation_stacks(m, model_lengths(cfg.derived.objectives, cfg.data.seq_len))
     layers = 0.0
     for stack in stacks:
         n, s, h = stack.num_blocks, stack.seq_len, stack.d_model

@@ -27,7 +27,7 @@ def load_run(
     ckpt = RunFolder(run_dir).checkpoint(step)
     cfg = config_from_dict(checkpoint.read_trainer_state(ckpt)["config"])
     with torch.device("meta"):
-        model = spec(cfg.model).model_class(cfg.model)
+        model = spec(cfg.model).model_class(cfg.derived.model)
     model.to_empty(device=device)
     model.init_weights(seed=0)  # fills buffers (RoPE); the weights are replaced below
     weights = checkpoint.load_model_weights(ckpt)

@@ -78,12 +78,12 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     tokenizer = Tokenizer.load(cfg.tokenizer_path)
     check_tokenizer(cfg, tokenizer)
     data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids))
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    model = build_model(cfg.derived.model, seed=cfg.train.seed)
     if ckpt is None and cfg.model.init_from is not None:  # a resumed run takes its checkpoint's
         from model.hf_checkpoint import load_hf_weights
 
         # Into the plain model on every rank: ZeRO partitions and the pipeline cut copy from it.
-        model.load_state_dict(load_hf_weights(cfg.model.init_from, cfg.model), strict=True)
+        model.load_state_dict(load_hf_weights(cfg.model.init_from, cfg.derived.model), strict=True)
         if world.is_main:
             print(f"initialised the model from the Hugging Face checkpoint {cfg.model.init_from}")
     engine = build_engine(cfg, model, plan, load_universal=universal)

@@ -83,7 +83,7 @@ def _training_rows(cfg, state: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("steps", f"{state['step']:,}"),
         ("tokens seen", f"{state['tokens_seen']:,}"),
-        ("objective", describe(cfg)),
+        ("objective", describe(cfg.derived.objectives, cfg.data.seq_len)),
         ("global batch", f"{state['global_batch_size']} sequences of {cfg.data.seq_len} tokens"),
         (
             "optimizer",
@@ -114,9 +114,9 @@ def model_card(
     state is ``state``, published as ``report`` says, with tokenizer ``tok``; its code loads the
     model from ``location`` (the folder or the Hub repository)."""
     run_cfg = config_from_dict(state["config"])
-    m = run_cfg.model
+    m = run_cfg.derived.model
     family = spec(m)
-    causal = is_causal(run_cfg.objective.mixture)
+    causal = is_causal(run_cfg.derived.objectives)
     evaluation = last_evaluation(run_dir, state["step"])
     if evaluation is not None:
         evaluation["target"] = "" if causal else " (per target token)"
@@ -136,7 +136,7 @@ def model_card(
         step=state["step"],
         tokens_seen=state["tokens_seen"],
         objective=" + ".join(
-            dict.fromkeys(OBJECTIVE_NAMES[o.type] for o in run_cfg.objective.mixture)
+            dict.fromkeys(OBJECTIVE_NAMES[o.type] for o in run_cfg.derived.objectives)
         ),
         auto_class=family.hf_auto_class,
         location=location,

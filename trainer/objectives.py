@@ -20,6 +20,7 @@ length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from trainer.config import KilnConfig
+    from trainer.config import KilnConfig, ObjectiveConfig
 
 IGNORE_INDEX = -100
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
@@ -305,13 +306,13 @@ def is_causal(objectives) -> bool:
     return all(o.type == "causal_lm" for o in objectives)
 
 
-def model_lengths(cfg: KilnConfig) -> tuple[int, ...]:
-    """The lengths of the model's inputs, in tokens: ``(R,)`` for causal LM, ``(I, L)`` (encoder,
-    decoder; :func:`mixture_lengths`) for encoder-decoder objectives; what the family spec's
-    FLOPs and activation counts take."""
-    if is_causal(cfg.objective.mixture):
-        return (cfg.data.seq_len,)
-    return mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
+def model_lengths(objectives: Sequence[ObjectiveConfig], seq_len: int) -> tuple[int, ...]:
+    """The lengths of the model's inputs, in tokens, for ``seq_len`` raw tokens per sequence:
+    ``(R,)`` for causal LM, ``(I, L)`` (encoder, decoder; :func:`mixture_lengths`) for
+    encoder-decoder objectives; what the family spec's FLOPs and activation counts take."""
+    if is_causal(objectives):
+        return (seq_len,)
+    return mixture_lengths(objectives, seq_len)
 
 
 def build_objective(cfg: KilnConfig, sentinel_ids: np.ndarray | None = None) -> Objective:
@@ -322,11 +323,11 @@ def build_objective(cfg: KilnConfig, sentinel_ids: np.ndarray | None = None) -> 
     Raises:
         ValueError: as :class:`Seq2Seq`.
     """
-    m = cfg.model
-    if is_causal(cfg.objective.mixture):
+    m = cfg.derived.model
+    if is_causal(cfg.derived.objectives):
         return CausalLM()
     return Seq2Seq(
-        cfg.objective.mixture,
+        cfg.derived.objectives,
         raw_length=cfg.data.seq_len,
         sentinel_ids=np.zeros(0, np.int64) if sentinel_ids is None else sentinel_ids,
         eos_id=m.eos_token_id,
@@ -345,7 +346,7 @@ def check_tokenizer(cfg: KilnConfig, tokenizer) -> None:
     Raises:
         ValueError: the message says how to get a fitting tokenizer.
     """
-    m = cfg.model
+    m = cfg.derived.model
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(
             f"{tokenizer.path} has {tokenizer.vocab_size} pieces, more than model.vocab_size="
@@ -361,7 +362,7 @@ def check_tokenizer(cfg: KilnConfig, tokenizer) -> None:
                 f"set model.{field}={want}"
             )
     have = len(tokenizer.sentinel_ids)
-    for o in cfg.objective.mixture:
+    for o in cfg.derived.objectives:
         if o.type != "span_corruption":
             continue
         need = span_corruption_lengths(
@@ -377,15 +378,16 @@ def check_tokenizer(cfg: KilnConfig, tokenizer) -> None:
             )
 
 
-def describe(cfg: KilnConfig) -> str:
-    """One line on the objective and its lengths, for logs and `--dry-run`."""
-    if is_causal(cfg.objective.mixture):
-        return f"causal LM over {cfg.data.seq_len} tokens"
-    enc_len, dec_len = mixture_lengths(cfg.objective.mixture, cfg.data.seq_len)
+def describe(objectives: Sequence[ObjectiveConfig], seq_len: int) -> str:
+    """One line on the objectives and their lengths for ``seq_len`` raw tokens per sequence, for
+    logs and `--dry-run`."""
+    if is_causal(objectives):
+        return f"causal LM over {seq_len} tokens"
+    enc_len, dec_len = mixture_lengths(objectives, seq_len)
     parts = []
-    for o in cfg.objective.mixture:
+    for o in objectives:
         if o.type == "span_corruption":
-            n = span_corruption_lengths(cfg.data.seq_len, o.noise_density, o.mean_noise_span_length)
+            n = span_corruption_lengths(seq_len, o.noise_density, o.mean_noise_span_length)
             parts.append(
                 f"span_corruption x{o.weight:g} (density {o.noise_density}, mean span "
                 f"{o.mean_noise_span_length}: {n.num_noise_tokens} noise tokens in "
@@ -393,6 +395,6 @@ def describe(cfg: KilnConfig) -> str:
             )
         else:
             parts.append(f"prefix_lm x{o.weight:g}")
-    pad = " (padded)" if any(o.type == "prefix_lm" for o in cfg.objective.mixture) else ""
+    pad = " (padded)" if any(o.type == "prefix_lm" for o in objectives) else ""
     lengths = f"encoder {enc_len}, decoder {dec_len}{pad}"
-    return f"{' + '.join(parts)}: {cfg.data.seq_len} raw tokens -> {lengths}"
+    return f"{' + '.join(parts)}: {seq_len} raw tokens -> {lengths}"

@@ -73,18 +73,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def hf_cache_dir(cfg: KilnConfig) -> Path:
-    """Where ``datasets`` caches the Arrow conversion of raw sources."""
-    return Path(cfg.data.root) / ".cache" / "huggingface"
-
-
 LineSampler = Callable[[KilnConfig, list[SourceConfig]], tuple[list[str], int]]
 
 
 def sample_tokenizer_lines(cfg: KilnConfig, sources: list[SourceConfig]) -> tuple[list[str], int]:
     """The tokenizer's line sample of ``sources`` in this process (:func:`model.tokenizer
     .sample_lines`; documents numbered with the skipped ones, as the Ray path numbers them)."""
-    texts = iter_texts(sources, cache_dir=hf_cache_dir(cfg), keep_positions=True)
+    texts = iter_texts(sources, cache_dir=cfg.data.hf_cache_dir, keep_positions=True)
     return sample_lines(texts, cfg.tokenizer.input_sentence_size, cfg.tokenizer.seed)
 
 
@@ -123,7 +118,7 @@ def train_tokenizer_from_config(cfg: KilnConfig, sampler: LineSampler | None = N
         model_type=t.model_type,
         character_coverage=t.character_coverage,
         byte_fallback=t.byte_fallback,
-        num_sentinels=t.num_sentinels,
+        num_sentinels=cfg.derived.num_sentinels,
         seed=t.seed,
     )
     logger.info("tokenizer written: %r", tok)
@@ -316,7 +311,7 @@ def load_documents(cfg: KilnConfig, ds_cfg: DatasetConfig) -> datasets.Dataset:
             f"dataset {ds_cfg.name!r} has no sources and is not prepared in "
             f"{cfg.dataset_dir(ds_cfg.name)}"
         )
-    raw = [load_source(s, cache_dir=hf_cache_dir(cfg)) for s in ds_cfg.sources]
+    raw = [load_source(s, cache_dir=cfg.data.hf_cache_dir) for s in ds_cfg.sources]
     return raw[0] if len(raw) == 1 else datasets.concatenate_datasets(raw)
 
 
