@@ -38,6 +38,7 @@ import jinja2
 from launcher import preflight
 from launcher.preflight import user_errors
 from trainer.config import KilnConfig
+from trainer.storage import RunFolder
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 TEMPLATE = "train.sbatch.j2"
@@ -203,21 +204,15 @@ def render_script(
     )
 
 
-def latest_step(cfg: KilnConfig) -> int:
+def _latest_step_or_exit(run_dir: str) -> int:
     """Step of the run's latest complete checkpoint, 0 when it has none.
 
     Raises:
-        FileNotFoundError: ``latest`` names an incomplete checkpoint (see
+        click.ClickException: ``latest`` names an incomplete checkpoint (see
             :meth:`trainer.storage.RunFolder.latest_step`).
     """
-    from trainer.storage import RunFolder
-
-    return RunFolder(cfg.run_dir).latest_step() or 0
-
-
-def _latest_step_or_exit(cfg: KilnConfig) -> int:
     try:
-        return latest_step(cfg)
+        return RunFolder(run_dir).latest_step() or 0
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
 
@@ -373,8 +368,6 @@ def submit(config, overrides, dry_run, **options):
     the run's latest checkpoint, checkpoints and requeues itself before its time limit, and stops
     requeueing once train.max_steps is reached.
     """
-    from trainer.storage import RunFolder
-
     gpus, nproc = options["gpus_per_node"], options.pop("nproc_per_node")
     extra = [f"launch.nnodes={options['nodes']}"]
     if gpus > 0 and nproc is None:
@@ -423,7 +416,7 @@ def submit(config, overrides, dry_run, **options):
             )
     with user_errors():
         preflight.prepare(cfg)
-    if (step := _latest_step_or_exit(cfg)) >= cfg.train.max_steps:
+    if (step := _latest_step_or_exit(cfg.run_dir)) >= cfg.train.max_steps:
         click.echo(
             f"warning: {run_dir} is already at step {step} >= train.max_steps="
             f"{cfg.train.max_steps}; the job will train nothing (raise train.max_steps)",
@@ -470,7 +463,7 @@ def status(run_dir):
     config = Path(run_dir) / "config.yaml"
     if config.is_file():
         cfg = load_config(config)
-        step = _latest_step_or_exit(cfg)
+        step = _latest_step_or_exit(cfg.run_dir)
         click.echo(f"progress: step {step} of {cfg.train.max_steps} (checkpoints)")
     click.echo(f"log: {record['log']}")
 
@@ -510,7 +503,7 @@ def logs(run_dir, follow):
 @click.argument("config", type=click.Path(dir_okay=False, exists=True))
 def progress(config):
     """Print the step of the run's latest checkpoint (0 if none)."""
-    click.echo(_latest_step_or_exit(preflight.load(config)))
+    click.echo(_latest_step_or_exit(preflight.load(config).run_dir))
 
 
 @slurm.command(hidden=True)
@@ -557,7 +550,7 @@ def after(config, start_step, signal_name, srun_exit_code):
     """Finish, requeue or fail the job once srun returned (see :func:`after_run`)."""
     cfg = preflight.load(config)
     outcome = after_run(
-        step=_latest_step_or_exit(cfg),
+        step=_latest_step_or_exit(cfg.run_dir),
         start_step=start_step,
         max_steps=cfg.train.max_steps,
         signal=signal_name,
