@@ -244,6 +244,11 @@ def checkpoint_consolidate(run_dir, step, out):
     from trainer.checkpoint import load_model_weights
     from trainer.storage import RunFolder
 
+    out_path = Path(out)
+    if out_path.suffix != ".safetensors":
+        raise click.UsageError(f"--out {out} must name a .safetensors file")
+    if out_path.resolve().is_relative_to(RunFolder(run_dir).local.resolve() / "checkpoints"):
+        raise click.UsageError(f"--out {out} is inside the run's checkpoints; write it elsewhere")
     try:
         ckpt = RunFolder(run_dir).checkpoint(step)
         weights = load_model_weights(ckpt)

@@ -262,8 +262,7 @@ def publish(
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    check_out(out, storage.RunFolder(run_dir).local, overwrite=overwrite)
     run_dir = storage.RunFolder(run_dir).localize(step)  # a URL's checkpoint, in its mirror
     ckpt = checkpoint.find_checkpoint(run_dir, step)
     state = checkpoint.read_trainer_state(ckpt)
@@ -313,6 +312,38 @@ def publish(
         raise
     _replace(staging, out)
     return report
+
+
+def check_out(out: Path, run_dir: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out`` that publishing could not replace without destroying what it does not
+    own: the run folder itself or a folder holding it, and, with ``overwrite``, any existing
+    folder other than a flat Hugging Face folder (``config.json`` and files only: a run folder
+    or a data root holds folders, so it is never one).
+
+    Raises:
+        FileExistsError: ``out`` exists (non-empty) and ``overwrite`` is false, or it is not a
+            folder this command may replace; the message names another ``--out``.
+    """
+    out_abs, run_abs = out.resolve(), run_dir.resolve()
+    if out_abs == run_abs or out_abs in run_abs.parents:
+        raise FileExistsError(
+            f"--out {out} is the run folder {run_dir} or holds it; publishing would replace the "
+            f"run's checkpoints: choose a folder outside it or inside it (default "
+            f"{run_dir / 'hf'}/step-N)"
+        )
+    if out.is_file():
+        raise FileExistsError(f"--out {out} is a file; name a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    if folders or not (out / "config.json").is_file():
+        raise FileExistsError(
+            f"--overwrite replaces only a published Hugging Face folder (config.json and files), "
+            f"but {out} holds {'folders ' + str(folders[:5]) if folders else 'no config.json'}; "
+            f"choose another --out"
+        )
 
 
 def _replace(staging: Path, out: Path) -> None:

@@ -1,0 +1,158 @@
+"""Bad inputs and faults, tried as a hostile user would: every one gets a non-zero exit, one
+message that names the problem and the fix, no traceback, and leaves what is already saved exactly
+as it was (checksums of every file under the test's folder before and after).
+
+Each case is (name, set-up, command, words the message must hold). The set-ups build the folders
+a command meets (a run folder with checkpoints, a data root, a published folder) from files alone,
+so the cases run in-process in well under a second each; cases that need a trained run live with
+the tests of that feature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import kiln_in_process
+
+
+def fake_run(root: Path) -> Path:
+    """A run folder as training leaves it: config, metrics, three complete checkpoints."""
+    run = root / "run"
+    for step in (2, 4, 6):
+        ckpt = run / "checkpoints" / f"step-{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(f'{{"step": {step}}}')
+        (ckpt / "mp_rank_00_model_states.pt").write_bytes(bytes([step]) * 64)
+    (run / "checkpoints" / "latest").write_text("step-00000006")
+    (run / "config.yaml").write_text("run_dir: run\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    return run
+
+
+def fake_data_root(root: Path) -> Path:
+    data = root / "data"
+    (data / "tokenizer").mkdir(parents=True)
+    (data / "tokenizer" / "tokenizer.model").write_bytes(b"\x00sentencepiece")
+    (data / "corpus" / "train").mkdir(parents=True)
+    (data / "corpus" / "manifest.json").write_text("{}")
+    (data / "corpus" / "train" / "shard-00000.bin").write_bytes(b"\x01" * 128)
+    return data
+
+
+def fake_hf_folder(root: Path) -> Path:
+    folder = root / "published"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\x02" * 32)
+    return folder
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    setup: Callable[[Path], None]
+    args: Callable[[Path], list[str]]
+    says: tuple[str, ...]
+
+
+def _both(root: Path) -> None:
+    fake_run(root)
+    fake_data_root(root)
+
+
+CASES = [
+    Case(
+        "publish --out the run folder itself",
+        _both,
+        lambda r: ["publish", str(r / "run"), "--out", str(r / "run"), "--overwrite"],
+        ("is the run folder", "choose a folder outside it"),
+    ),
+    Case(
+        "publish --out a folder holding the run",
+        _both,
+        lambda r: ["publish", str(r / "run"), "--out", str(r), "--overwrite"],
+        ("holds it", "would replace the run's checkpoints"),
+    ),
+    Case(
+        "publish --overwrite onto a data root",
+        _both,
+        lambda r: ["publish", str(r / "run"), "--out", str(r / "data"), "--overwrite"],
+        ("replaces only a published Hugging Face folder", "holds folders", "another --out"),
+    ),
+    Case(
+        "publish --overwrite onto another run folder",
+        lambda r: (fake_run(r), fake_run(r / "other")),
+        lambda r: ["publish", str(r / "run"), "--out", str(r / "other" / "run"), "--overwrite"],
+        ("replaces only a published Hugging Face folder", "checkpoints"),
+    ),
+    Case(
+        "publish --overwrite onto a folder of files without config.json",
+        lambda r: (fake_run(r), (r / "notes").mkdir(), (r / "notes" / "a.txt").write_text("x")),
+        lambda r: ["publish", str(r / "run"), "--out", str(r / "notes"), "--overwrite"],
+        ("no config.json", "another --out"),
+    ),
+    Case(
+        "publish onto an existing folder without --overwrite",
+        lambda r: (fake_run(r), fake_hf_folder(r)),
+        lambda r: ["publish", str(r / "run"), "--out", str(r / "published")],
+        ("exists", "--overwrite"),
+    ),
+    Case(
+        "publish --out an existing file",
+        lambda r: (fake_run(r), (r / "file.txt").write_text("keep me")),
+        lambda r: ["publish", str(r / "run"), "--out", str(r / "file.txt")],
+        ("file.txt",),
+    ),
+    Case(
+        "consolidate --out into the run's checkpoints",
+        _both,
+        lambda r: [
+            "checkpoint",
+            "consolidate",
+            str(r / "run"),
+            "--out",
+            str(r / "run" / "checkpoints" / "w.safetensors"),
+        ],
+        ("inside the run's checkpoints", "elsewhere"),
+    ),
+    Case(
+        "consolidate --out a file that is not safetensors",
+        _both,
+        lambda r: [
+            "checkpoint",
+            "consolidate",
+            str(r / "run"),
+            "--out",
+            str(r / "run" / "metrics.jsonl"),
+        ],
+        ("must name a .safetensors file",),
+    ),
+]
+
+
+def tree_checksums(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_refused_clearly_and_changes_nothing(case, tmp_path):
+    root = tmp_path / "work"
+    root.mkdir()
+    case.setup(root)
+    before = tree_checksums(root)
+    result = kiln_in_process(*case.args(root))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    for words in case.says:
+        assert words in output, output
+    assert tree_checksums(root) == before
