@@ -208,8 +208,8 @@ def _latest_step_or_exit(run_dir: str) -> int:
     """Step of the run's latest complete checkpoint, 0 when it has none.
 
     Raises:
-        click.ClickException: ``latest`` names an incomplete checkpoint (see
-            :meth:`trainer.storage.RunFolder.latest_step`).
+        click.ClickException: a URL mirror's ``latest`` names an incomplete checkpoint (see
+            :meth:`trainer.storage.RunFolder.latest_checkpoint`).
     """
     try:
         return RunFolder(run_dir).latest_step() or 0

@@ -68,13 +68,32 @@ def test_newest_complete_checkpoint_ignores_an_incomplete_one(run):
         folder.checkpoint(9)
 
 
-def test_a_local_latest_naming_an_incomplete_checkpoint_is_refused(tmp_path):
+def test_latest_is_a_hint_the_newest_complete_checkpoint_decides(tmp_path):
+    """A deleted, stale or dangling `latest` never makes a run start over or go back: the
+    newest complete checkpoint is the resume point, and the notes say why."""
     folder = RunFolder(tmp_path / "r")
-    save(folder, 3)
-    incomplete(tmp_path / "r", 6)
-    (folder.checkpoints / "latest").write_text("step-00000006")
-    with pytest.raises(FileNotFoundError, match="step-00000006, which is not a complete"):
-        folder.latest_step()
+    for step in (2, 4, 6):
+        save(folder, step)
+    assert folder.scan() == ("step-00000006", [])
+    (folder.checkpoints / "latest").unlink()
+    tag, notes = folder.scan()
+    assert tag == "step-00000006" and folder.latest_step() == 6
+    assert notes == [f"{folder.checkpoints / 'latest'} is missing; the newest complete checkpoint "
+                     "is step-00000006"]  # fmt: skip
+    (folder.checkpoints / "latest").write_text("step-00000002")  # stale
+    assert folder.latest_checkpoint() == folder.checkpoint_dir(6)
+    incomplete(tmp_path / "r", 8)
+    (folder.checkpoints / "latest").write_text("step-00000008")  # dangling
+    tag, notes = folder.scan()
+    assert tag == "step-00000006" and "names step-00000008" in notes[0]
+    assert (
+        notes[1]
+        == "passed over step-00000008: it has no trainer_state.json (a save that did not end)"
+    )
+    (folder.checkpoint_dir(6) / "trainer_state.json").write_text("{garbage")
+    tag, notes = folder.scan()
+    assert tag == "step-00000004"
+    assert any(n.startswith("passed over step-00000006: it has an unreadable") for n in notes)
 
 
 def test_prune_keeps_the_newest_complete_ones(run):

@@ -93,7 +93,7 @@ def test_a_url_without_checkpoint_starts_afresh(tmp_path):
     save(url, 3)
     shutil.rmtree(tmp_path / "remote")  # the run was deleted at the URL; the mirror is stale
     assert storage.RunStorage(url).pull_run() is None
-    assert checkpoint.latest_checkpoint(storage.mirror_dir(url)) is None
+    assert storage.RunFolder(url).latest_checkpoint() is None  # the stale mirror resumes nothing
     with pytest.raises(FileNotFoundError, match="no checkpoint yet"):
         storage.localize(url)
 

@@ -46,11 +46,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """:meth:`RunFolder.latest_checkpoint <trainer.storage.RunFolder.latest_checkpoint>` of a
-    local run folder: the newest complete checkpoint, or None.
-
-    Raises:
-        FileNotFoundError: ``latest`` names an incomplete checkpoint.
-    """
+    local run folder: the newest complete checkpoint (whatever ``latest`` names), or None."""
     return RunFolder(run_dir).latest_checkpoint()
 
 

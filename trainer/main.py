@@ -57,6 +57,9 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     node_main = folder.node_main(world.rank, world.local_rank)
     folder.start(cfg.to_yaml(), node_main=node_main, barrier=distributed.barrier)
     ckpt = folder.latest_checkpoint()
+    if world.is_main and ckpt is not None:
+        notes = folder.scan()[1] if folder.url is None else []
+        print(f"resuming from {ckpt.name}" + "".join(f"\n  {n}" for n in notes))
     universal = False
     if node_main:
         folder.remove_partial()

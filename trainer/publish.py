@@ -263,8 +263,8 @@ def publish(
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     out = Path(out)
     check_out(out, storage.RunFolder(run_dir).local, overwrite=overwrite)
-    run_dir = storage.RunFolder(run_dir).localize(step)  # a URL's checkpoint, in its mirror
-    ckpt = checkpoint.find_checkpoint(run_dir, step)
+    ckpt = storage.RunFolder(run_dir).checkpoint(step)  # a URL's is downloaded into its mirror
+    run_dir = ckpt.parent.parent
     state = checkpoint.read_trainer_state(ckpt)
     model, tok = load_run(run_dir, step=state["step"])
     cfg = model.config

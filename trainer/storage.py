@@ -389,41 +389,77 @@ class RunFolder:
 
     # -- the newest complete checkpoint ----------------------------------------------------------
     def _local_latest(self) -> str | None:
-        """The tag the local ``checkpoints/latest`` names, or None.
+        """The newest complete checkpoint this process reads: for a path the newest complete
+        folder (:meth:`scan`); for a URL what the mirror's ``latest`` names, which :meth:`start`
+        and :meth:`localize` set to the URL's (a mirror may hold a newer save whose upload never
+        finished: the other nodes do not have it).
 
         Raises:
-            FileNotFoundError: it names an incomplete checkpoint (the message says what to do).
+            FileNotFoundError: a mirror's ``latest`` names an incomplete checkpoint.
         """
-        root = self.checkpoints
-        latest = root / "latest"
+        if self.url is None:
+            return self.scan()[0]
+        latest = self.checkpoints / "latest"
         if not latest.is_file():
             return None
         tag = latest.read_text().strip()
-        if not (root / tag / STATE_FILE).is_file():
+        if not (self.checkpoints / tag / STATE_FILE).is_file():
             raise FileNotFoundError(
-                f"{latest} names {tag}, which is not a complete checkpoint; point it at one of "
-                f"{sorted(p.name for p in root.glob('step-*'))} or delete {latest} to start afresh"
+                f"{latest} names {tag}, which is not a complete checkpoint in the mirror of "
+                f"{self.url}; delete the mirror {self.local} to fetch the run again"
             )
         return tag
 
-    def latest_tag(self) -> str | None:
-        """The newest complete checkpoint of the run (``step-N``), None if it has none: what
-        ``latest`` names, at the URL for a URL run. ``latest`` is written only after a
-        checkpoint is complete, so an incomplete newer one (a save that died) is never named.
+    def scan(self) -> tuple[str | None, list[str]]:
+        """The newest complete local checkpoint (``step-N`` holding a readable
+        ``trainer_state.json``, which a save writes last), whatever ``checkpoints/latest`` says,
+        and notes on why it is not what ``latest`` names.
 
-        Raises:
-            FileNotFoundError: a local ``latest`` names an incomplete checkpoint.
+        ``latest`` is a convenience written after each save: a deleted, stale or damaged one
+        never makes a run start over (overwriting its checkpoints) or go back.
+
+        Returns:
+            ``(tag, notes)``: tag ``step-N``, or None when no checkpoint is complete; notes are
+            sentences for the log, empty when ``latest`` names the newest complete checkpoint.
         """
+        root = self.checkpoints
+        steps: dict[str, int] = {}
+        passed_over: dict[str, str] = {}
+        for folder in sorted(root.glob("step-*")):
+            if folder.name.endswith("-universal"):
+                continue
+            try:
+                steps[folder.name] = int(json.loads((folder / STATE_FILE).read_text())["step"])
+            except FileNotFoundError:
+                passed_over[folder.name] = f"has no {STATE_FILE} (a save that did not end)"
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                passed_over[folder.name] = f"has an unreadable {STATE_FILE} ({e})"
+        newest = max(steps, key=steps.__getitem__, default=None)
+        latest = root / "latest"
+        named = latest.read_text().strip() if latest.is_file() else None
+        if named == newest:
+            return newest, []
+        notes = [
+            f"{latest} {'names ' + named if named else 'is missing'}; the newest complete "
+            f"checkpoint is {newest}"
+        ]
+        notes += [
+            f"passed over {tag}: it {why}"
+            for tag, why in passed_over.items()
+            if newest is None or tag > newest
+        ]
+        return newest, notes
+
+    def latest_tag(self) -> str | None:
+        """The newest complete checkpoint of the run (``step-N``), None if it has none: for a path
+        the newest folder with its ``trainer_state.json`` (:meth:`scan`), for a URL what the URL's
+        ``latest`` names (written only after every rank's upload finished)."""
         if self.store is not None:
             return self.store.latest_tag()
         return self._local_latest()
 
     def latest_step(self) -> int | None:
-        """The step of :meth:`latest_tag`, None if the run has no checkpoint.
-
-        Raises:
-            FileNotFoundError: a local ``latest`` names an incomplete checkpoint.
-        """
+        """The step of :meth:`latest_tag`, None if the run has no checkpoint."""
         if self.store is not None:
             return self.store.latest_step()
         tag = self._local_latest()
@@ -436,7 +472,7 @@ class RunFolder:
         URL run's mirror has the URL's after :meth:`start` or :meth:`localize`.
 
         Raises:
-            FileNotFoundError: the local ``latest`` names an incomplete checkpoint.
+            FileNotFoundError: a URL mirror's ``latest`` names an incomplete checkpoint.
         """
         tag = self._local_latest()
         return None if tag is None else self.checkpoints / tag
@@ -615,7 +651,12 @@ class RunFolder:
         Raises:
             FileNotFoundError: the run has no (such) complete checkpoint.
         """
-        return RunFolder(self.localize(step)).find_checkpoint(step)
+        if self.url is None:
+            return self.find_checkpoint(step)
+        local = self.localize(step)
+        if step is None:  # the URL's newest (the mirror may hold a newer save never uploaded)
+            step = int((local / "checkpoints" / "latest").read_text().split("-")[1])
+        return RunFolder(local).find_checkpoint(step)
 
     @contextlib.contextmanager
     def read_copy(self, step: int) -> Iterator[Path]:
