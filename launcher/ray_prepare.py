@@ -8,14 +8,15 @@ or nodes. That holds by construction:
    ``num_blocks`` Arrow blocks.
 2. Ray Data tokenizes the blocks in parallel (the local path's ``tokenize_batch``: classify,
    encode, EOS after each document), keeping each document's number.
-3. The driver collects the small per-document columns (status, token count), draws the
-   validation documents exactly as the local path does and computes where each document's
-   tokens start in its split's packed stream (an exclusive cumulative sum in document order),
-   hence every shard's extent. It creates the shard files at their final sizes.
-4. Ray Data writes every block's tokens at their positions (``os.pwrite``) in parallel; the tail
-   of each split shorter than one sequence is not written (the local path drops it too).
-5. Ray tasks checksum the shards; the driver writes the manifest and renames the folder into
-   place, as the local path does.
+3. The driver collects the small per-document columns (status, token count) and plans the shards
+   as the local path does (``plan_shards``: the validation documents, then
+   :class:`trainer.data.shards.ShardLayout`: where each document's tokens start in its split's
+   packed stream, hence every shard's extent). It creates the shard files at their final sizes.
+4. Ray Data writes every block's tokens at their positions (``ShardLayout.write_documents``,
+   ``os.pwrite``) in parallel, the call the local path makes batch after batch; the tail of each
+   split shorter than one sequence is not written.
+5. Ray tasks checksum the shards (``file_sha256``); the driver writes the manifest and renames the
+   folder into place, as the local path does.
 
 ``data.root`` must be storage every node reaches at the same path (NFS, a shared disk): the
 tasks write the shards there and the training workers read them there.
@@ -23,11 +24,9 @@ tasks write the shards there and the training workers read them there.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +35,22 @@ import pyarrow as pa
 
 from model.tokenizer import Tokenizer, keyed_line_sample, merge_line_samples
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
-from trainer.data.dataset import SPLITS
 from trainer.data.prepare import (
-    DOCUMENT_STATUS,
     MAP_BATCH_SIZE,
     build_manifest,
     check_eos,
-    check_usable,
     load_documents,
     load_or_train_tokenizer,
     log_summary,
+    plan_shards,
     reusable_manifest,
     staging_dir,
-    token_dtype,
     tokenize_batch,
     train_tokenizer_from_config,
-    validation_mask,
     write_manifest,
 )
-from trainer.data.sources import SKIP_REASONS, classify, load_source
+from trainer.data.shards import ShardLayout, file_sha256
+from trainer.data.sources import classify, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -120,32 +116,21 @@ def prepare_dataset_ray(
     if not ray.is_initialized():
         ray.init()
 
-    d, final = cfg.data, cfg.dataset_dir(ds_cfg.name)
+    final = cfg.dataset_dir(ds_cfg.name)
     with staging_dir(final) as tmp:
         tokenized = _tokenize(docs, tokenizer, num_blocks)
         status, lengths = _document_columns(tokenized, n_docs)
-        skipped = {r: int((status == DOCUMENT_STATUS[r]).sum()) for r in SKIP_REASONS}
-        usable = status == 0
-        check_usable(ds_cfg, n_docs, int(usable.sum()), skipped)
-        is_val = validation_mask(
-            n_docs, np.flatnonzero(usable), d.validation_fraction, d.seed, ds_cfg.name
-        )
-        dtype = token_dtype(tokenizer.vocab_size)
-        layout = _Layout(tmp, usable, is_val, lengths, d.seq_len + 1, d.shard_tokens, dtype)
-        layout.create_files()
+        layout, skipped = plan_shards(cfg, ds_cfg, tokenizer, tmp, status, lengths)
         written = tokenized.map_batches(
-            _write_tokens,
+            _write_block,
             fn_kwargs={"layout": layout},
             batch_format="pyarrow",
             batch_size=MAP_BATCH_SIZE,
         ).take_all()  # one small row per batch (an aggregate would shuffle)
-        expected = sum(s["sequences"] * layout.row for s in layout.splits.values())
-        assert sum(r["written"] for r in written) == expected, (written, expected)
+        assert sum(r["written"] for r in written) == layout.packed_tokens, written
         del tokenized
-        splits = layout.finish(_checksums(tmp, layout.files()))
-        manifest = build_manifest(
-            cfg, ds_cfg, tokenizer, n_docs, int(usable.sum()), skipped, splits
-        )
+        splits = layout.manifest_splits(_checksums(tmp, layout.files()))
+        manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, layout.documents, skipped, splits)
         write_manifest(tmp, manifest)
     log_summary(manifest)
     return manifest
@@ -284,116 +269,9 @@ def _document_columns(tokenized, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
     return status, lengths
 
 
-class _Layout:
-    """Where every document's tokens go: its split, its offset in the split's packed stream, and
-    the shard files that stream is cut into (``shard_tokens // row`` sequences per shard, the
-    last shard shorter, the tail under one sequence dropped), as ``_SplitWriter`` cuts them."""
-
-    def __init__(
-        self,
-        root: Path,
-        usable: np.ndarray,
-        is_val: np.ndarray,
-        lengths: np.ndarray,
-        row: int,
-        shard_tokens: int,
-        dtype: np.dtype,
-    ) -> None:
-        self.root, self.row, self.dtype = root, row, dtype
-        self.is_val = is_val
-        self.shard_sequences = max(1, shard_tokens // row)
-        self.start = np.zeros(len(lengths), np.int64)  # offset in its split's stream (tokens)
-        self.splits: dict[str, dict[str, Any]] = {}
-        for split, member in (("train", ~is_val), ("validation", is_val)):
-            n = np.where(member, lengths, 0)
-            self.start[member] = (np.cumsum(n) - n)[member]
-            tokens = int(n.sum())
-            sequences = tokens // row
-            full, rest = divmod(sequences, self.shard_sequences)
-            self.splits[split] = {
-                "documents": int((usable & member).sum()),
-                "tokens": tokens,
-                "sequences": sequences,
-                "dropped_tokens": tokens - sequences * row,
-                "shard_sequences": [self.shard_sequences] * full + ([rest] if rest else []),
-            }
-
-    def files(self) -> list[str]:
-        return [
-            f"{split}/shard-{i:05d}.bin"
-            for split in SPLITS
-            for i in range(len(self.splits[split]["shard_sequences"]))
-        ]
-
-    def create_files(self) -> None:
-        for split in SPLITS:
-            (self.root / split).mkdir()
-            for i, seqs in enumerate(self.splits[split]["shard_sequences"]):
-                with open(self.root / f"{split}/shard-{i:05d}.bin", "wb") as f:
-                    f.truncate(seqs * self.row * self.dtype.itemsize)
-
-    def write(self, split: str, start: int, ids: np.ndarray) -> int:
-        """Write ``ids`` at token offset ``start`` of ``split``'s stream; returns tokens written
-        (those past the last whole sequence are dropped)."""
-        shard_len = self.shard_sequences * self.row
-        end = min(start + len(ids), self.splits[split]["sequences"] * self.row)
-        pos, done = start, 0
-        while pos < end:
-            shard, offset = divmod(pos, shard_len)
-            n = min(end - pos, shard_len - offset)
-            chunk = np.ascontiguousarray(ids[pos - start : pos - start + n], dtype=self.dtype)
-            fd = os.open(self.root / f"{split}/shard-{shard:05d}.bin", os.O_WRONLY)
-            try:
-                view = memoryview(chunk).cast("B")
-                while view:  # pwrite may write less than asked
-                    k = os.pwrite(fd, view, offset * self.dtype.itemsize)
-                    view, offset = view[k:], offset + k // self.dtype.itemsize
-            finally:
-                os.close(fd)
-            pos, done = pos + n, done + n
-        return done
-
-    def finish(self, checksums: dict[str, str]) -> dict[str, dict[str, Any]]:
-        """The manifest's ``splits`` (the local writer's keys, in its order)."""
-        out = {}
-        for split in SPLITS:
-            s = self.splits[split]
-            shards = [
-                {"file": f, "sequences": n, "sha256": checksums[f]}
-                for f, n in (
-                    (f"{split}/shard-{i:05d}.bin", n) for i, n in enumerate(s["shard_sequences"])
-                )
-            ]
-            out[split] = {
-                "documents": s["documents"],
-                "tokens": s["tokens"],
-                "sequences": s["sequences"],
-                "dropped_tokens": s["dropped_tokens"],
-                "shards": shards,
-            }
-        return out
-
-
-def _write_tokens(batch: pa.Table, *, layout: _Layout) -> pa.Table:
-    """Write one batch's tokens into the shards. A batch is a run of documents in order, so each
-    split's documents in it form one contiguous piece of that split's stream."""
-    doc = batch.column("doc").to_numpy()
-    ids = batch.column("input_ids").combine_chunks()
-    offsets = ids.offsets.to_numpy()
-    values = ids.values.to_numpy()
-    order = np.argsort(doc, kind="stable")
-    written = 0
-    for split in SPLITS:
-        rows = order[layout.is_val[doc[order]] == (split == "validation")]
-        rows = rows[offsets[rows + 1] > offsets[rows]]  # skipped documents have no tokens
-        if not len(rows):
-            continue
-        starts = layout.start[doc[rows]]
-        lens = offsets[rows + 1] - offsets[rows]
-        breaks = np.flatnonzero(starts[1:] != starts[:-1] + lens[:-1]) + 1
-        for piece in np.split(np.arange(len(rows)), breaks):
-            tokens = np.concatenate([values[offsets[r] : offsets[r + 1]] for r in rows[piece]])
-            written += layout.write(split, int(starts[piece[0]]), tokens)
+def _write_block(batch: pa.Table, *, layout: ShardLayout) -> pa.Table:
+    """Write one batch's tokens at their places in the shards; one row: the tokens written."""
+    written = layout.write_documents(batch.column("doc").to_numpy(), batch.column("input_ids"))
     return pa.table({"written": pa.array([written], type=pa.int64())})
 
 
@@ -414,11 +292,4 @@ def _checksums(root: Path, files: list[str]) -> dict[str, str]:
 
 def _sha256_batch(batch: pa.Table, *, root: str) -> pa.Table:
     files = batch.column("file").to_pylist()
-    sums = []
-    for f in files:
-        h = hashlib.sha256()
-        with open(Path(root) / f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        sums.append(h.hexdigest())
-    return pa.table({"file": files, "sha256": sums})
+    return pa.table({"file": files, "sha256": [file_sha256(Path(root) / f) for f in files]})

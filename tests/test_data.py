@@ -21,6 +21,7 @@ from trainer.data import prepare as prep
 from trainer.data.dataset import (
     BLOCK_SIZE,
     SAMPLE_ID_STRIDE,
+    SPLITS,
     MixtureSampler,
     PackedDataset,
     TrainData,
@@ -84,7 +85,7 @@ def check_prepared(root: Path, man: dict, tok: Tokenizer, docs: list[str]) -> di
     assert man["dtype"] == "uint16"
     assert man["tokenizer"] == {"path": str(tok.path), "sha256": tok.sha256, "vocab_size": VOCAB}
     streams = {}
-    for split in prep.SPLITS:
+    for split in SPLITS:
         info = man["splits"][split]
         for shard in info["shards"]:
             raw = (root / shard["file"]).read_bytes()
@@ -96,8 +97,8 @@ def check_prepared(root: Path, man: dict, tok: Tokenizer, docs: list[str]) -> di
         streams[split] = read_split(root, man, split)
         assert len(streams[split]) == info["sequences"] * row
     # walk the documents: each continues exactly one split's stream where it stopped
-    pos = dict.fromkeys(prep.SPLITS, 0)
-    found: dict[str, list[str]] = {s: [] for s in prep.SPLITS}
+    pos = dict.fromkeys(SPLITS, 0)
+    found: dict[str, list[str]] = {s: [] for s in SPLITS}
     tail_tokens = 0
     for text in docs:
         ids = [*tok.encode(text), EOS_ID]
@@ -107,21 +108,19 @@ def check_prepared(root: Path, man: dict, tok: Tokenizer, docs: list[str]) -> di
             if n > 0 and stream[pos[split] : pos[split] + n].tolist() == ids[:n]:
                 hits.append(split)
         if not hits:  # only a document wholly inside a dropped tail may match no stream
-            assert all(pos[s] >= len(streams[s]) for s in prep.SPLITS), text[:60]
+            assert all(pos[s] >= len(streams[s]) for s in SPLITS), text[:60]
             tail_tokens += len(ids)
             continue
         assert len(hits) == 1, text[:60]
         pos[hits[0]] += len(ids)
         found[hits[0]].append(text)
-    tokens = {s: man["splits"][s]["tokens"] for s in prep.SPLITS}
+    tokens = {s: man["splits"][s]["tokens"] for s in SPLITS}
     assert sum(tokens.values()) == sum(pos.values()) + tail_tokens
     assert man["documents"]["usable"] == len(docs)
     assert man["documents"]["train"] + man["documents"]["validation"] == len(docs)
     if tail_tokens == 0:
         assert tokens == pos
-        assert {s: len(v) for s, v in found.items()} == {
-            s: man["documents"][s] for s in prep.SPLITS
-        }
+        assert {s: len(v) for s, v in found.items()} == {s: man["documents"][s] for s in SPLITS}
     return found
 
 
@@ -379,7 +378,7 @@ def test_a_crash_leaves_no_dataset(tmp_path, tok, paragraphs, monkeypatch):
     def crash(self):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prep._SplitWriter, "close", crash)
+    monkeypatch.setattr(prep.ShardLayout, "create_files", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_dataset(cfg, cfg.data.datasets[0], tok)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".cache"]

@@ -6,13 +6,13 @@ Layout of one prepared dataset, ``<data.root>/<name>/``::
     train/shard-00000.bin ...      flat token ids, raw ``ndarray.tofile`` (uint16 or uint32)
     validation/shard-00000.bin ...
 
-Every shard holds a whole number of sequences of ``seq_len + 1`` tokens (inputs are ``s[:-1]``,
-labels ``s[1:]``). Documents are concatenated with EOS after each, in source order, and cut into
-non-overlapping sequences; the tail of each split shorter than one sequence is dropped and
-counted. Validation documents are a seeded choice of whole documents, never split across the
-two. The dataset is written into a hidden temporary folder and renamed into place when complete,
-so a crash never leaves a folder that looks prepared. The output does not depend on
-``data.num_proc``.
+The shards are :mod:`trainer.data.shards`'s layout: every shard holds a whole number of
+sequences of ``seq_len + 1`` tokens (inputs are ``s[:-1]``, labels ``s[1:]``). Documents are
+concatenated with EOS after each, in source order, and cut into non-overlapping sequences; the
+tail of each split shorter than one sequence is dropped and counted. Validation documents are a
+seeded choice of whole documents, never split across the two. The dataset is written into a
+hidden temporary folder and renamed into place when complete, so a crash never leaves a folder
+that looks prepared. The output does not depend on ``data.num_proc``.
 
 ``manifest.json``::
 
@@ -23,6 +23,8 @@ so a crash never leaves a folder that looks prepared. The output does not depend
      "skipped": {"empty", "invalid_utf8", "missing_field"},
      "splits": {"train" | "validation": {"documents", "tokens", "sequences", "dropped_tokens",
                 "shards": [{"file": "train/shard-00000.bin", "sequences", "sha256"}]}}}
+
+(each split's entry is :meth:`trainer.data.shards.SplitShards.entry`)
 
 ``tokens`` counts the tokens of the split's documents, EOS included, before packing:
 ``tokens == sequences * (seq_len + 1) + dropped_tokens``.
@@ -46,7 +48,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from model.tokenizer import (
@@ -57,7 +58,8 @@ from model.tokenizer import (
     write_meta,
 )
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
-from trainer.data.dataset import FORMAT_VERSION, MANIFEST_FILE, SPLITS, read_manifest
+from trainer.data.dataset import FORMAT_VERSION, MANIFEST_FILE, read_manifest
+from trainer.data.shards import ShardLayout, file_sha256, token_dtype
 from trainer.data.sources import SKIP_REASONS, classify, iter_texts, load_source
 from trainer.objectives import check_tokenizer
 
@@ -66,11 +68,6 @@ logger = logging.getLogger(__name__)
 # A document's status code in the tokenized columns: 0 usable, else 1 + its skip reason's index.
 DOCUMENT_STATUS = {None: 0, **{reason: i + 1 for i, reason in enumerate(SKIP_REASONS)}}
 MAP_BATCH_SIZE = 1000  # documents per tokenizing batch (local `datasets.map` and Ray Data alike)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 LineSampler = Callable[[KilnConfig, list[SourceConfig]], tuple[list[str], int]]
@@ -246,33 +243,65 @@ def prepare_dataset(
     n_docs = len(docs)
 
     with staging_dir(final) as tmp:
-        status, tokenized = _tokenize(docs, tokenizer, tmp / "map-cache", d.num_proc)
-        skipped = {r: int((status == DOCUMENT_STATUS[r]).sum()) for r in SKIP_REASONS}
-        usable = np.flatnonzero(status == 0)
-        check_usable(ds_cfg, n_docs, len(usable), skipped)
-        is_val = validation_mask(n_docs, usable, d.validation_fraction, d.seed, name)
-
-        dtype = token_dtype(tokenizer.vocab_size)
-        writers = {s: _SplitWriter(tmp, s, d.seq_len + 1, dtype, d.shard_tokens) for s in SPLITS}
-        start = 0
-        for table in tokenized.with_format("arrow").iter(batch_size=MAP_BATCH_SIZE):
-            val = pa.array(is_val[start : start + table.num_rows])
+        status, lengths, tokenized = _tokenize(docs, tokenizer, tmp / "map-cache", d.num_proc)
+        layout, skipped = plan_shards(cfg, ds_cfg, tokenizer, tmp, status, lengths)
+        start = written = 0
+        ids = tokenized.select_columns(["input_ids"]).with_format("arrow")
+        for table in ids.iter(batch_size=MAP_BATCH_SIZE):
+            doc = np.arange(start, start + table.num_rows)
+            written += layout.write_documents(doc, table.column("input_ids"))
             start += table.num_rows
-            for split, mask in (("train", pc.invert(val)), ("validation", val)):
-                rows = table.filter(mask)
-                if rows.num_rows:
-                    ids = rows.column("input_ids").combine_chunks().flatten().to_numpy()
-                    n_ok = int(pc.sum(pc.equal(rows.column("status"), 0)).as_py() or 0)
-                    writers[split].add(ids, n_ok)
-        assert start == n_docs
-        del tokenized
+        assert start == n_docs and written == layout.packed_tokens, (start, written)
+        del tokenized, ids
         shutil.rmtree(tmp / "map-cache", ignore_errors=True)
-        splits = {s: w.close() for s, w in writers.items()}
+        splits = layout.manifest_splits({f: file_sha256(tmp / f) for f in layout.files()})
 
-        manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, len(usable), skipped, splits)
+        manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, layout.documents, skipped, splits)
         write_manifest(tmp, manifest)
     log_summary(manifest)
     return manifest
+
+
+def plan_shards(
+    cfg: KilnConfig,
+    ds_cfg: DatasetConfig,
+    tokenizer: Tokenizer,
+    root: Path,
+    status: np.ndarray,
+    lengths: np.ndarray,
+) -> tuple[ShardLayout, dict[str, int]]:
+    """The shard layout of a tokenized dataset in ``root``, its shard files created: skipped
+    documents counted, the validation documents drawn (:func:`validation_mask`), every document
+    placed (:class:`trainer.data.shards.ShardLayout`). The local and the Ray preparation share it.
+
+    Args:
+        status: (n_docs,) int8, each document's :data:`DOCUMENT_STATUS` code.
+        lengths: (n_docs,) int, each document's token count, EOS included (0 when skipped).
+
+    Returns:
+        (the layout, skipped documents by reason in :data:`SKIP_REASONS` order).
+
+    Raises:
+        ValueError: no usable document (:func:`check_usable`).
+    """
+    d = cfg.data
+    skipped = {r: int((status == DOCUMENT_STATUS[r]).sum()) for r in SKIP_REASONS}
+    usable = status == 0
+    check_usable(ds_cfg, len(status), int(usable.sum()), skipped)
+    is_val = validation_mask(
+        len(status), np.flatnonzero(usable), d.validation_fraction, d.seed, ds_cfg.name
+    )
+    layout = ShardLayout(
+        root,
+        lengths,
+        usable,
+        is_val,
+        seq_len=d.seq_len,
+        shard_tokens=d.shard_tokens,
+        vocab_size=tokenizer.vocab_size,
+    )
+    layout.create_files()
+    return layout, skipped
 
 
 def reusable_manifest(
@@ -414,15 +443,16 @@ def tokenize_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, li
 
 def _tokenize(
     docs: datasets.Dataset, tokenizer: Tokenizer, cache: Path, num_proc: int
-) -> tuple[np.ndarray, datasets.Dataset]:
-    """(status per document (n,) int8, dataset of ``input_ids`` (EOS appended) and ``status``).
+) -> tuple[np.ndarray, np.ndarray, datasets.Dataset]:
+    """(status per document (n,) int8, tokens per document (n,) int64, dataset of ``input_ids``
+    (EOS appended) and ``status``).
 
     The map's cache files go to ``cache`` (a folder deleted afterwards), never to the shared
     ``datasets`` cache.
     """
     cache.mkdir()
     if len(docs) == 0:
-        return np.zeros(0, np.int8), docs
+        return np.zeros(0, np.int8), np.zeros(0, np.int64), docs
     fingerprint = hashlib.sha256(
         f"{docs._fingerprint}/{tokenizer.sha256}/kiln-tokenize-v1".encode()
     ).hexdigest()[:32]
@@ -442,9 +472,10 @@ def _tokenize(
         desc="tokenize",
     )
     # through Arrow: np.asarray over a datasets Column converts row by row (minutes per million)
-    table = tokenized.select_columns(["status"]).with_format("arrow")[:]
+    table = tokenized.select_columns(["status", "input_ids"]).with_format("arrow")[:]
     status = table.column("status").to_numpy().astype(np.int8, copy=False)
-    return status, tokenized
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64)
+    return status, lengths, tokenized
 
 
 def validation_mask(
@@ -467,52 +498,6 @@ def validation_mask(
     rng = np.random.default_rng(seed % (1 << 64))
     is_val[rng.choice(usable, size=n_val, replace=False)] = True
     return is_val
-
-
-class _SplitWriter:
-    """Packs a token stream into sequences of ``row`` tokens and writes shard files."""
-
-    def __init__(
-        self, root: Path, split: str, row: int, dtype: np.dtype, shard_tokens: int
-    ) -> None:
-        self.root, self.split, self.row, self.dtype = root, split, row, dtype
-        self.shard_sequences = max(1, shard_tokens // row)
-        (root / split).mkdir()
-        self._buf: list[np.ndarray] = []
-        self._buf_len = 0
-        self.documents = 0
-        self.tokens = 0
-        self.shards: list[dict[str, Any]] = []
-
-    def add(self, ids: np.ndarray, documents: int) -> None:
-        self.documents += documents
-        self.tokens += len(ids)
-        self._buf.append(ids.astype(self.dtype))
-        self._buf_len += len(ids)
-        while self._buf_len >= self.shard_sequences * self.row:
-            self._write(self.shard_sequences)
-
-    def _write(self, sequences: int) -> None:
-        data = np.concatenate(self._buf)
-        n = sequences * self.row
-        shard, rest = np.ascontiguousarray(data[:n]), data[n:]
-        self._buf, self._buf_len = ([rest] if len(rest) else []), len(rest)
-        rel = f"{self.split}/shard-{len(self.shards):05d}.bin"
-        shard.tofile(self.root / rel)
-        sha = hashlib.sha256(memoryview(shard).cast("B")).hexdigest()
-        self.shards.append({"file": rel, "sequences": sequences, "sha256": sha})
-
-    def close(self) -> dict[str, Any]:
-        full = self._buf_len // self.row
-        if full:
-            self._write(full)
-        return {
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "sequences": sum(s["sequences"] for s in self.shards),
-            "dropped_tokens": self._buf_len,
-            "shards": self.shards,
-        }
 
 
 @contextlib.contextmanager
