@@ -135,6 +135,46 @@ CASES = [
 ]
 
 
+def write(name: str, text: str) -> Callable[[Path], None]:
+    """A set-up that writes one file (and the run folder, which must stay as it is)."""
+
+    def setup(root: Path) -> None:
+        fake_run(root)
+        (root / name).write_text(text)
+
+    return setup
+
+
+OK_CONFIG = "run_dir: run\ndata:\n  datasets: [{name: c, sources: [{path: corpus.txt}]}]\n"
+
+CASES += [
+    Case(
+        "a YAML syntax error",
+        write("exp.yaml", "model: {name: debug\n"),
+        lambda r: ["train", str(r / "exp.yaml"), "--dry-run"],
+        ("is not valid YAML", "line 2"),
+    ),
+    Case(
+        "a YAML list instead of sections",
+        write("exp.yaml", "- model\n- data\n"),
+        lambda r: ["train", str(r / "exp.yaml"), "--dry-run"],
+        ("holds a YAML list", "mapping of sections"),
+    ),
+    Case(
+        "an override without a value",
+        write("exp.yaml", OK_CONFIG),
+        lambda r: ["train", str(r / "exp.yaml"), "train.lr", "--dry-run"],
+        ("'train.lr' is not dotted.key=value", "train.lr=3e-4"),
+    ),
+    Case(
+        "an override with an empty key part",
+        write("exp.yaml", OK_CONFIG),
+        lambda r: ["data", "prepare", str(r / "exp.yaml"), "train..lr=1"],
+        ("'train..lr=1' is not dotted.key=value",),
+    ),
+]
+
+
 def tree_checksums(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()

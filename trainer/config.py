@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -410,16 +410,26 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     if path is not None and not Path(path).is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not key or not all(key.split(".")):
+            raise ConfigError(
+                f"override {o!r} is not dotted.key=value; write it like train.lr=3e-4"
+            )
     try:
-        user = OmegaConf.merge(
-            OmegaConf.load(path) if path is not None else OmegaConf.create({}),
-            OmegaConf.from_dotlist(list(overrides)),
+        base = OmegaConf.load(path) if path is not None else OmegaConf.create({})
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(base, DictConfig):
+        raise ConfigError(
+            f"{path} holds a YAML {type(base).__name__.removesuffix('Config').lower()}, not a "
+            f"mapping of sections (model:, data:, train:, ...); see configs/sample.yaml"
         )
+    try:
+        user = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
         tree: dict[str, Any] = OmegaConf.to_container(user, resolve=True) or {}  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot parse the config ({path}, {list(overrides)}): {e}") from e
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(tree).__name__}")
     return config_from_dict(tree)
 
 
@@ -446,6 +456,7 @@ def _apply_preset(model: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"model.model_type={model_type!r} is not a model family; use one of {model_types()}"
         )
+    model = {**model, "model_type": model_type}
     presets = family(model_type).presets
     name = model.get("name", "debug")
     if name != "custom":
