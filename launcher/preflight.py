@@ -9,7 +9,8 @@ driver) calls these functions and nothing else to decide whether a run can start
    paths (data sources or prepared datasets, a run folder URL) and the device;
 3. :func:`prepare` trains the tokenizer and prepares the data where they are missing (locally,
    or with the Ray path's preparation), which checks that the tokenizer fits the model and the
-   objective (:func:`trainer.objectives.check_tokenizer`).
+   objective (:func:`trainer.objectives.check_tokenizer`), then hashes every shard against its
+   manifest (``data.verify_checksums``).
 
 Each rule lives in one function of :mod:`trainer.config` or :mod:`trainer.objectives`; this
 module only orders them. :func:`user_errors` turns the errors they raise into one clear CLI
@@ -18,6 +19,8 @@ message without a traceback.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +38,9 @@ from trainer.config import (
     check_paths,
     load_config,
 )
+from trainer.data.dataset import verify_shards
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -119,12 +125,22 @@ def prepare(cfg: KilnConfig, prepare_data: Callable[[KilnConfig], Any] | None = 
             the Ray job passes its Ray Data version, which writes the same shards).
 
     Raises:
-        ValueError, FileNotFoundError: the data cannot be prepared or the tokenizer does not fit
-            (the message says why and what to do).
+        ValueError, FileNotFoundError: the data cannot be prepared, the tokenizer does not fit,
+            or a shard differs from its manifest (the message says why and what to do).
     """
     if prepare_data is None:
         from trainer.data.prepare import prepare_all as prepare_data  # datasets: heavy import
     prepare_data(cfg)
+    if cfg.data.verify_checksums:
+        started = time.perf_counter()
+        shards, size = verify_shards([cfg.dataset_dir(d.name) for d in cfg.data.datasets])
+        logger.info(
+            "verified %d shards (%.2f GiB) against their manifests in %.1f s "
+            "(data.verify_checksums=false skips it)",
+            shards,
+            size / 2**30,
+            time.perf_counter() - started,
+        )
 
 
 __all__ = ["ConfigError", "RunPlan", "check", "load", "prepare", "user_errors"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from launcher import preflight
 from model.tokenizer import EOS_ID, Tokenizer, train_tokenizer
 from trainer.config import KilnConfig, SourceConfig, config_from_dict
 from trainer.data import prepare as prep
@@ -28,6 +30,7 @@ from trainer.data.dataset import (
     largest_remainder,
     open_train_data,
     open_validation,
+    read_manifest,
 )
 from trainer.data.prepare import prepare_all, prepare_dataset, token_dtype
 from trainer.data.sources import classify, iter_texts, load_source
@@ -550,3 +553,27 @@ class _FakeEmpty:
 
     def __len__(self) -> int:
         return 0
+
+
+def test_preflight_hashes_every_shard_before_a_run_starts(two_datasets, caplog):
+    """A shard with flipped bytes (same size, so opening it passes) is refused by the pre-flight
+    with the fix, unless data.verify_checksums=false; all shards of both datasets are hashed."""
+    cfg = two_datasets
+    with caplog.at_level(logging.INFO, logger="launcher.preflight"):
+        preflight.prepare(cfg)
+    n = sum(
+        len(PackedDataset(cfg.dataset_dir(d), s).shards())
+        for d in ("a", "b")
+        for s in ("train", "validation")
+    )
+    assert f"verified {n} shards" in caplog.text
+    man = read_manifest(cfg.dataset_dir("b"))
+    shard = cfg.dataset_dir("b") / man["splits"]["validation"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x40
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard .*shard-00000.bin does not match its sha256.*"
+                       r"kiln data prepare"):  # fmt: skip
+        preflight.prepare(cfg)
+    cfg.data.verify_checksums = False
+    preflight.prepare(cfg)  # knowingly skipped

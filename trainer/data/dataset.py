@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,20 +136,18 @@ class PackedDataset:
             out[k] = self[i]
         return out
 
+    def shards(self) -> list[tuple[Path, str]]:
+        """The split's shard files with the sha256 the manifest records for each."""
+        return [(self.path / s["file"], s["sha256"]) for s in self._shards]
+
     def verify_checksums(self) -> None:
         """Hash every shard of the split and compare with the manifest.
 
         Raises:
             ValueError: a shard's sha256 differs.
         """
-        for shard in self._shards:
-            f = self.path / shard["file"]
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(chunk)
-            if h.hexdigest() != shard["sha256"]:
-                raise ValueError(f"shard {f} does not match its sha256 in the manifest; {_RERUN}")
+        for f, sha in self.shards():
+            check_shard(f, sha)
 
     def __getstate__(self) -> dict:
         # memory maps are reopened lazily in the receiving process
@@ -155,6 +155,40 @@ class PackedDataset:
 
     def __repr__(self) -> str:
         return f"PackedDataset({str(self.path)!r}, {self.split!r}, sequences={len(self)})"
+
+
+def check_shard(path: Path, sha256: str) -> int:
+    """Hash the shard ``path`` (16 MiB reads) and compare with the manifest's ``sha256``.
+    Returns its size in bytes.
+
+    Raises:
+        ValueError: the bytes differ from what was prepared (the message says how to redo it).
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != sha256:
+        raise ValueError(f"shard {path} does not match its sha256 in the manifest; {_RERUN}")
+    return path.stat().st_size
+
+
+def verify_shards(dataset_dirs: Sequence[Path], threads: int | None = None) -> tuple[int, int]:
+    """Hash every shard of both splits of the prepared datasets in ``dataset_dirs`` against their
+    manifests (sizes are checked whenever a split is opened; this finds flipped bytes), in
+    ``threads`` threads (hashlib releases the GIL; default: one per CPU). sha256 runs at about
+    1.4 GiB/s per core on the 2-core CI machine.
+
+    Returns:
+        ``(shards, bytes)`` verified.
+
+    Raises:
+        ValueError: a shard is missing, has another size, or another sha256 (the first found).
+    """
+    files = [f for d in dataset_dirs for split in SPLITS for f in PackedDataset(d, split).shards()]
+    with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+        sizes = list(pool.map(lambda f: check_shard(*f), files))
+    return len(files), sum(sizes)
 
 
 class MixtureSampler:
