@@ -39,6 +39,7 @@ OVERRIDES_HELP = "KEY=VALUE overrides of the config, e.g. train.lr=3e-4 parallel
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kiln", message="kiln %(version)s")
 def cli() -> None:
     """Kiln: pretrain Llama-style transformers from raw text with DeepSpeed."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -112,7 +112,29 @@ def check(
             f"parallel.zero_stage={cfg.parallel.zero_stage} partitions nothing on one "
             "data-parallel process and only adds copies; parallel.zero_stage=0 is faster"
         )
+    t = cfg.train
+    if t.warmup_steps >= t.max_steps:
+        warnings.append(
+            f"train.warmup_steps={t.warmup_steps} is not shorter than train.max_steps="
+            f"{t.max_steps}: the learning rate never reaches train.lr={t.lr:g}; lower "
+            f"warmup_steps (a few percent of the run is usual)"
+        )
+    if t.precision == "bf16" and cuda_available is False and not cpu_has_native_bf16():
+        warnings.append(
+            "train.precision=bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16) is "
+            "emulated, several times slower than fp32; use train.precision=fp32 on this machine"
+        )
     return RunPlan(batches, tuple(warnings))
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of
+    Linux's ``/proc/cpuinfo``); True where the file is missing (no evidence either way)."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def prepare(cfg: KilnConfig, prepare_data: Callable[[KilnConfig], Any] | None = None) -> None:

@@ -78,8 +78,14 @@ def test_derived_values_stay_out_of_the_users_sections(yaml_file, tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("train.foo=1", "train.foo: unknown key"),
-        ("modle.name=debug", "modle: unknown key"),
+        ("train.foo=1", "train.foo: unknown key; check the spelling"),
+        ("modle.name=debug", "modle: unknown key; did you mean 'model'?"),
+        ("train.lrr=1", "train.lrr: unknown key; did you mean 'lr'?"),
+        ("model.hiden_size=64", "model.llama.hiden_size: unknown key; did you mean 'hidden_size'?"),
+        (
+            "data.datasets=[{name: c, sources: [{pth: x}]}]",
+            "pth: unknown key; did you mean 'path'?",
+        ),
         ("train.micro_batch_size=abc", "train.micro_batch_size='abc'"),
         ("train.lr=fast", "train.lr='fast'"),
         ("train.micro_batch_size=0", "train.micro_batch_size=0"),
@@ -174,3 +180,29 @@ def test_every_config_in_configs_validates(path, monkeypatch):
     batch_plan(cfg, cfg.launch.nproc_per_node * cfg.launch.nnodes)
     if "gpu" not in path.name:  # GPU examples name a corpus the user supplies
         check_paths(cfg)
+
+
+def test_preflight_warns_of_a_warmup_longer_than_the_run_and_emulated_bf16(yaml_file, tmp_path):
+    from launcher import preflight
+
+    def warnings(*overrides, cuda=True):
+        return preflight.check(
+            load_config(yaml_file, list(overrides)), [1], cuda_available=cuda, paths=False
+        ).warnings
+
+    assert warnings() == ()
+    (warmup,) = warnings("train.max_steps=50", "train.warmup_steps=50")
+    assert "warmup_steps=50 is not shorter than train.max_steps=50" in warmup
+    no_bf16, bf16 = tmp_path / "old", tmp_path / "new"
+    no_bf16.write_text("flags\t\t: fpu avx2 avx512f\n")
+    bf16.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert not preflight.cpu_has_native_bf16(no_bf16) and preflight.cpu_has_native_bf16(bf16)
+    emulated = warnings("train.precision=bf16", cuda=False)
+    assert emulated == (() if preflight.cpu_has_native_bf16() else (emulated[0],))
+    assert all("emulated" in w for w in emulated)
+    assert warnings("train.precision=bf16", cuda=True) == ()
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("kiln ")

@@ -15,6 +15,7 @@ same values from the same function.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -474,12 +475,34 @@ def _apply_preset(model: dict[str, Any]) -> dict[str, Any]:
     return model
 
 
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the config section at pydantic's error location ``loc`` (the model
+    section's location names its family: ``("model", "llama")``); [] where none is known."""
+    section: Any = KilnConfig
+    for part in loc:
+        if isinstance(part, int):  # an item of a list section
+            continue
+        if part in model_types():
+            section = family(part).config_class
+            continue
+        field = getattr(section, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        section = field.annotation
+        args = [a for a in getattr(section, "__args__", ()) if hasattr(a, "model_fields")]
+        if args:  # list[X] / X | None: the section class inside
+            section = args[0]
+    return list(getattr(section, "model_fields", {}))
+
+
 def _explain(e: ValidationError) -> str:
     lines = ["invalid config:"]
     for err in e.errors():
         where = ".".join(str(x) for x in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key; check the spelling (see `kiln train --help`)")
+            close = difflib.get_close_matches(str(err["loc"][-1]), _keys_at(err["loc"][:-1]), 1)
+            hint = f"did you mean {close[0]!r}?" if close else "check the spelling"
+            lines.append(f"  {where}: unknown key; {hint} (see `kiln train --help`)")
         elif err["type"] == "literal_error":
             lines.append(f"  {where}={err.get('input')!r} is not allowed: {err['msg']}")
         elif err["type"] == "value_error":
