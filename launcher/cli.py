@@ -61,7 +61,8 @@ def train(
     """Train (or resume) the run described by CONFIG [OVERRIDES...].
 
     Prepares what is missing first (tokenizer, then data), then starts one process per device
-    with torchrun. On a run folder that already has a checkpoint, resumes from `latest`.
+    with torchrun. On a run folder that already has a checkpoint, resumes from the newest
+    complete one (whatever `checkpoints/latest` says).
     SIGTERM / SIGUSR1 / Ctrl-C make the workers finish the step, save and exit.
     """
     extra = []
