@@ -14,6 +14,7 @@ from trainer import checkpoint
 from trainer.config import batch_plan, load_config
 from trainer.engine import deepspeed_config, lr_lambda
 from trainer.estimate import flops_per_token
+from trainer.storage import RunFolder
 
 
 def cfg_with(*overrides):
@@ -78,7 +79,7 @@ def _fake_checkpoint(root, step):
 
 
 def test_latest_prune_and_partial(tmp_path):
-    root = checkpoint.checkpoint_root(tmp_path)
+    root = RunFolder(tmp_path).checkpoints
     assert checkpoint.latest_checkpoint(tmp_path) is None
     for step in (10, 20, 30, 40):
         _fake_checkpoint(root, step)

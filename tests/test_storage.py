@@ -27,7 +27,7 @@ def save(url: str, step: int, keep_last: int = 2) -> Path:
 def test_is_url():
     assert storage.is_url("s3://bucket/runs/x") and storage.is_url("file:///tmp/run")
     assert not storage.is_url("runs/x") and not storage.is_url(Path("/tmp/run"))
-    assert storage.local_run_dir("runs/x") == Path("runs/x")  # a path is used as it is
+    assert storage.RunFolder("runs/x").local == Path("runs/x")  # a path is used as it is
 
 
 def test_save_uploads_a_complete_checkpoint_then_latest(tmp_path, cache):
@@ -190,7 +190,7 @@ def test_kiln_cache_lists_and_cleans_mirrors(tmp_path, cache):
     and keeps the fresh one; `--dry-run` only says so."""
     urls = {age: f"file://{tmp_path}/remote/{age}" for age in ("old", "fresh")}
     for url in urls.values():
-        storage.prepare_run_dir(url, "seed: 1\n")
+        storage.RunFolder(url).prepare("seed: 1\n")
         ckpt = storage.mirror_dir(url) / "checkpoints" / "step-00000003"
         ckpt.mkdir(parents=True)
         (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x" * 5000)

@@ -39,11 +39,6 @@ STATE_FILE = storage.STATE_FILE
 tag_for = storage.checkpoint_tag
 
 
-def checkpoint_root(run_dir: str | Path) -> Path:
-    """The local ``checkpoints/`` folder of a run folder (:class:`trainer.storage.RunFolder`)."""
-    return RunFolder(run_dir).checkpoints
-
-
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """:meth:`RunFolder.latest_checkpoint <trainer.storage.RunFolder.latest_checkpoint>` of a
     local run folder: the newest complete checkpoint (whatever ``latest`` names), or None."""

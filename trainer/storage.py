@@ -96,11 +96,6 @@ def mirror_dir(url: str) -> Path:
     return mirrors_root() / f"{url.rsplit('/', 1)[-1]}-{digest}"
 
 
-def local_run_dir(run_dir: str | Path) -> Path:
-    """Where this process reads and writes the run: the mirror of a URL, else the path itself."""
-    return RunFolder(run_dir).local
-
-
 class RunStorage:
     """A run folder at an fsspec URL and its local mirror (:func:`mirror_dir`).
 
@@ -695,11 +690,6 @@ class RunFolder:
             "storage_path": f"{self.store.root}/ray",
             "storage_filesystem": PyFileSystem(FSSpecHandler(self.store.fs)),
         }
-
-
-def prepare_run_dir(run_dir: str | Path, config_yaml: str) -> Path:
-    """:meth:`RunFolder.prepare` of ``run_dir``."""
-    return RunFolder(run_dir).prepare(config_yaml)
 
 
 def localize(run_dir: str | Path, step: int | None = None, *, into: Path | None = None) -> Path:
