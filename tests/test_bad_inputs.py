@@ -65,71 +65,64 @@ def _both(root: Path) -> None:
     fake_data_root(root)
 
 
+def run_to(command: str, out: str, *flags: str) -> Callable[[Path], list[str]]:
+    """``kiln COMMAND <root>/run --out <root>/OUT FLAGS`` (COMMAND may be two words)."""
+    return lambda r: [*command.split(), str(r / "run"), "--out", str(r / out), *flags]
+
+
 CASES = [
     Case(
         "publish --out the run folder itself",
         _both,
-        lambda r: ["publish", str(r / "run"), "--out", str(r / "run"), "--overwrite"],
+        run_to("publish", "run", "--overwrite"),
         ("is the run folder", "choose a folder outside it"),
     ),
     Case(
         "publish --out a folder holding the run",
         _both,
-        lambda r: ["publish", str(r / "run"), "--out", str(r), "--overwrite"],
+        run_to("publish", ".", "--overwrite"),
         ("holds it", "would replace the run's checkpoints"),
     ),
     Case(
         "publish --overwrite onto a data root",
         _both,
-        lambda r: ["publish", str(r / "run"), "--out", str(r / "data"), "--overwrite"],
+        run_to("publish", "data", "--overwrite"),
         ("replaces only a published Hugging Face folder", "holds folders", "another --out"),
     ),
     Case(
         "publish --overwrite onto another run folder",
         lambda r: (fake_run(r), fake_run(r / "other")),
-        lambda r: ["publish", str(r / "run"), "--out", str(r / "other" / "run"), "--overwrite"],
+        run_to("publish", "other/run", "--overwrite"),
         ("replaces only a published Hugging Face folder", "checkpoints"),
     ),
     Case(
         "publish --overwrite onto a folder of files without config.json",
         lambda r: (fake_run(r), (r / "notes").mkdir(), (r / "notes" / "a.txt").write_text("x")),
-        lambda r: ["publish", str(r / "run"), "--out", str(r / "notes"), "--overwrite"],
+        run_to("publish", "notes", "--overwrite"),
         ("no config.json", "another --out"),
     ),
     Case(
         "publish onto an existing folder without --overwrite",
         lambda r: (fake_run(r), fake_hf_folder(r)),
-        lambda r: ["publish", str(r / "run"), "--out", str(r / "published")],
+        run_to("publish", "published"),
         ("exists", "--overwrite"),
     ),
     Case(
         "publish --out an existing file",
         lambda r: (fake_run(r), (r / "file.txt").write_text("keep me")),
-        lambda r: ["publish", str(r / "run"), "--out", str(r / "file.txt")],
+        run_to("publish", "file.txt"),
         ("file.txt",),
     ),
     Case(
         "consolidate --out into the run's checkpoints",
         _both,
-        lambda r: [
-            "checkpoint",
-            "consolidate",
-            str(r / "run"),
-            "--out",
-            str(r / "run" / "checkpoints" / "w.safetensors"),
-        ],
+        run_to("checkpoint consolidate", "run/checkpoints/w.safetensors"),
         ("inside the run's checkpoints", "elsewhere"),
     ),
     Case(
         "consolidate --out a file that is not safetensors",
         _both,
-        lambda r: [
-            "checkpoint",
-            "consolidate",
-            str(r / "run"),
-            "--out",
-            str(r / "run" / "metrics.jsonl"),
-        ],
+        run_to("checkpoint consolidate", "run/metrics.jsonl"),
         ("must name a .safetensors file",),
     ),
 ]
