@@ -182,7 +182,9 @@ def test_every_config_in_configs_validates(path, monkeypatch):
         check_paths(cfg)
 
 
-def test_preflight_warns_of_a_warmup_longer_than_the_run_and_emulated_bf16(yaml_file, tmp_path):
+def test_preflight_warns_of_a_warmup_longer_than_the_run_and_emulated_bf16(
+    yaml_file, tmp_path, monkeypatch
+):
     from launcher import preflight
 
     def warnings(*overrides, cuda=True):
@@ -197,10 +199,12 @@ def test_preflight_warns_of_a_warmup_longer_than_the_run_and_emulated_bf16(yaml_
     no_bf16.write_text("flags\t\t: fpu avx2 avx512f\n")
     bf16.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
     assert not preflight.cpu_has_native_bf16(no_bf16) and preflight.cpu_has_native_bf16(bf16)
-    emulated = warnings("train.precision=bf16", cuda=False)
-    assert emulated == (() if preflight.cpu_has_native_bf16() else (emulated[0],))
-    assert all("emulated" in w for w in emulated)
+    monkeypatch.setattr(preflight, "cpu_has_native_bf16", lambda: False)
+    (emulated,) = warnings("train.precision=bf16", cuda=False)
+    assert "bf16 on a CPU without native bf16" in emulated and "precision=fp32" in emulated
     assert warnings("train.precision=bf16", cuda=True) == ()
+    monkeypatch.setattr(preflight, "cpu_has_native_bf16", lambda: True)
+    assert warnings("train.precision=bf16", cuda=False) == ()
 
 
 def test_version():

@@ -262,8 +262,9 @@ def publish(
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     out = Path(out)
-    check_out(out, storage.RunFolder(run_dir).local, overwrite=overwrite)
-    ckpt = storage.RunFolder(run_dir).checkpoint(step)  # a URL's is downloaded into its mirror
+    folder = storage.RunFolder(run_dir)
+    check_out(out, folder.local, overwrite=overwrite)
+    ckpt = folder.checkpoint(step)  # a URL's is downloaded into its mirror
     run_dir = ckpt.parent.parent
     state = checkpoint.read_trainer_state(ckpt)
     model, tok = load_run(run_dir, step=state["step"])
