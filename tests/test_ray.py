@@ -40,7 +40,7 @@ CLUSTER_YAMLS = sorted((REPO / "configs" / "ray").glob("*.yaml"))
 def ray_cluster(tmp_path_factory):
     """A one-node Ray cluster with the dashboard (Jobs API), stopped at the end.
 
-    `ray start --block` runs in a session of its own; tearing that session down stops the
+    `ray start --block` runs in a session of its own; killing its process group stops the
     cluster's processes without touching any other Ray on the machine."""
     temp = tmp_path_factory.mktemp("ray")
     ports = {
@@ -57,9 +57,17 @@ def ray_cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run this venv's python
     env["RAY_DEDUP_LOGS"] = "0"
-    # Ray Train's wait for a worker group to start (default 60 s): after a node is lost, Ray first
-    # retries the old size (the node is not yet marked dead) and waits this long for it.
-    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
+    # After a node is lost, Ray Train sizes the new group from a view of the cluster refreshed
+    # every 20 s, so it may first retry the old size, waiting this long (default 60 s) for room
+    # for it each time, until the view has the node dead. The wait is for the group's placement
+    # group only (the workers' start-up is not in it), and a retry after it is not a failure
+    # (`FailureConfig.controller_failure_limit`, unlimited).
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "5"
+    # The GCS marks a lost node dead after 3 failed health checks 1 s apart (default 5 x 3 s),
+    # so the next refresh of that view has it dead. A live node fails a check only by not
+    # answering within health_check_timeout_ms (10 s, kept).
+    env["RAY_health_check_period_ms"] = "1000"
+    env["RAY_health_check_failure_threshold"] = "3"
     # how often Ray Train's watcher (and Kiln's PreemptionCheckpointer) look for draining nodes
     env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
     cmd = [str(RAY), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp}"]
@@ -79,13 +87,11 @@ def ray_cluster(tmp_path_factory):
             "temp": temp,
         }
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+        # SIGKILL at once: after SIGTERM the GCS and `ray start` itself outlive any short wait, so
+        # the cluster ended by the SIGKILL anyway (Ray's workers die with their raylet).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         log.close()
 
 
