@@ -1,7 +1,8 @@
 """Ray on a real local cluster (`ray start --head`, 2 CPUs): Ray Data preparation gives the local
 path's shards byte for byte; a `kiln ray submit --wait` job trains the debug model on 2 Ray Train
-workers with the losses of `kiln train --nproc 2`; a worker killed with SIGKILL is restarted and
-the run resumes from its last checkpoint to the same losses, each step logged once."""
+workers with the losses of `kiln train --nproc 2`'s loop on 2 local processes; a worker killed
+with SIGKILL is restarted and the run resumes from its last checkpoint to the same losses, each
+step logged once."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from conftest import (
     step_sample_ids,
     train_config,
 )
+from distributed import run_distributed, train_runs
 
 from trainer import storage
 from trainer.checkpoint import latest_checkpoint, read_trainer_state
@@ -203,14 +205,17 @@ def _submit(config: Path, cluster: dict, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def local_reference(prepared_data, tmp_path_factory) -> Path:
-    """The debug model trained by `kiln train --nproc 2` (torchrun), uninterrupted."""
+    """The debug model trained uninterrupted by the training loop of `kiln train --nproc 2`,
+    in-process on 2 gloo ranks of one thread each, as torchrun's ranks and 1-CPU Ray workers
+    run (`OMP_NUM_THREADS=1`)."""
     tmp = tmp_path_factory.mktemp("local")
     config = train_config(
         tmp, prepared_data, train__max_steps=STEPS, checkpoint__save_every=SAVE_EVERY
     )
-    result = kiln("train", str(config), "--nproc", "2", "--sample-prompt", "")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return tmp / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks inherit it
+        (run,) = run_distributed(train_runs, 2, config)[0]
+    return run
 
 
 def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, tmp_path):
