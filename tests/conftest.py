@@ -211,11 +211,15 @@ def t5_runs(prepared_t5_data, tmp_path_factory) -> dict[int, Path]:
 def pipeline_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
     """6 steps (global batch 8 = 4 micro-batches of 2) of each family: `{family}-plain` on 1
     process and `{family}-pipe`, 2 pipeline stages on 2 processes (ZeRO 1), checkpoints at steps
-    3 and 6 (in-process: one 1-rank and one 2-rank worker start-up)."""
+    3 and 6; and as `llama-tied-plain` / `llama-tied-pipe`, 3 steps of the decoder with its head
+    tied to the embedding, no checkpoint (in-process: one 1-rank and one 2-rank worker start-up
+    for them all)."""
     configs: dict[str, dict[str, Path]] = {"plain": {}, "pipe": {}}
+    tied = dict(model__tie_word_embeddings="true", train__max_steps=3, checkpoint__save_every=1000)
     for family, data, extra in (
         ("llama", prepared_data, {}),
         ("t5", prepared_t5_data, t5_sections()),
+        ("llama-tied", prepared_data, tied),
     ):
         for name, stages in (("plain", 1), ("pipe", 2)):
             tmp = tmp_path_factory.mktemp(f"{family}-{name}")

@@ -208,22 +208,10 @@ def test_two_stages_by_two_data_parallel_ranks(runs, prepared_data, tmp_path):
         assert losses[s] == pytest.approx(plain[s], abs=STAGE_TOLERANCE), (s, losses[s])
 
 
-@pytest.mark.slow  # trains through `kiln train`
-def test_tied_head_across_stages(runs, prepared_data, tmp_path_factory):
+def test_tied_head_across_stages(runs):
     """A tied decoder head lives on the last stage and shares the first stage's embedding
     (DeepSpeed all-reduces the tied weight's gradient): same losses as the plain tied model."""
-    losses = {}
-    for name, nproc, stages in (("plain", 1, 1), ("pipe", 2, 2)):
-        config = train_config(
-            tmp_path_factory.mktemp(f"tied-{name}"),
-            prepared_data,
-            model__tie_word_embeddings="true",
-            parallel__zero_stage=1,
-            parallel__pipeline_stages=stages,
-            train__max_steps=3,
-            checkpoint__save_every=1000,
-        )
-        losses[name] = step_losses(train(config, nproc=nproc))
+    losses = {name: step_losses(runs[f"llama-tied-{name}"]) for name in ("plain", "pipe")}
     assert sorted(losses["pipe"]) == [1, 2, 3]
     for s in (1, 2, 3):
         assert losses["pipe"][s] == pytest.approx(losses["plain"][s], abs=PIPELINE_TOLERANCE)
