@@ -1,6 +1,6 @@
 """`kiln slurm` on a real two-node Slurm cluster on this host (tests/slurm_cluster.py): a 2-node
-job trains exactly like `kiln train` on 2 local processes; the pre-time-limit signal makes the
-job checkpoint, requeue itself and finish with every step logged once; SIGTERM (preemption,
+job trains exactly like `kiln train`'s loop on 2 local processes; the pre-time-limit signal makes
+the job checkpoint, requeue itself and finish with every step logged once; SIGTERM (preemption,
 scancel) makes it checkpoint and stop without requeueing; `--dry-run` prints a script sbatch
 accepts; status / cancel / logs wrap the recorded job. Plus unit tests of the option checks, the
 rendered script and the end-of-job decision."""
@@ -95,29 +95,26 @@ def logged_steps(run_dir: Path) -> Counter:
 
 @needs_slurm
 @pytest.mark.slow
-def test_two_node_job_matches_local_run(cluster, prepared_data, tmp_path):
-    """The same 6 steps as a 2-node Slurm job (one rank per node) and as `kiln train --nproc 2`."""
-    (tmp_path / "slurm").mkdir()
-    (tmp_path / "local").mkdir()
-    slurm_config = train_config(tmp_path / "slurm", prepared_data)
-    local_config = train_config(tmp_path / "local", prepared_data)
+def test_two_node_job_matches_local_run(cluster, prepared_data, zero_runs, tmp_path):
+    """The same 6 steps as a 2-node Slurm job (one rank per node) and as `kiln train`'s loop on 2
+    local processes (`zero_runs`: the same config, ZeRO 0 being the default)."""
+    slurm_config = train_config(tmp_path, prepared_data)
+    assert load_config(slurm_config).parallel.zero_stage == 0
     job_id = submit(slurm_config)
     slurm_run = slurm_config.parent / "run"
     log = slurm_run / "slurm" / f"{job_id}.out"
     assert json.loads((slurm_run / "slurm" / "job.json").read_text())["job_id"] == job_id
 
-    local = kiln("train", str(local_config), "--nproc", "2", "--sample-prompt", "")
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     info = wait_for_end(cluster, job_id, log)
     assert info["JobState"] == "COMPLETED", tail(log)
     assert info["NodeList"] == "n[1-2]"
     assert "kiln: finished at step 6 of 6" in tail(log)
 
-    want, got = step_losses(local_config.parent / "run"), step_losses(slurm_run)
+    want, got = step_losses(zero_runs[0]), step_losses(slurm_run)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
     for s in want:
         assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
-    assert step_sample_ids(slurm_run) == step_sample_ids(local_config.parent / "run")
+    assert step_sample_ids(slurm_run) == step_sample_ids(zero_runs[0])
 
     status = kiln("slurm", "status", str(slurm_run))
     assert status.returncode == 0, status.stderr
