@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, FakeEngine, kiln, step_losses, train, train_config
+from conftest import REPO, FakeEngine, kiln, step_losses, train_config
 
 from trainer import checkpoint, storage
 from trainer.config import ConfigError, check_paths, load_config
@@ -163,7 +163,9 @@ def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache, monke
     assert not (REPO / "file:").exists()
 
     (ckpts / "latest").write_text("step-00000003")
-    train(config, f"run_dir={url}", nproc=1)
+    result = kiln(*args, "--sample-prompt", "")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert f"resuming {url} from step-00000003\n" in result.stdout
     assert (ckpts / "latest").read_text() == "step-00000006"
     got = step_losses(remote)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
