@@ -131,15 +131,18 @@ def kiln(
 
 def kiln_in_process(*args: str) -> subprocess.CompletedProcess:
     """Run the `kiln` CLI in this process (click's test runner) for commands that start no
-    workers (generate, publish): the same command, without a Python start-up and its imports.
-    Returns what :func:`kiln` returns; an uncaught exception's traceback is in ``stderr``."""
+    workers (generate, publish, checks that refuse, cache): the same command, from the same
+    folder as :func:`kiln`, without a Python start-up and its imports. Returns what :func:`kiln`
+    returns; an uncaught exception's traceback is in ``stderr``."""
+    import contextlib
     import traceback
 
     from click.testing import CliRunner
 
     from launcher.cli import cli
 
-    result = CliRunner().invoke(cli, list(args))
+    with contextlib.chdir(REPO):
+        result = CliRunner().invoke(cli, list(args))
     stderr = result.stderr
     if result.exc_info is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(*result.exc_info))

@@ -23,6 +23,7 @@ from conftest import (
     SAMPLE,
     _source,
     kiln,
+    kiln_in_process,
     step_losses,
     step_sample_ids,
     train_config,
@@ -130,9 +131,12 @@ def test_ray_tokenizer_equals_local(ray_cluster, tmp_path):
             "tokenizer.num_sentinels=8",
             "tokenizer.input_sentence_size=500",  # fewer than the corpus lines: a real sample
         ]
-        extra = ["--ray", "--address", ray_cluster["address"], "--num-blocks", "5"]
-        result = kiln("tokenizer", "train", "configs/sample.yaml", *args,
-                      *(extra if mode == "ray" else []))  # fmt: skip
+        command = ["tokenizer", "train", "configs/sample.yaml", *args]
+        if mode == "ray":  # a `kiln` process, as a user runs it; the local path in this one
+            ray = ["--ray", "--address", ray_cluster["address"], "--num-blocks", "5"]
+            result = kiln(*command, *ray)
+        else:
+            result = kiln_in_process(*command)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         folder = tmp_path / mode / "tokenizer"
         shas[mode] = _sha256(folder / "tokenizer.model")
@@ -166,9 +170,11 @@ def test_ray_prepare_equals_local(ray_cluster, prepared_data, tmp_path):
         config = tmp_path / f"{mode}.yaml"
         config.write_text(load_config(None, _data_args(root, corpus, tokenizer)).to_yaml())
         args = ["data", "prepare", str(config)]
-        if mode != "local":
+        if mode != "local":  # a `kiln` process, as a user runs it; the local path in this one
             args += ["--ray", "--address", ray_cluster["address"], *extra]
-        result = kiln(*args)
+            result = kiln(*args)
+        else:
+            result = kiln_in_process(*args)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         man = json.loads((root / "shakespeare" / "manifest.json").read_text())
         manifests[mode] = man
@@ -246,7 +252,7 @@ def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, t
 
 def test_submit_refuses_a_bad_config_before_submitting(ray_cluster, prepared_data, tmp_path):
     config = train_config(tmp_path, prepared_data)  # global batch 8 = 2 x accumulation x ranks
-    result = kiln(*_submit(config, ray_cluster), "train.micro_batch_size=3")
+    result = kiln_in_process(*_submit(config, ray_cluster), "train.micro_batch_size=3")
     assert result.returncode != 0
     assert "global_batch_size" in result.stderr and "submitted" not in result.stdout
 
@@ -578,6 +584,6 @@ def test_relative_paths_are_resolved_in_the_workdir(tmp_path):
 def test_submit_refuses_relative_paths_without_a_workdir(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(load_config(None, ["run_dir=runs/x"]).to_yaml())
-    result = kiln("ray", "submit", str(config), "--address", "http://127.0.0.1:1")
+    result = kiln_in_process("ray", "submit", str(config), "--address", "http://127.0.0.1:1")
     assert result.returncode != 0
     assert "relative paths run_dir=runs/x" in result.stderr and "--workdir" in result.stderr
