@@ -131,15 +131,18 @@ def kiln(
 
 def kiln_in_process(*args: str) -> subprocess.CompletedProcess:
     """Run the `kiln` CLI in this process (click's test runner) for commands that start no
-    workers (generate, publish): the same command, without a Python start-up and its imports.
-    Returns what :func:`kiln` returns; an uncaught exception's traceback is in ``stderr``."""
+    workers (generate, publish, checks that refuse, cache): the same command, from the same
+    folder as :func:`kiln`, without a Python start-up and its imports. Returns what :func:`kiln`
+    returns; an uncaught exception's traceback is in ``stderr``."""
+    import contextlib
     import traceback
 
     from click.testing import CliRunner
 
     from launcher.cli import cli
 
-    result = CliRunner().invoke(cli, list(args))
+    with contextlib.chdir(REPO):
+        result = CliRunner().invoke(cli, list(args))
     stderr = result.stderr
     if result.exc_info is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(*result.exc_info))
@@ -211,11 +214,15 @@ def t5_runs(prepared_t5_data, tmp_path_factory) -> dict[int, Path]:
 def pipeline_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
     """6 steps (global batch 8 = 4 micro-batches of 2) of each family: `{family}-plain` on 1
     process and `{family}-pipe`, 2 pipeline stages on 2 processes (ZeRO 1), checkpoints at steps
-    3 and 6 (in-process: one 1-rank and one 2-rank worker start-up)."""
+    3 and 6; and as `llama-tied-plain` / `llama-tied-pipe`, 3 steps of the decoder with its head
+    tied to the embedding, no checkpoint (in-process: one 1-rank and one 2-rank worker start-up
+    for them all)."""
     configs: dict[str, dict[str, Path]] = {"plain": {}, "pipe": {}}
+    tied = dict(model__tie_word_embeddings="true", train__max_steps=3, checkpoint__save_every=1000)
     for family, data, extra in (
         ("llama", prepared_data, {}),
         ("t5", prepared_t5_data, t5_sections()),
+        ("llama-tied", prepared_data, tied),
     ):
         for name, stages in (("plain", 1), ("pipe", 2)):
             tmp = tmp_path_factory.mktemp(f"{family}-{name}")

@@ -134,8 +134,9 @@ def train_in_process(config: Path, *overrides: str) -> Path:
     cfg = load_config(config, overrides)
     import deepspeed
 
-    # What trainer.distributed.init_distributed does under torchrun; over an existing group it
-    # only wraps it (the pipeline's PipelineModule needs DeepSpeed's comm before the engine).
+    distributed.init_distributed()  # this process's set-up; the group exists, so no more
+    # What init_distributed does under torchrun; over an existing group it only wraps it (the
+    # pipeline's PipelineModule needs DeepSpeed's comm before the engine).
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     if dist.get_rank() == 0:
         prepare_all(cfg)

@@ -24,7 +24,9 @@ MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_SOCKET_DIR = Path("/run/munge")
 
 # cred_expire is also how long a requeued job waits before it may start again (default 120 s);
-# sched_interval (default 60 s) is how often pending jobs are looked at without an event.
+# sched_interval (default 60 s) is how often pending jobs are looked at without an event;
+# KillWait (default 30 s) is how long a cancelled job's processes have between SIGTERM and SIGKILL
+# (the tests' graceful stops are signals sent with `scancel --signal`, which starts no kill).
 SLURM_CONF = """\
 ClusterName=kilntest
 SlurmctldHost={host}(127.0.0.1)
@@ -46,7 +48,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+KillWait=3
 MinJobAge=600
 SlurmctldTimeout=30
 SlurmdTimeout=60

@@ -1,8 +1,9 @@
 """Pipeline parallelism: the cut's layers, applied in sequence, compute the plain model's logits
-and gradients; through `kiln train` (DeepSpeed's pipeline engine, gloo, CPU): a 2-stage
-pipeline trains exactly as the plain model on the same batches and weights, for both families;
-2 stages x 2 data-parallel ranks (4 processes) train; pipeline checkpoints resume exactly and
-consolidate into the plain model's weights; bad layouts are refused before any process starts."""
+and gradients; through `kiln train` and its loop in-process (DeepSpeed's pipeline engine, gloo,
+CPU): a 2-stage pipeline trains exactly as the plain model on the same batches and weights, for
+both families; 2 stages x 2 data-parallel ranks (4 processes) train; pipeline checkpoints resume
+exactly and consolidate into the plain model's weights; bad layouts are refused before any
+process starts."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import T5_SENTINELS, kiln, step_losses, step_sample_ids, train, train_config
+from conftest import (
+    T5_SENTINELS,
+    kiln_in_process,
+    step_losses,
+    step_sample_ids,
+    train,
+    train_config,
+)
 from deepspeed.pipe import TiedLayerSpec
+from distributed import RankError, run_distributed, train_runs
 from safetensors.torch import load_file
 from test_train_distributed import STAGE_TOLERANCE, continue_from
 
@@ -165,28 +174,31 @@ def test_consolidated_pipeline_checkpoint_equals_the_plain_model(runs, family, t
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=atol, msg=k)
     out = tmp_path / "model.safetensors"
-    result = kiln("checkpoint", "consolidate", str(runs[f"{family}-pipe"]), "--out", str(out))
+    result = kiln_in_process(
+        "checkpoint", "consolidate", str(runs[f"{family}-pipe"]), "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(torch.equal(v, got[k]) for k, v in load_file(out).items())
 
 
-@pytest.mark.slow  # trains through `kiln train`
 def test_pipeline_resume_is_exact(runs, prepared_data, tmp_path):
+    """The training loop in-process on 2 ranks (the pipeline's `kiln train` launch is the 2 x 2
+    test's)."""
     reference = runs["llama-pipe"]
     config = train_config(
         tmp_path, prepared_data, parallel__zero_stage=1, parallel__pipeline_stages=2
     )
     run = continue_from(reference, 3, tmp_path)
-    train(config, nproc=2)
+    run_distributed(train_runs, 2, config)
     want, got = step_losses(reference), step_losses(run)
     assert sorted(got) == [4, 5, 6]
     for s in (4, 5, 6):
         assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
     # another layout is refused with what to run instead
-    result = kiln("train", str(config), "--nproc", "1", "parallel.pipeline_stages=1",
-                  "train.max_steps=7", "--sample-prompt", "")  # fmt: skip
-    assert result.returncode != 0
-    assert "resumes on the same layout: run with parallel.pipeline_stages=2" in result.stderr
+    refused = (config, "parallel.pipeline_stages=1", "train.max_steps=7")
+    with pytest.raises(RankError) as e:
+        run_distributed(train_runs, 1, refused)
+    assert "resumes on the same layout: run with parallel.pipeline_stages=2" in str(e.value)
 
 
 @pytest.mark.slow  # trains through `kiln train`
@@ -208,22 +220,10 @@ def test_two_stages_by_two_data_parallel_ranks(runs, prepared_data, tmp_path):
         assert losses[s] == pytest.approx(plain[s], abs=STAGE_TOLERANCE), (s, losses[s])
 
 
-@pytest.mark.slow  # trains through `kiln train`
-def test_tied_head_across_stages(runs, prepared_data, tmp_path_factory):
+def test_tied_head_across_stages(runs):
     """A tied decoder head lives on the last stage and shares the first stage's embedding
     (DeepSpeed all-reduces the tied weight's gradient): same losses as the plain tied model."""
-    losses = {}
-    for name, nproc, stages in (("plain", 1, 1), ("pipe", 2, 2)):
-        config = train_config(
-            tmp_path_factory.mktemp(f"tied-{name}"),
-            prepared_data,
-            model__tie_word_embeddings="true",
-            parallel__zero_stage=1,
-            parallel__pipeline_stages=stages,
-            train__max_steps=3,
-            checkpoint__save_every=1000,
-        )
-        losses[name] = step_losses(train(config, nproc=nproc))
+    losses = {name: step_losses(runs[f"llama-tied-{name}"]) for name in ("plain", "pipe")}
     assert sorted(losses["pipe"]) == [1, 2, 3]
     for s in (1, 2, 3):
         assert losses["pipe"][s] == pytest.approx(losses["plain"][s], abs=PIPELINE_TOLERANCE)
@@ -250,7 +250,7 @@ def test_stage_count_must_divide_the_world():
     with pytest.raises(ConfigError, match="does not divide the 3 processes"):
         batch_plan(cfg, 3)
     layout = ["parallel.pipeline_stages=2", "parallel.zero_stage=1", "--nproc", "3"]
-    result = kiln("train", "configs/sample.yaml", *layout, "--dry-run")
+    result = kiln_in_process("train", "configs/sample.yaml", *layout, "--dry-run")
     assert result.returncode != 0 and "does not divide the 3 processes" in result.stderr
 
 

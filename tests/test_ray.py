@@ -1,7 +1,8 @@
 """Ray on a real local cluster (`ray start --head`, 2 CPUs): Ray Data preparation gives the local
 path's shards byte for byte; a `kiln ray submit --wait` job trains the debug model on 2 Ray Train
-workers with the losses of `kiln train --nproc 2`; a worker killed with SIGKILL is restarted and
-the run resumes from its last checkpoint to the same losses, each step logged once."""
+workers with the losses of `kiln train --nproc 2`'s loop on 2 local processes; a worker killed
+with SIGKILL is restarted and the run resumes from its last checkpoint to the same losses, each
+step logged once."""
 
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ from conftest import (
     SAMPLE,
     _source,
     kiln,
+    kiln_in_process,
     step_losses,
     step_sample_ids,
     train_config,
 )
+from distributed import run_distributed, train_runs
 
 from trainer import storage
 from trainer.checkpoint import latest_checkpoint, read_trainer_state
@@ -40,7 +43,7 @@ CLUSTER_YAMLS = sorted((REPO / "configs" / "ray").glob("*.yaml"))
 def ray_cluster(tmp_path_factory):
     """A one-node Ray cluster with the dashboard (Jobs API), stopped at the end.
 
-    `ray start --block` runs in a session of its own; tearing that session down stops the
+    `ray start --block` runs in a session of its own; killing its process group stops the
     cluster's processes without touching any other Ray on the machine."""
     temp = tmp_path_factory.mktemp("ray")
     ports = {
@@ -57,9 +60,17 @@ def ray_cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run this venv's python
     env["RAY_DEDUP_LOGS"] = "0"
-    # Ray Train's wait for a worker group to start (default 60 s): after a node is lost, Ray first
-    # retries the old size (the node is not yet marked dead) and waits this long for it.
-    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
+    # After a node is lost, Ray Train sizes the new group from a view of the cluster refreshed
+    # every 20 s, so it may first retry the old size, waiting this long (default 60 s) for room
+    # for it each time, until the view has the node dead. The wait is for the group's placement
+    # group only (the workers' start-up is not in it), and a retry after it is not a failure
+    # (`FailureConfig.controller_failure_limit`, unlimited).
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "5"
+    # The GCS marks a lost node dead after 3 failed health checks 1 s apart (default 5 x 3 s),
+    # so the next refresh of that view has it dead. A live node fails a check only by not
+    # answering within health_check_timeout_ms (10 s, kept).
+    env["RAY_health_check_period_ms"] = "1000"
+    env["RAY_health_check_failure_threshold"] = "3"
     # how often Ray Train's watcher (and Kiln's PreemptionCheckpointer) look for draining nodes
     env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
     cmd = [str(RAY), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp}"]
@@ -79,13 +90,11 @@ def ray_cluster(tmp_path_factory):
             "temp": temp,
         }
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+        # SIGKILL at once: after SIGTERM the GCS and `ray start` itself outlive any short wait, so
+        # the cluster ended by the SIGKILL anyway (Ray's workers die with their raylet).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         log.close()
 
 
@@ -122,9 +131,12 @@ def test_ray_tokenizer_equals_local(ray_cluster, tmp_path):
             "tokenizer.num_sentinels=8",
             "tokenizer.input_sentence_size=500",  # fewer than the corpus lines: a real sample
         ]
-        extra = ["--ray", "--address", ray_cluster["address"], "--num-blocks", "5"]
-        result = kiln("tokenizer", "train", "configs/sample.yaml", *args,
-                      *(extra if mode == "ray" else []))  # fmt: skip
+        command = ["tokenizer", "train", "configs/sample.yaml", *args]
+        if mode == "ray":  # a `kiln` process, as a user runs it; the local path in this one
+            ray = ["--ray", "--address", ray_cluster["address"], "--num-blocks", "5"]
+            result = kiln(*command, *ray)
+        else:
+            result = kiln_in_process(*command)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         folder = tmp_path / mode / "tokenizer"
         shas[mode] = _sha256(folder / "tokenizer.model")
@@ -158,9 +170,11 @@ def test_ray_prepare_equals_local(ray_cluster, prepared_data, tmp_path):
         config = tmp_path / f"{mode}.yaml"
         config.write_text(load_config(None, _data_args(root, corpus, tokenizer)).to_yaml())
         args = ["data", "prepare", str(config)]
-        if mode != "local":
+        if mode != "local":  # a `kiln` process, as a user runs it; the local path in this one
             args += ["--ray", "--address", ray_cluster["address"], *extra]
-        result = kiln(*args)
+            result = kiln(*args)
+        else:
+            result = kiln_in_process(*args)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         man = json.loads((root / "shakespeare" / "manifest.json").read_text())
         manifests[mode] = man
@@ -197,14 +211,17 @@ def _submit(config: Path, cluster: dict, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def local_reference(prepared_data, tmp_path_factory) -> Path:
-    """The debug model trained by `kiln train --nproc 2` (torchrun), uninterrupted."""
+    """The debug model trained uninterrupted by the training loop of `kiln train --nproc 2`,
+    in-process on 2 gloo ranks of one thread each, as torchrun's ranks and 1-CPU Ray workers
+    run (`OMP_NUM_THREADS=1`)."""
     tmp = tmp_path_factory.mktemp("local")
     config = train_config(
         tmp, prepared_data, train__max_steps=STEPS, checkpoint__save_every=SAVE_EVERY
     )
-    result = kiln("train", str(config), "--nproc", "2", "--sample-prompt", "")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return tmp / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks inherit it
+        (run,) = run_distributed(train_runs, 2, config)[0]
+    return run
 
 
 def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, tmp_path):
@@ -235,7 +252,7 @@ def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, t
 
 def test_submit_refuses_a_bad_config_before_submitting(ray_cluster, prepared_data, tmp_path):
     config = train_config(tmp_path, prepared_data)  # global batch 8 = 2 x accumulation x ranks
-    result = kiln(*_submit(config, ray_cluster), "train.micro_batch_size=3")
+    result = kiln_in_process(*_submit(config, ray_cluster), "train.micro_batch_size=3")
     assert result.returncode != 0
     assert "global_batch_size" in result.stderr and "submitted" not in result.stdout
 
@@ -567,6 +584,6 @@ def test_relative_paths_are_resolved_in_the_workdir(tmp_path):
 def test_submit_refuses_relative_paths_without_a_workdir(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(load_config(None, ["run_dir=runs/x"]).to_yaml())
-    result = kiln("ray", "submit", str(config), "--address", "http://127.0.0.1:1")
+    result = kiln_in_process("ray", "submit", str(config), "--address", "http://127.0.0.1:1")
     assert result.returncode != 0
     assert "relative paths run_dir=runs/x" in result.stderr and "--workdir" in result.stderr

@@ -1,6 +1,6 @@
 """`kiln slurm` on a real two-node Slurm cluster on this host (tests/slurm_cluster.py): a 2-node
-job trains exactly like `kiln train` on 2 local processes; the pre-time-limit signal makes the
-job checkpoint, requeue itself and finish with every step logged once; SIGTERM (preemption,
+job trains exactly like `kiln train`'s loop on 2 local processes; the pre-time-limit signal makes
+the job checkpoint, requeue itself and finish with every step logged once; SIGTERM (preemption,
 scancel) makes it checkpoint and stop without requeueing; `--dry-run` prints a script sbatch
 accepts; status / cancel / logs wrap the recorded job. Plus unit tests of the option checks, the
 rendered script and the end-of-job decision."""
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import kiln, step_losses, step_sample_ids, train_config
+from conftest import kiln, kiln_in_process, step_losses, step_sample_ids, train_config
 from slurm_cluster import LocalSlurm, missing_binaries
 
 from launcher.slurm import SlurmOptions, after_run, parse_time_limit, render_script
@@ -95,34 +95,31 @@ def logged_steps(run_dir: Path) -> Counter:
 
 @needs_slurm
 @pytest.mark.slow
-def test_two_node_job_matches_local_run(cluster, prepared_data, tmp_path):
-    """The same 6 steps as a 2-node Slurm job (one rank per node) and as `kiln train --nproc 2`."""
-    (tmp_path / "slurm").mkdir()
-    (tmp_path / "local").mkdir()
-    slurm_config = train_config(tmp_path / "slurm", prepared_data)
-    local_config = train_config(tmp_path / "local", prepared_data)
+def test_two_node_job_matches_local_run(cluster, prepared_data, zero_runs, tmp_path):
+    """The same 6 steps as a 2-node Slurm job (one rank per node) and as `kiln train`'s loop on 2
+    local processes (`zero_runs`: the same config, ZeRO 0 being the default)."""
+    slurm_config = train_config(tmp_path, prepared_data)
+    assert load_config(slurm_config).parallel.zero_stage == 0
     job_id = submit(slurm_config)
     slurm_run = slurm_config.parent / "run"
     log = slurm_run / "slurm" / f"{job_id}.out"
     assert json.loads((slurm_run / "slurm" / "job.json").read_text())["job_id"] == job_id
 
-    local = kiln("train", str(local_config), "--nproc", "2", "--sample-prompt", "")
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     info = wait_for_end(cluster, job_id, log)
     assert info["JobState"] == "COMPLETED", tail(log)
     assert info["NodeList"] == "n[1-2]"
     assert "kiln: finished at step 6 of 6" in tail(log)
 
-    want, got = step_losses(local_config.parent / "run"), step_losses(slurm_run)
+    want, got = step_losses(zero_runs[0]), step_losses(slurm_run)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
     for s in want:
         assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
-    assert step_sample_ids(slurm_run) == step_sample_ids(local_config.parent / "run")
+    assert step_sample_ids(slurm_run) == step_sample_ids(zero_runs[0])
 
-    status = kiln("slurm", "status", str(slurm_run))
+    status = kiln_in_process("slurm", "status", str(slurm_run))
     assert status.returncode == 0, status.stderr
     assert "progress: step 6 of 6" in status.stdout
-    logs = kiln("slurm", "logs", str(slurm_run))
+    logs = kiln_in_process("slurm", "logs", str(slurm_run))
     assert "kiln: finished at step 6 of 6" in logs.stdout
 
 
@@ -166,7 +163,9 @@ def test_pre_timeout_signal_checkpoints_requeues_and_completes(cluster, prepared
 @needs_slurm
 def test_dry_run_is_a_script_sbatch_accepts(cluster, prepared_data, tmp_path):
     config = train_config(tmp_path, prepared_data)
-    result = kiln("slurm", "submit", str(config), *CPU_JOB, "--time", "10:00", "--dry-run")
+    result = kiln_in_process(
+        "slurm", "submit", str(config), *CPU_JOB, "--time", "10:00", "--dry-run"
+    )
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
     test = cluster.run("sbatch", "--test-only", input=result.stdout, check=False)
@@ -188,9 +187,9 @@ def test_sigterm_stops_without_requeue_then_resubmit_resumes_and_cancel(
     run = config.parent / "run"
     job_id = submit(config)
     log = run / "slurm" / f"{job_id}.out"
-    status = kiln("slurm", "status", str(run))
+    status = kiln_in_process("slurm", "status", str(run))
     assert re.search(rf"\b{job_id}\b.*(PENDING|RUNNING)", status.stdout), status.stdout
-    again = kiln("slurm", "submit", str(config), *CPU_JOB)
+    again = kiln_in_process("slurm", "submit", str(config), *CPU_JOB)
     assert again.returncode != 0
     assert f"job {job_id} of {run} is still" in again.stderr
     wait_for_steps(run, 3, log)
@@ -201,7 +200,7 @@ def test_sigterm_stops_without_requeue_then_resubmit_resumes_and_cancel(
     assert len(stopped) == 1, tail(log)
     assert (run / "checkpoints" / f"step-{int(stopped[0]):08d}").is_dir()
     assert "forcing job termination" not in tail(log)
-    assert "no longer in the queue" in kiln("slurm", "status", str(run)).stdout
+    assert "no longer in the queue" in kiln_in_process("slurm", "status", str(run)).stdout
 
     second = submit(config)
     second_log = run / "slurm" / f"{second}.out"
@@ -209,7 +208,7 @@ def test_sigterm_stops_without_requeue_then_resubmit_resumes_and_cancel(
     while time.time() < deadline and "from step" not in tail(second_log):
         time.sleep(0.5)
     assert f"from step {stopped[0]}" in tail(second_log)
-    cancel = kiln("slurm", "cancel", str(run))
+    cancel = kiln_in_process("slurm", "cancel", str(run))
     assert cancel.returncode == 0, cancel.stderr
     assert wait_for_end(cluster, second, second_log, timeout=120)["JobState"] == "CANCELLED"
 
@@ -248,7 +247,7 @@ def test_submit_refuses_a_config_that_cannot_run(prepared_data, tmp_path):
     """3 nodes x 1 rank cannot split a global batch of 8: refused before anything is written."""
     config = train_config(tmp_path, prepared_data)
     args = ["--nodes", "3", "--gpus-per-node", "0", "--nproc-per-node", "1"]
-    result = kiln("slurm", "submit", str(config), *args)
+    result = kiln_in_process("slurm", "submit", str(config), *args)
     assert result.returncode != 0
     assert "train.global_batch_size=8 is not divisible" in result.stderr
     assert not (tmp_path / "run").exists()

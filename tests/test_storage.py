@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, FakeEngine, kiln, step_losses, train, train_config
+from conftest import REPO, FakeEngine, kiln, kiln_in_process, step_losses, train_config
 
 from trainer import checkpoint, storage
 from trainer.config import ConfigError, check_paths, load_config
@@ -118,7 +118,7 @@ def test_unusable_urls_are_config_errors(tmp_path, url, message):
 
 def test_kiln_train_refuses_an_unknown_protocol(prepared_data, tmp_path):
     config = train_config(tmp_path, prepared_data)
-    result = kiln("train", str(config), "run_dir=nosuchproto://x/run", "--nproc", "1")
+    result = kiln_in_process("train", str(config), "run_dir=nosuchproto://x/run", "--nproc", "1")
     assert result.returncode != 0
     assert "knows no protocol" in result.stderr
     assert not (REPO / "nosuchproto:").exists()
@@ -163,7 +163,9 @@ def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache, monke
     assert not (REPO / "file:").exists()
 
     (ckpts / "latest").write_text("step-00000003")
-    train(config, f"run_dir={url}", nproc=1)
+    result = kiln(*args, "--sample-prompt", "")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert f"resuming {url} from step-00000003\n" in result.stdout
     assert (ckpts / "latest").read_text() == "step-00000006"
     got = step_losses(remote)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
@@ -183,7 +185,6 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-@pytest.mark.slow
 def test_kiln_cache_lists_and_cleans_mirrors(tmp_path, cache):
     """Two mirrors made as `kiln train` makes them, one with files last changed 2 hours ago, and
     an old one without .kiln-url: `clean --older-than 1h` removes the old ones, frees their bytes
@@ -201,9 +202,7 @@ def test_kiln_cache_lists_and_cleans_mirrors(tmp_path, cache):
     two_hours_ago = time.time() - 2 * 3600
     for f in [*old.rglob("*"), old, *bare.rglob("*"), bare]:  # files and folders
         os.utime(f, (two_hours_ago, two_hours_ago))
-    env = {storage.CACHE_ENV: str(cache)}
-
-    listed = kiln("cache", "list", extra_env=env)
+    listed = kiln_in_process("cache", "list")  # the `cache` fixture set KILN_CACHE
     assert listed.returncode == 0, listed.stderr[-3000:]
     lines = listed.stdout.splitlines()
     assert lines[0] == f"mirrors in {cache / 'runs'}: 3"
@@ -214,14 +213,14 @@ def test_kiln_cache_lists_and_cleans_mirrors(tmp_path, cache):
     assert any(x.endswith(f"{urls['fresh']} ({fresh.name})") for x in lines)
 
     freed = _size(old) + _size(bare)
-    dry = kiln("cache", "clean", "--older-than", "1h", "--dry-run", extra_env=env)
+    dry = kiln_in_process("cache", "clean", "--older-than", "1h", "--dry-run")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert f"would remove {old} ({urls['old']}, {kib}, last modified 2.0h ago)" in dry.stdout
     assert f"would remove {bare} (?," in dry.stdout and str(fresh) not in dry.stdout
     assert f"would free {freed:,} bytes" in dry.stdout
     assert old.is_dir() and bare.is_dir()
 
-    clean = kiln("cache", "clean", "--older-than", "1h", extra_env=env)
+    clean = kiln_in_process("cache", "clean", "--older-than", "1h")
     assert clean.returncode == 0, clean.stderr[-3000:]
     assert f"removed {old} (" in clean.stdout and f"removed {bare} (" in clean.stdout
     assert f"freed {freed:,} bytes" in clean.stdout

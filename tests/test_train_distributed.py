@@ -125,7 +125,7 @@ def test_sigterm_saves_and_resumes(prepared_data, tmp_path, monkeypatch):
     deletes it after both ranks uploaded their files, but for the offline wandb runs."""
     remote = tmp_path / "remote" / "run"
     url = f"file://{remote}"
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))  # the kiln subprocesses' too
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))  # the subprocesses' too
     mirror = storage.mirror_dir(url)
     config = train_config(
         tmp_path,
@@ -150,8 +150,8 @@ def test_sigterm_saves_and_resumes(prepared_data, tmp_path, monkeypatch):
     stopped_at = read_trainer_state(ckpt)["step"]
     assert 3 <= stopped_at < 400
     assert latest_checkpoint(mirror).name == ckpt.name  # the stopped run kept its mirror
-    # the run resumes from there to the end
-    train(config, "train.max_steps=" + str(stopped_at + 2))
+    # the run resumes from there to the end (its training loop in-process on 2 ranks)
+    run_distributed(train_runs, 2, (config, f"train.max_steps={stopped_at + 2}"))
     assert read_trainer_state(latest_checkpoint(remote))["step"] == stopped_at + 2
     assert max(step_losses(remote)) == stopped_at + 2
     for rank in (0, 1):  # each rank uploaded its last records before the mirror was deleted

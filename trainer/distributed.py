@@ -65,6 +65,12 @@ def init_distributed() -> World:
         threads = max(1, (os.cpu_count() or 1) // local_world_size)
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(threads)
+        # DeepSpeed's comm backend compiles its shared-memory collectives on the CPU accelerator
+        # when it starts (~45 s on 2 cores, again in every new environment); they serve only its
+        # inference all-reduce, training goes through torch.distributed (gloo): skip the build.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         import deepspeed
 
