@@ -7,6 +7,7 @@ is resolved and validated here, before any process starts.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -55,15 +56,19 @@ def cli() -> None:
 @click.option("--master-port", type=int, default=29500, help="rendezvous port on node 0")
 @click.option("--dry-run", is_flag=True, help="print the plan (config, sizes, memory) and exit")
 @click.option("--sample-prompt", default="The", help="prompt of the final sample ('' for none)")
+@click.option("--accept-changes", is_flag=True, help=preflight.ACCEPT_CHANGES_HELP)
+@click.option("--verbose", is_flag=True, help="show torchrun's and wandb's own output too")
 def train(
-    config, overrides, nproc, nnodes, node_rank, master_addr, master_port, dry_run, sample_prompt
-):
+    config, overrides, nproc, nnodes, node_rank, master_addr, master_port, dry_run, sample_prompt,
+    accept_changes, verbose,
+):  # fmt: skip
     """Train (or resume) the run described by CONFIG [OVERRIDES...].
 
     Prepares what is missing first (tokenizer, then data), then starts one process per device
     with torchrun. On a run folder that already has a checkpoint, resumes from the newest
-    complete one (whatever `checkpoints/latest` says).
-    SIGTERM / SIGUSR1 / Ctrl-C make the workers finish the step, save and exit.
+    complete one (whatever `checkpoints/latest` says); a resume whose model shape, data,
+    tokenizer, seq_len, schedule or objective differ from the checkpoint's is refused unless
+    --accept-changes. SIGTERM / SIGUSR1 / Ctrl-C make the workers finish the step, save and exit.
     """
     extra = []
     if nproc is not None:
@@ -85,7 +90,8 @@ def train(
     if dry_run:
         from launcher.report import plan_report
 
-        click.echo(plan_report(cfg, plan.batch))
+        with user_errors():
+            click.echo(plan_report(cfg, plan.batch, preflight.resume_plan(cfg)))
         return
 
     from launcher.local import run_workers, torchrun_command
@@ -93,6 +99,7 @@ def train(
 
     with user_errors():
         preflight.prepare(cfg)
+        preflight.check_resume(cfg, accept_changes=accept_changes)
     # A URL run folder: the workers use a local mirror of it and upload (trainer.storage).
     folder = RunFolder(cfg.run_dir)
     run_dir = folder.prepare(cfg.to_yaml())
@@ -106,8 +113,15 @@ def train(
         master_addr=master_addr,
         master_port=master_port,
     )
+    if verbose:
+        os.environ["KILN_VERBOSE"] = "1"  # read by launcher.torchrun and the training processes
+    started = time.time() - 2  # the workers' clocks: this machine's, or NTP's on other nodes
     rc = run_workers(cmd)
     if rc != 0:
+        from trainer.errors import describe_failures, read_failures
+
+        if failures := read_failures(run_dir / "logs", since=started):
+            raise click.ClickException(describe_failures(failures))
         raise click.ClickException(f"training failed (torchrun exit code {rc}); see the log above")
     step = folder.latest_step()  # a finished URL run's workers deleted the mirror: the URL says
     if step is None or step < cfg.train.max_steps or node_rank != 0:

@@ -24,8 +24,9 @@ def torchrun_command(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
 ) -> list[str]:
-    """The torchrun command line that runs ``trainer.main`` on this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]
+    """The torchrun command line that runs ``trainer.main`` on this node (through
+    :mod:`launcher.torchrun`, which reports a failed rank in one line)."""
+    cmd = [sys.executable, "-m", "launcher.torchrun", f"--nproc_per_node={nproc_per_node}"]
     if nnodes == 1:
         cmd += ["--standalone"]
     else:

@@ -10,7 +10,11 @@ driver) calls these functions and nothing else to decide whether a run can start
 3. :func:`prepare` trains the tokenizer and prepares the data where they are missing (locally,
    or with the Ray path's preparation), which checks that the tokenizer fits the model and the
    objective (:func:`trainer.objectives.check_tokenizer`), then hashes every shard against its
-   manifest (``data.verify_checksums``).
+   manifest (``data.verify_checksums``);
+4. :func:`resume_plan` says whether the run starts, resumes (from which checkpoint) or is
+   finished, and what differs from the settings its newest checkpoint was trained with
+   (:mod:`trainer.fingerprint`); :meth:`Resume.check` refuses a difference the user did not
+   accept with ``--accept-changes``.
 
 Each rule lives in one function of :mod:`trainer.config` or :mod:`trainer.objectives`; this
 module only orders them. :func:`user_errors` turns the errors they raise into one clear CLI
@@ -39,18 +43,26 @@ from trainer.config import (
     load_config,
 )
 from trainer.data.dataset import verify_shards
+from trainer.errors import USER_ERRORS
+from trainer.fingerprint import differences, run_fingerprint
+from trainer.storage import RunFolder
 
 logger = logging.getLogger(__name__)
+
+ACCEPT_CHANGES_HELP = (
+    "resume although the model shape, data, tokenizer, seq_len, schedule or objective differ "
+    "from those the newest checkpoint was trained with"
+)
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a user's mistake (:class:`ConfigError` and the other ``ValueError``s and
-    ``FileNotFoundError``s that Kiln's checks raise with the fix in their message) into a
+    """Turn a user's mistake (:data:`trainer.errors.USER_ERRORS`: :class:`ConfigError` and the
+    other errors Kiln's checks raise with the fix in their message) into a
     :class:`click.ClickException`: one message, exit code 1, no traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -165,4 +177,112 @@ def prepare(cfg: KilnConfig, prepare_data: Callable[[KilnConfig], Any] | None = 
         )
 
 
-__all__ = ["ConfigError", "RunPlan", "check", "load", "prepare", "user_errors"]
+@dataclass(frozen=True)
+class Resume:
+    """Where a run folder's run stands before a launch.
+
+    Attributes:
+        location: the run folder (a path or a URL).
+        tag: the newest complete checkpoint (``step-N``), None when the run starts from step 0.
+        step: its step (0 when the run starts).
+        max_steps: ``train.max_steps`` of the new config.
+        changes: the settings that differ from the checkpoint's fingerprint, one
+            ``name: old -> new`` line each (:func:`trainer.fingerprint.differences`).
+        notes: why the checkpoint is not what ``checkpoints/latest`` names, if it is not
+            (:meth:`trainer.storage.RunFolder.scan`).
+    """
+
+    location: str
+    tag: str | None
+    step: int
+    max_steps: int
+    changes: tuple[str, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.max_steps
+
+    def describe(self) -> str:
+        """One line: ``starts at step 0``, ``resumes from step-N`` or ``is finished``."""
+        if self.tag is None:
+            return f"{self.location}: starts at step 0 of {self.max_steps}"
+        if self.finished:
+            return (
+                f"{self.location}: finished ({self.tag}, train.max_steps={self.max_steps}); "
+                "raise train.max_steps to train on"
+            )
+        notes = "".join(f"\n  {n}" for n in self.notes)
+        return (
+            f"{self.location}: resumes from {self.tag} (step {self.step} of {self.max_steps})"
+            + notes
+        )
+
+    def check(self, accept_changes: bool) -> None:
+        """Refuse to resume on settings other than those the checkpoint was trained with.
+
+        Raises:
+            ConfigError: :attr:`changes` is not empty and ``accept_changes`` is False; the
+                message lists them and the three ways on.
+        """
+        if not self.changes or accept_changes:
+            return
+        lines = "".join(f"\n  {c}" for c in self.changes)
+        raise ConfigError(
+            f"{self.location} holds a run at {self.tag} trained with other settings than this "
+            f"config's:{lines}\nResume with the settings it was trained with (its config is "
+            f"checkpoints/{self.tag}/config.yaml in the run folder), start a new run with "
+            "another run_dir, or pass --accept-changes to continue this run with the new "
+            "settings knowingly"
+        )
+
+
+def resume_plan(cfg: KilnConfig) -> Resume:
+    """Where the run of ``cfg`` stands: its newest complete checkpoint (for a URL, the one the
+    URL's ``latest`` names) and what differs from its fingerprint. Reads the tokenizer and the
+    manifests as they are now: call it after :func:`prepare` for a complete comparison.
+
+    Raises:
+        FileExistsError: the run folder holds checkpoints, none of them complete
+            (:meth:`trainer.storage.RunFolder.resume_from`).
+    """
+    folder = RunFolder(cfg.run_dir)
+    if folder.url is None:
+        tag, notes = folder.resume_from()  # sizes; the workers check the checksums too
+    else:
+        tag, notes = folder.latest_tag(), []
+    max_steps = cfg.train.max_steps
+    if tag is None:
+        return Resume(folder.location, None, 0, max_steps, (), ())
+    state = folder.latest_state(tag)
+    saved = state.get("fingerprint")  # checkpoints before fingerprints have none
+    changes = differences(saved, run_fingerprint(cfg)) if saved else []
+    return Resume(folder.location, tag, int(state["step"]), max_steps, tuple(changes), tuple(notes))
+
+
+def check_resume(cfg: KilnConfig, *, accept_changes: bool) -> Resume:
+    """:func:`resume_plan` refused unless its changes are accepted (:meth:`Resume.check`);
+    accepted changes are logged as warnings. Call it after :func:`prepare`.
+
+    Raises:
+        ConfigError: the run would resume on changed settings without ``accept_changes``.
+    """
+    resume = resume_plan(cfg)
+    resume.check(accept_changes)
+    for change in resume.changes:
+        logger.warning("warning: resuming %s with a changed setting: %s", resume.tag, change)
+    return resume
+
+
+__all__ = [
+    "ACCEPT_CHANGES_HELP",
+    "ConfigError",
+    "Resume",
+    "RunPlan",
+    "check",
+    "check_resume",
+    "load",
+    "prepare",
+    "resume_plan",
+    "user_errors",
+]

@@ -134,6 +134,7 @@ def down(cluster_yaml, workers_only):
     help="the data sources exist only on the cluster: check them there, not here",
 )
 @click.option("--wait", is_flag=True, help="follow the job's logs to the end; fail if it fails")
+@click.option("--accept-changes", is_flag=True, help=preflight.ACCEPT_CHANGES_HELP)
 def submit(
     config,
     overrides,
@@ -146,6 +147,7 @@ def submit(
     workdir,
     no_path_check,
     wait,
+    accept_changes,
 ):
     """Train CONFIG [OVERRIDES...] as a Ray job on the cluster at --address.
 
@@ -197,6 +199,7 @@ def submit(
         "--cpus-per-worker", str(cpus_per_worker),
         "--max-failures", str(max_failures),
         "--resize-interval", str(resize_interval),
+        *(["--accept-changes"] if accept_changes else []),
     ]  # fmt: skip
     if workdir is not None:
         entrypoint += ["--workdir", workdir]

@@ -151,6 +151,7 @@ def run(
     max_failures: int = 3,
     resize_interval: float = 60.0,
     num_blocks: int | None = None,
+    accept_changes: bool = False,
 ) -> int:
     """Prepare the data (Ray Data) and train (Ray Train) on the cluster this process is in.
 
@@ -162,13 +163,16 @@ def run(
         resize_interval: an elastic group's seconds between checks for room for more workers
             (``ScalingConfig.elastic_resize_monitor_interval_s``).
         num_blocks: Ray Data blocks per dataset (see :func:`launcher.ray_prepare.prepare_all_ray`).
+        accept_changes: resume although the settings differ from the newest checkpoint's
+            (:func:`launcher.preflight.check_resume`).
 
     Returns:
         the step of the newest checkpoint at the end.
 
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
-        ConfigError: a batch that does not divide, a data source that matches nothing.
+        ConfigError: a batch that does not divide, a data source that matches nothing, a
+            resume on changed settings not accepted.
         ValueError, FileNotFoundError: the data cannot be prepared (the message says why).
     """
     import ray
@@ -181,6 +185,7 @@ def run(
         ray.init()
     preflight.check(cfg, worker_counts(num_workers), cuda_available=gpus_per_worker > 0)
     preflight.prepare(cfg, lambda c: prepare_all_ray(c, num_blocks=num_blocks))
+    preflight.check_resume(cfg, accept_changes=accept_changes)
     # A URL run folder: every worker node uses a local mirror of it and uploads to it.
     folder = RunFolder(cfg.run_dir)
     folder.prepare(cfg.to_yaml())
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resize-interval", type=float, default=60.0)
     parser.add_argument("--num-blocks", type=int)
     parser.add_argument("--workdir", help="relative config paths are resolved against this")
+    parser.add_argument("--accept-changes", action="store_true", help=preflight.ACCEPT_CHANGES_HELP)
     args = parser.parse_args(argv)
     if args.config is not None:
         cfg = load_config(args.config)
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         max_failures=args.max_failures,
         resize_interval=args.resize_interval,
         num_blocks=args.num_blocks,
+        accept_changes=args.accept_changes,
     )
     if step < cfg.train.max_steps:
         print(f"the run stopped before train.max_steps={cfg.train.max_steps}", file=sys.stderr)

@@ -1,8 +1,13 @@
-"""The ``kiln train --dry-run`` report: resolved config, sizes, batch arithmetic, memory."""
+"""The ``kiln train --dry-run`` report: resolved config, sizes, batch arithmetic, memory, and
+where the run stands (starts, resumes or is finished; what still needs preparing; epochs)."""
 
 from __future__ import annotations
 
+import json
+
+from launcher.preflight import Resume
 from trainer.config import BatchPlan, KilnConfig
+from trainer.data.dataset import MANIFEST_FILE
 from trainer.estimate import flops_per_token, memory_estimate
 from trainer.objectives import describe
 
@@ -11,7 +16,35 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:8.3f} GiB"
 
 
-def plan_report(cfg: KilnConfig, plan: BatchPlan) -> str:
+def run_status(cfg: KilnConfig, plan: BatchPlan, resume: Resume) -> list[str]:
+    """The ``# run`` lines: start, resume or finished (:meth:`Resume.describe`), settings that
+    differ from the checkpoint's, what ``kiln train`` would prepare first, and the epochs each
+    dataset's share of the run's samples covers (shares by ``weight``)."""
+    lines = ["# run", resume.describe()]
+    if resume.changes:
+        lines.append("changed since the checkpoint (refused without --accept-changes):")
+        lines += [f"  {c}" for c in resume.changes]
+    if not cfg.tokenizer_path.is_file():
+        lines.append(f"to prepare first:      tokenizer {cfg.tokenizer_path}")
+    total_weight = sum(d.weight for d in cfg.data.datasets)
+    samples = plan.global_batch_size * cfg.train.max_steps
+    for d in cfg.data.datasets:
+        manifest = cfg.dataset_dir(d.name) / MANIFEST_FILE
+        if not manifest.is_file():
+            lines.append(f"to prepare first:      dataset {d.name} -> {manifest.parent}")
+            continue
+        sequences = json.loads(manifest.read_text())["splits"]["train"]["sequences"]
+        drawn = samples * d.weight / total_weight
+        lines.append(
+            f"epochs of {d.name + ':':<11} {drawn / max(sequences, 1):.2f} "
+            f"({drawn:,.0f} samples of {sequences:,} train sequences)"
+        )
+    return lines
+
+
+def plan_report(cfg: KilnConfig, plan: BatchPlan, resume: Resume | None = None) -> str:
+    """The dry-run report of ``cfg`` under ``plan``, with the ``# run`` section when ``resume``
+    is given (:func:`launcher.preflight.resume_plan`)."""
     m = cfg.derived.model
     mem = memory_estimate(cfg, plan)
     n = m.num_parameters()
@@ -48,4 +81,6 @@ def plan_report(cfg: KilnConfig, plan: BatchPlan) -> str:
     ]
     if mem.cpu_offloaded:
         lines.append(f"offloaded to CPU:      {_gib(mem.cpu_offloaded)}")
+    if resume is not None:
+        lines += ["", *run_status(cfg, plan, resume)]
     return "\n".join(lines)

@@ -360,7 +360,8 @@ def slurm() -> None:
 )
 @click.option("--job-name", help="job name (default kiln-<run folder name>)")
 @click.option("--dry-run", is_flag=True, help="print the job script (config included); no submit")
-def submit(config, overrides, dry_run, **options):
+@click.option("--accept-changes", is_flag=True, help=preflight.ACCEPT_CHANGES_HELP)
+def submit(config, overrides, dry_run, accept_changes, **options):
     """Submit the run of CONFIG [OVERRIDES...] as a Slurm job of N nodes.
 
     Validates the config first, prepares a missing tokenizer and data on this machine, writes the
@@ -416,6 +417,7 @@ def submit(config, overrides, dry_run, **options):
             )
     with user_errors():
         preflight.prepare(cfg)
+        preflight.check_resume(cfg, accept_changes=accept_changes)
     if (step := _latest_step_or_exit(cfg.run_dir)) >= cfg.train.max_steps:
         click.echo(
             f"warning: {run_dir} is already at step {step} >= train.max_steps="

@@ -189,3 +189,126 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(case, tmp_path):
     for words in case.says:
         assert words in output, output
     assert tree_checksums(root) == before
+
+
+# -- a resume on other settings than the checkpoint's (fingerprints) ------------------------------
+def fingerprinted_run(root: Path, data_root: Path, **recorded) -> Path:
+    """A run folder whose checkpoints (steps 2 and 4) record the fingerprint of the test's
+    training config, with the entries of ``recorded`` (``"data.seq_len": 128``) standing for a
+    run trained on other settings. Returns the config."""
+    import json
+
+    from tests.conftest import train_config
+    from trainer.config import load_config
+    from trainer.fingerprint import run_fingerprint
+
+    config = train_config(root, data_root)
+    fingerprint = {**run_fingerprint(load_config(config)), **recorded}
+    for step in (2, 4):
+        ckpt = root / "run" / "checkpoints" / f"step-{step:08d}"
+        ckpt.mkdir(parents=True)
+        state = {"step": step, "fingerprint": fingerprint}
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        (ckpt / "mp_rank_00_model_states.pt").write_bytes(bytes([step]) * 64)
+    (root / "run" / "checkpoints" / "latest").write_text("step-00000004")
+    return config
+
+
+RESUME_CASES = {  # name: (recorded in the checkpoint, overrides now, the line the refusal shows)
+    "another max_steps (the schedule)": ({}, ["train.max_steps=12"], "train.max_steps: 6 -> 12"),
+    "another warmup": ({}, ["train.warmup_steps=1"], "train.warmup_steps: 2 -> 1"),
+    "another model width": ({"model.hidden_size": 128}, [], "model.hidden_size: 128 -> 64"),
+    "another seq_len": ({"data.seq_len": 128}, [], "data.seq_len: 128 -> 64"),
+    "another tokenizer": ({"tokenizer.sha256": "0" * 64}, [], "tokenizer.sha256: 000000000000 ->"),
+    "re-prepared data": (
+        {"data.datasets.shakespeare.shards": "f" * 64},
+        [],
+        "data.datasets.shakespeare.shards: ffffffffffff ->",
+    ),
+    "a dataset removed": (
+        {"data.datasets.wiki.weight": 1.0},
+        [],
+        "data.datasets: wiki removed",
+    ),
+    "another objective": (
+        {"objective.mixture": [{"type": "prefix_lm", "weight": 1.0}]},
+        [],
+        "objective.mixture: prefix_lm x1 -> causal_lm x1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", RESUME_CASES)
+def test_a_resume_on_changed_settings_is_refused_with_what_differs(name, prepared_data, tmp_path):
+    recorded, overrides, line = RESUME_CASES[name]
+    root = tmp_path / "work"
+    root.mkdir()
+    config = fingerprinted_run(root, prepared_data, **recorded)
+    before = tree_checksums(root)
+    result = kiln_in_process("train", str(config), *overrides)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert "trained with other settings" in output and line in output, output
+    assert "--accept-changes" in output and "another run_dir" in output, output
+    assert tree_checksums(root) == before
+
+
+def test_accepted_changes_and_the_dry_run_report(prepared_data, tmp_path, caplog):
+    """--accept-changes lets the resume through with each change logged; the dry run says where
+    the run stands (resumes from step-4, the change it would refuse, epochs) without refusing;
+    the same settings resume silently."""
+    from launcher import preflight
+    from trainer.config import load_config
+
+    config = fingerprinted_run(tmp_path, prepared_data)
+    same = preflight.check_resume(load_config(config), accept_changes=False)
+    assert (same.tag, same.step, same.changes) == ("step-00000004", 4, ())
+    longer = load_config(config, ["train.max_steps=12"])
+    resume = preflight.check_resume(longer, accept_changes=True)
+    assert resume.changes == ("train.max_steps: 6 -> 12",)
+    assert "with a changed setting: train.max_steps: 6 -> 12" in caplog.text
+    report = kiln_in_process("train", str(config), "train.max_steps=12", "--dry-run")
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "resumes from step-00000004 (step 4 of 12)" in report.stdout
+    assert "(refused without --accept-changes):\n  train.max_steps: 6 -> 12" in report.stdout
+    sequences = load_config(config).dataset_dir("shakespeare")
+    import json
+
+    n = json.loads((sequences / "manifest.json").read_text())["splits"]["train"]["sequences"]
+    assert f"({8 * 12:,} samples of {n:,} train sequences)" in report.stdout
+    finished = kiln_in_process("train", str(config), "train.max_steps=4", "--dry-run")
+    assert "finished (step-00000004, train.max_steps=4)" in finished.stdout
+
+
+# -- failures inside the training processes ------------------------------------------------------
+@pytest.mark.slow  # one `kiln train` launch of 2 processes
+def test_a_failure_in_the_workers_is_shown_once_with_its_ranks(prepared_data, tmp_path):
+    """Token ids beyond the vocabulary in a shard whose checksum is not checked: the ranks fail
+    in the embedding. The launcher shows the error once, naming the ranks and the file holding
+    the traceback, instead of torchrun's traceback and failure table."""
+    import shutil
+
+    import numpy as np
+
+    from tests.conftest import kiln, train_config
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns(".cache"))
+    shard = next((data / "shakespeare" / "train").glob("shard-*.bin"))
+    ids = np.memmap(shard, dtype=np.uint16, mode="r+")
+    ids[:] = 60_000  # the vocabulary has 512 pieces
+    ids.flush()
+    config = train_config(tmp_path, data, data__verify_checksums="false", train__max_steps=2)
+    result = kiln("train", str(config), "--nproc", "2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "ChildFailedError" not in output and "Root Cause" not in output, output
+    import re
+
+    # rank 1 usually fails too, unless torchrun stopped it first
+    shown = re.findall(r"IndexError on (ranks? [0-9, ]+): index out of range", output)
+    assert len(shown) == 1 and shown[0] in ("ranks 0, 1", "rank 0", "rank 1"), output
+    traceback_file = re.search(r"full traceback: (\S+)", output)[1]
+    assert Path(traceback_file).parent == tmp_path / "run" / "logs"
+    assert "Traceback (most recent call last)" in Path(traceback_file).read_text()

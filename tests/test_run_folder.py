@@ -96,6 +96,37 @@ def test_latest_is_a_hint_the_newest_complete_checkpoint_decides(tmp_path):
     assert any(n.startswith("passed over step-00000006: it has an unreadable") for n in notes)
 
 
+def test_a_checkpoint_whose_files_differ_from_its_manifest_is_passed_over(tmp_path):
+    """Every save records its files' sizes and sha256 in trainer_state.json; a truncated,
+    missing or flipped file makes the checkpoint incomplete (sizes always, sha256 when asked),
+    and a folder whose checkpoints are all damaged refuses to start over."""
+    folder = RunFolder(tmp_path / "r")
+    for step in (2, 4, 6):
+        save(folder, step)
+    files = json.loads((folder.checkpoint_dir(6) / STATE_FILE).read_text())["files"]
+    shard = folder.checkpoint_dir(6) / "mp_rank_00_model_states.pt"
+    data = shard.read_bytes()
+    assert files["mp_rank_00_model_states.pt"][0] == len(data) > 0
+    assert set(files) >= {"mp_rank_00_model_states.pt", "rng_state_rank0.pt"}
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
+    assert folder.scan() == ("step-00000006", [])  # sizes alone cannot see it
+    tag, notes = folder.scan(checksums=True)
+    assert tag == "step-00000004"
+    assert "passed over step-00000006: it has mp_rank_00_model_states.pt with another sha256 " \
+        "than its manifest's (damaged bytes)" in notes  # fmt: skip
+    shard.write_bytes(data[: len(data) // 2])
+    tag, notes = folder.scan()
+    assert tag == "step-00000004"
+    assert f"of {len(data) // 2:,} bytes, its manifest says {len(data):,} (truncated?)" in notes[-1]
+    (folder.checkpoint_dir(4) / "rng_state_rank0.pt").unlink()
+    assert folder.scan()[0] == "step-00000002"
+    assert "lacks rng_state_rank0.pt, which its manifest lists" in folder.scan()[1][-2]
+    (folder.checkpoint_dir(2) / STATE_FILE).write_text("")
+    with pytest.raises(FileExistsError, match="none of them complete") as e:
+        folder.resume_from()
+    assert "Starting over would overwrite them: move" in str(e.value)
+
+
 def test_prune_keeps_the_newest_complete_ones(run):
     folder, real = run
     for step in (3, 6):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,13 +36,27 @@ class Callback:
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
+def verbose() -> bool:
+    """Whether the user asked for every library's output (``kiln train --verbose`` sets
+    ``KILN_VERBOSE=1`` for the training processes)."""
+    return os.environ.get("KILN_VERBOSE", "") not in ("", "0")
+
+
 class ConsoleProgress(Callback):
-    """A tqdm status line with ETA, and one printed line per evaluation."""
+    """A tqdm status line with ETA on a terminal; where stderr is a file (a Slurm log, a pipe),
+    one plain line per logged step instead (``train.log_every``). One printed line per
+    evaluation."""
+
+    def __init__(self, interactive: bool | None = None):
+        """``interactive``: draw the tqdm bar (default: whether stderr is a terminal)."""
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
 
     def on_train_start(self, trainer: Trainer) -> None:
         from tqdm import tqdm
 
+        self.max_steps = trainer.cfg.train.max_steps
         self.bar = tqdm(
+            disable=not self.interactive,
             total=trainer.cfg.train.max_steps,
             initial=trainer.step,
             desc="train",
@@ -52,13 +67,17 @@ class ConsoleProgress(Callback):
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
         self.bar.update(1)
-        if metrics:
-            self.bar.set_postfix_str(
-                f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:,.0f} tok/s "
-                f"MFU {100 * metrics['mfu']:.1f}% mem {metrics['memory_gb']:.2f}GB",
-                refresh=False,
-            )
+        if not metrics:
+            return
+        line = (
+            f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:,.0f} tok/s "
+            f"MFU {100 * metrics['mfu']:.1f}% mem {metrics['memory_gb']:.2f}GB"
+        )
+        if self.interactive:
+            self.bar.set_postfix_str(line, refresh=False)
+        else:
+            print(f"step {trainer.step}/{self.max_steps}: {line}", file=sys.stderr, flush=True)
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.bar.write(
@@ -144,6 +163,8 @@ class WandbLogger(Callback):
             dir=str(RunFolder(cfg.run_dir).local.resolve()),  # a URL run's local mirror
             mode=wandb_mode(cfg.tracking.wandb_mode),
             config=cfg.model_dump(mode="json"),
+            # No run-history wall at the end; `kiln train --verbose` (KILN_VERBOSE=1) shows it.
+            settings=wandb.Settings(quiet=not verbose()),
         )
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:

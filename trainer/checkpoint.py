@@ -4,7 +4,9 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step-00000100/            one complete checkpoint
         mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed shards (by rank)
-        trainer_state.json    step, consumed samples (data cursor), tokens, wandb id, world size
+        trainer_state.json    step, consumed samples (data cursor), tokens, wandb id, world size,
+                              the run's fingerprint (trainer.fingerprint) and the manifest of
+                              the other files (``files``: bytes and sha256 of each), written last
         rng_state_rank{r}.pt  RNG states of every rank
         config.yaml           the resolved config of the run
         tokenizer.model, tokenizer_meta.json
@@ -81,6 +83,7 @@ def save_checkpoint(
     rank: int,
     keep_last: int,
     extra_files: tuple[Path, ...] = (),
+    checksums: bool = True,
 ) -> Path:
     """Write a complete checkpoint for ``state["step"]`` (all ranks call this together).
 
@@ -91,6 +94,9 @@ def save_checkpoint(
             ``latest`` at the URL is written after every node's upload.
         state: JSON-serialisable trainer state; must hold ``step``.
         extra_files: copied into the checkpoint by rank 0 (config, tokenizer).
+        checksums: record each file's sha256 in the manifest as well as its size (state key
+            ``files``: :func:`trainer.storage.checkpoint_files`, which rank 0 lists from its
+            node: a URL run's other nodes' shards are not listed).
 
     Returns:
         the (local) checkpoint folder. Older complete checkpoints beyond ``keep_last`` are
@@ -108,7 +114,8 @@ def save_checkpoint(
     if rank == 0:
         for f in extra_files:
             shutil.copy2(f, tmp / f.name)
-        storage.write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+        files = storage.checkpoint_files(tmp, checksums=checksums)
+        storage.write_atomic(tmp / STATE_FILE, json.dumps({**state, "files": files}, indent=2))
     final = folder.commit_checkpoint(
         tag, rank=rank, node_main=node_main, keep_last=keep_last, barrier=distributed.barrier
     )

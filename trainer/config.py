@@ -224,6 +224,11 @@ class CheckpointConfig(_Section):
     publish_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="dtype of the published weights"
     )
+    verify_checksums: bool = Field(
+        True,
+        description="record each checkpoint file's sha256 when saving and check them before "
+        "resuming, passing over a damaged checkpoint (sizes are always recorded and checked)",
+    )
 
 
 class TrackingConfig(_Section):

@@ -11,6 +11,7 @@ import os
 import platform
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,15 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself without a group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
 
 
 def barrier() -> None:

@@ -30,6 +30,7 @@ from trainer.data.dataset import TrainData
 from trainer.distributed import World
 from trainer.engine import group_weight_decays
 from trainer.estimate import flops_per_token
+from trainer.fingerprint import run_fingerprint
 from trainer.objectives import IGNORE_INDEX, token_loss
 from trainer.storage import RunFolder
 
@@ -72,6 +73,7 @@ class Trainer:
         self.peak_flops = peak_flops
         self.callbacks = list(callbacks)
         self.extra_files = extra_files
+        self.fingerprint = run_fingerprint(cfg)  # what it trains on, saved in every checkpoint
         self.step = 0
         self.consumed_samples = 0
         self.tokens_seen = 0
@@ -254,6 +256,7 @@ class Trainer:
             "global_batch_size": self.plan.global_batch_size,
             "hardware": distributed.hardware(self.world),
             "config": self.cfg.model_dump(mode="json"),
+            "fingerprint": self.fingerprint,
         }
 
     def save(self) -> Path:
@@ -265,6 +268,7 @@ class Trainer:
             rank=self.world.rank,
             keep_last=self.cfg.checkpoint.keep_last,
             extra_files=self.extra_files,
+            checksums=self.cfg.checkpoint.verify_checksums,
         )
 
     def load(self, ckpt: Path) -> None:

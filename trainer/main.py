@@ -28,6 +28,7 @@ from trainer.callbacks import (
     WandbLogger,
 )
 from trainer.config import KilnConfig, batch_plan, load_config
+from trainer.errors import record_failure
 from trainer.storage import RunFolder
 
 
@@ -56,9 +57,14 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     run_dir = folder.local
     node_main = folder.node_main(world.rank, world.local_rank)
     folder.start(cfg.to_yaml(), node_main=node_main, barrier=distributed.barrier)
-    ckpt = folder.latest_checkpoint()
+    if folder.url is None:  # rank 0 checks the files (checksums: once, not on every rank)
+        checksums = cfg.checkpoint.verify_checksums
+        scanned = folder.resume_from(checksums=checksums) if world.is_main else None
+        tag, notes = distributed.broadcast_object(scanned)
+        ckpt = None if tag is None else folder.checkpoints / tag
+    else:  # what the URL's `latest` names, fetched into the mirror by start()
+        ckpt, notes = folder.latest_checkpoint(), []
     if world.is_main and ckpt is not None:
-        notes = folder.scan()[1] if folder.url is None else []
         print(f"resuming from {ckpt.name}" + "".join(f"\n  {n}" for n in notes))
     universal = False
     if node_main:
@@ -151,7 +157,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    except Exception as e:  # recorded for the launcher, which shows each failure once
+        rank = int(os.environ.get("RANK", 0))
+        record = record_failure(e, rank=rank, log_dir=RunFolder(cfg.run_dir).local / "logs")
+        if record["user"]:
+            print(f"rank {rank}: {record['message']}", file=sys.stderr)
+        else:
+            where = record.get("traceback", "not written")
+            print(f"rank {rank}: {record['type']}: {record['message']} (traceback: {where})",
+                  file=sys.stderr)  # fmt: skip
+        sys.stderr.flush()
+        os._exit(1)
     # The run is saved and the process group destroyed by now. The interpreter's teardown of
     # DeepSpeed's and gloo's C++ threads sometimes aborts a finished multi-process run
     # ("terminate called without an active exception", exit -6 on one rank, about one CI run in

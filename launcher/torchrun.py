@@ -1,0 +1,58 @@
+"""torchrun, quiet, with one line per failed rank instead of its traceback and failure table.
+
+The training processes record why they fail in the run folder (:mod:`trainer.errors`) and the
+launcher shows each failure once; torchrun's own report (its Python traceback, ``ChildFailedError``
+and a table of every rank's error file) would repeat it in a less readable form. This module runs
+torchrun's ``run`` with the same arguments and, when a rank fails, prints only the rank, its exit
+code and the signal that ended it, then exits 1::
+
+    python -m launcher.torchrun --nproc_per_node=2 --standalone -m trainer.main config.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+# torchrun's agent logs at LOGLEVEL (default WARNING): its OMP_NUM_THREADS banner and a line per
+# failed rank repeat what Kiln says; `kiln train --verbose` (KILN_VERBOSE=1) keeps them. Read
+# when torch's elastic loggers are created, and not passed on to the training processes.
+_VERBOSE = os.environ.get("KILN_VERBOSE", "") not in ("", "0")
+_LOGLEVEL = os.environ.get("LOGLEVEL")
+if not _VERBOSE:
+    os.environ["LOGLEVEL"] = "CRITICAL"
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: E402
+from torch.distributed.run import parse_args, run  # noqa: E402
+
+if _LOGLEVEL is None:
+    os.environ.pop("LOGLEVEL", None)
+else:
+    os.environ["LOGLEVEL"] = _LOGLEVEL
+
+
+def describe_exit(exitcode: int) -> str:
+    """``code 1``, or ``signal SIGKILL`` (with the usual cause) for a negative exit code."""
+    if exitcode >= 0:
+        return f"code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+    cause = {"SIGKILL": " (killed: out of host memory, or by hand)", "SIGSEGV": " (crashed)"}
+    return f"signal {name}{cause.get(name, '')}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        for rank, failure in sorted(e.failures.items()):
+            print(f"rank {rank} exited with {describe_exit(failure.exitcode)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
