@@ -45,8 +45,10 @@ first malformed json lines) and the fix. Both refusals come before any shard is 
 ``documents`` are those with tokens in it (a document the boundary cuts counts in both), and
 validation's ``tokens`` include the dropped tail of the stream.
 
-The ``datasets`` Arrow cache of the raw sources lives in ``<data.root>/.cache/huggingface``;
-the tokenized intermediate files live in the temporary folder and are deleted with it.
+The ``datasets`` Arrow cache of the raw sources lives in ``<data.root>/.cache/huggingface``,
+with the copies of text files that separate paragraphs by lines of spaces and of json files with
+malformed lines (``kiln-copies/``, see :mod:`trainer.data.sources`); the tokenized intermediate
+files live in the temporary folder and are deleted with it.
 """
 
 from __future__ import annotations
