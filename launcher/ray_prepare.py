@@ -9,9 +9,10 @@ or nodes. That holds by construction:
 2. Ray Data tokenizes the blocks in parallel (the local path's ``tokenize_batch``: classify,
    encode, EOS after each document), keeping each document's number.
 3. The driver collects the small per-document columns (status, token count) and plans the shards
-   as the local path does (``plan_shards``: the validation documents, then
-   :class:`trainer.data.shards.ShardLayout`: where each document's tokens start in its split's
-   packed stream, hence every shard's extent). It creates the shard files at their final sizes.
+   as the local path does (``plan_shards``: the checks of skipped documents, the validation split
+   by documents or by sequences, then :class:`trainer.data.shards.ShardLayout`: where each
+   document's tokens start in its split's packed stream, hence every shard's extent). It creates
+   the shard files at their final sizes.
 4. Ray Data writes every block's tokens at their positions (``ShardLayout.write_documents``,
    ``os.pwrite``) in parallel, the call the local path makes batch after batch; the tail of each
    split shorter than one sequence is not written.
@@ -36,7 +37,9 @@ import pyarrow as pa
 from model.tokenizer import Tokenizer, keyed_line_sample, merge_line_samples
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
 from trainer.data.prepare import (
+    DOCUMENT_STATUS,
     MAP_BATCH_SIZE,
+    LineSample,
     build_manifest,
     check_eos,
     load_documents,
@@ -50,7 +53,7 @@ from trainer.data.prepare import (
     write_manifest,
 )
 from trainer.data.shards import ShardLayout, file_sha256
-from trainer.data.sources import classify, load_source
+from trainer.data.sources import SKIP_REASONS, classify, load_source
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ def prepare_dataset_ray(
         assert sum(r["written"] for r in written) == layout.packed_tokens, written
         del tokenized
         splits = layout.manifest_splits(_checksums(tmp, layout.files()))
-        manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, layout.documents, skipped, splits)
+        manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, layout, skipped, splits)
         write_manifest(tmp, manifest)
     log_summary(manifest)
     return manifest
@@ -150,13 +153,14 @@ def train_tokenizer_on_ray(cfg: KilnConfig, num_blocks: int | None = None) -> To
 
 def sample_lines_on_ray(
     cfg: KilnConfig, sources: list[SourceConfig], num_blocks: int | None = None
-) -> tuple[list[str], int]:
+) -> LineSample:
     """:func:`trainer.data.prepare.sample_tokenizer_lines` as Ray Data tasks: each block of
     documents keeps the bottom-k of its lines by :func:`model.tokenizer.line_key`
     (:func:`model.tokenizer.keyed_line_sample`) and this process merges them
     (:func:`model.tokenizer.merge_line_samples`) into the sample of the whole corpus, which is
     the local path's line for line (documents are numbered the same way, skipped ones
-    included). Returns (the lines in key order, the non-blank lines seen)."""
+    included). Returns (the lines in key order, the non-blank lines seen, each source's
+    documents and skipped documents by reason), as the local path."""
     import ray
 
     if not ray.is_initialized():
@@ -167,40 +171,55 @@ def sample_lines_on_ray(
         load_source(s, cache_dir=cache).select_columns(["text"]).with_format("arrow")[:]
         for s in sources
     ]
+    source = np.repeat(np.arange(len(tables), dtype=np.int32), [len(t) for t in tables])
     table = pa.concat_tables(tables)
     n_docs = len(table)
     table = table.append_column("doc", pa.array(np.arange(n_docs, dtype=np.int64)))
+    table = table.append_column("source", pa.array(source))
     blocks = _blocks(table, num_blocks)
     logger.info("sampling tokenizer lines from %d documents in %d Ray blocks", n_docs, len(blocks))
     parts = (
         ray.data.from_arrow(blocks)
         .map_batches(
             _sample_block,
-            fn_kwargs={"k": t.input_sentence_size, "seed": t.seed},
+            fn_kwargs={"k": t.input_sentence_size, "seed": t.seed, "n_sources": len(tables)},
             batch_format="pyarrow",
             batch_size=None,  # a whole block: contiguous documents
         )
         .iter_rows()
     )
-    return merge_line_samples(
-        (
-            ([(int(key), line) for key, line in zip(r["keys"], r["lines"], strict=True)], r["seen"])
-            for r in parts
-        ),
-        t.input_sentence_size,
-    )
+    tally = np.zeros((len(tables), len(DOCUMENT_STATUS)), np.int64)  # (sources, status codes)
+
+    def samples():
+        for r in parts:
+            tally[:] += np.asarray(r["counts"], np.int64).reshape(tally.shape)
+            pairs = [(int(key), line) for key, line in zip(r["keys"], r["lines"], strict=True)]
+            yield pairs, r["seen"]
+
+    lines, seen = merge_line_samples(samples(), t.input_sentence_size)
+    counts = [
+        {"documents": int(row.sum()), **{r: int(row[DOCUMENT_STATUS[r]]) for r in SKIP_REASONS}}
+        for row in tally
+    ]
+    return lines, seen, counts
 
 
-def _sample_block(batch: pa.Table, *, k: int, seed: int) -> pa.Table:
-    """One row: the block's bottom-k lines (keys as uint64, lines) and its non-blank lines."""
-    texts = [t if classify(t) is None else "" for t in batch.column("text").to_pylist()]
+def _sample_block(batch: pa.Table, *, k: int, seed: int, n_sources: int) -> pa.Table:
+    """One row: the block's bottom-k lines (keys as uint64, lines), its non-blank lines, and its
+    documents by source and :data:`~trainer.data.prepare.DOCUMENT_STATUS` code (flat)."""
+    raw = batch.column("text").to_pylist()
+    status = np.array([DOCUMENT_STATUS[classify(t)] for t in raw], dtype=np.int64)
+    texts = [t if s == 0 else "" for t, s in zip(raw, status, strict=True)]
     first = batch.column("doc")[0].as_py() if len(batch) else 0
     pairs, seen = keyed_line_sample(texts, k, seed, first_doc=first)
+    counts = np.zeros((n_sources, len(DOCUMENT_STATUS)), np.int64)
+    np.add.at(counts, (batch.column("source").to_numpy(), status), 1)
     return pa.table(
         {
             "keys": pa.array([[key for key, _ in pairs]], type=pa.list_(pa.uint64())),
             "lines": pa.array([[line for _, line in pairs]], type=pa.list_(pa.string())),
             "seen": pa.array([seen], type=pa.int64()),
+            "counts": pa.array([counts.ravel().tolist()], type=pa.list_(pa.int64())),
         }
     )
 

@@ -66,6 +66,11 @@ def make_cfg(root: Path, datasets_: list[dict], tok: Tokenizer | None, **data) -
     )
 
 
+def skips(**counts: int) -> dict[str, int]:
+    """A manifest's ``skipped``: the counts given, 0 for the other reasons."""
+    return {"empty": 0, "invalid_utf8": 0, "missing_field": 0, "malformed_json": 0, **counts}
+
+
 def one(name: str, *sources: dict, **kw) -> dict:
     return {"name": name, "sources": list(sources), **kw}
 
@@ -149,7 +154,7 @@ def test_text_folder_one_document_per_file(tmp_path, tok, paragraphs):
     root = cfg.dataset_dir("books")
     assert json.loads((root / "manifest.json").read_text()) == man
     assert man["documents"] == {"total": 10, "usable": 10, "train": 8, "validation": 2}
-    assert man["skipped"] == {"empty": 0, "invalid_utf8": 0, "missing_field": 0}
+    assert man["skipped"] == skips()
     found = check_prepared(root, man, tok, docs)
     assert len(found["validation"]) == 2 and not set(found["validation"]) & set(found["train"])
     assert len(man["splits"]["train"]["shards"]) > 1  # shard_tokens=100: 5 sequences per shard
@@ -188,10 +193,10 @@ def test_paragraph_mode(tmp_path, tok, paragraphs):
         tmp_path / "data", [one("plays", {"path": str(src), "sample_by": "paragraph"})], tok
     )
     (man,) = prepare_all(cfg)
-    docs = [p for p in body.split("\n\n") if p]
-    assert man["documents"]["total"] == len(docs) == 21
-    assert man["skipped"]["empty"] == 1
-    usable = [p for p in docs if p.strip()]
+    usable = [p for p in body.split("\n\n") if p.strip()]
+    # a line of spaces separates paragraphs as an empty line does: no empty document
+    assert man["documents"]["total"] == len(usable) == 20
+    assert man["skipped"]["empty"] == 0
     assert man["documents"]["validation"] == round(0.2 * 20)
     found = check_prepared(cfg.dataset_dir("plays"), man, tok, usable)
     assert sorted(found["train"] + found["validation"]) == sorted(usable)
@@ -205,7 +210,7 @@ def test_jsonl_with_text_field_and_missing_field(tmp_path, tok, paragraphs):
     cfg = make_cfg(tmp_path / "data", [one("j", {"path": str(src), "text_field": "content"})], tok)
     (man,) = prepare_all(cfg)
     assert man["documents"]["total"] == 12
-    assert man["skipped"] == {"empty": 1, "invalid_utf8": 0, "missing_field": 1}
+    assert man["skipped"] == skips(empty=1, missing_field=1)
     check_prepared(cfg.dataset_dir("j"), man, tok, paragraphs[:10])
     ds = load_source(SourceConfig(path=str(src), text_field="content"))
     assert ds.column_names == ["text"] and ds[4]["text"] is None
@@ -224,6 +229,7 @@ def test_parquet(tmp_path, tok, paragraphs):
         tmp_path / "data",
         [one("pq", {"path": str(tmp_path / "raw" / "*.parquet"), "text_field": "body"})],
         tok,
+        max_skipped_fraction=0.2,  # 1 of 9
     )
     (man,) = prepare_all(cfg)
     assert man["skipped"]["missing_field"] == 1
@@ -329,9 +335,14 @@ def test_invalid_utf8_is_counted_and_the_rest_prepared(tmp_path, tok, paragraphs
     for i in range(5):
         write(tmp_path / "raw" / f"{i}.txt", paragraphs[i])
     write(tmp_path / "raw" / "2b.txt", b"a fine start, then \xff\xfe and \xc3( broken\n")
-    cfg = make_cfg(tmp_path / "data", [one("u", {"path": str(tmp_path / "raw")})], tok)
+    cfg = make_cfg(
+        tmp_path / "data",
+        [one("u", {"path": str(tmp_path / "raw")})],
+        tok,
+        max_skipped_fraction=0.2,  # 1 of 6
+    )
     (man,) = prepare_all(cfg)
-    assert man["skipped"] == {"empty": 0, "invalid_utf8": 1, "missing_field": 0}
+    assert man["skipped"] == skips(invalid_utf8=1)
     check_prepared(cfg.dataset_dir("u"), man, tok, paragraphs[:5])
     # per line, only the broken line goes; tokenizer training skips it too
     src = SourceConfig(path=str(tmp_path / "raw" / "2b.txt"), sample_by="line")
@@ -343,7 +354,9 @@ def test_invalid_utf8_in_jsonl_is_counted(tmp_path, tok, paragraphs):
     lines = [json.dumps({"text": p}).encode() + b"\n" for p in paragraphs[:6]]
     lines.insert(2, b'{"text": "raw bytes \xff\xfe in json"}\n')
     src = write(tmp_path / "raw.jsonl", b"".join(lines))
-    cfg = make_cfg(tmp_path / "data", [one("uj", {"path": str(src)})], tok)
+    cfg = make_cfg(
+        tmp_path / "data", [one("uj", {"path": str(src)})], tok, max_skipped_fraction=0.2
+    )
     (man,) = prepare_all(cfg)
     assert man["skipped"]["invalid_utf8"] == 1 and man["documents"]["total"] == 7
     check_prepared(cfg.dataset_dir("uj"), man, tok, paragraphs[:6])

@@ -146,29 +146,37 @@ def test_ray_tokenizer_equals_local(ray_cluster, tmp_path):
     assert metas["ray"]["sentences_sampled"] == metas["local"]["sentences_sampled"] == 500
 
 
-def _data_args(root: Path, corpus: Path, tokenizer: Path) -> list[str]:
+def _data_args(root: Path, corpus: Path, tokenizer: Path, *more: str) -> list[str]:
+    sources = ", ".join([_source(corpus), *more])
     return [
         f"data.root={root}",
         "data.seq_len=32",
         "data.num_proc=1",
         "data.validation_fraction=0.1",
         "data.shard_tokens=2000",  # many shards, and shard boundaries inside blocks
-        f"data.datasets=[{{name: shakespeare, sources: [{_source(corpus)}]}}]",
+        f"data.datasets=[{{name: shakespeare, sources: [{sources}]}}]",
         f"tokenizer.path={tokenizer}",
     ]
 
 
 def test_ray_prepare_equals_local(ray_cluster, prepared_data, tmp_path):
     corpus = tmp_path / "corpus.txt"
-    # 60 KB in paragraphs, with an empty paragraph's worth of whitespace to be skipped
-    corpus.write_text(SAMPLE.read_text()[:60_000] + "\n\n   \n\n" + SAMPLE.read_text()[-2000:])
+    # 60 KB in paragraphs, some separated by lines of spaces; then json records with an empty
+    # one, one without the text field and a malformed line, each counted at its place
+    text = SAMPLE.read_text()
+    corpus.write_text(text[:30_000] + "\n \n" + text[30_000:60_000] + "\n\n \t\n\n" + text[-2000:])
+    records = tmp_path / "records.jsonl"
+    lines = [json.dumps({"text": p}) for p in text[60_000:70_000].split("\n\n") if p.strip()]
+    lines[3:3] = ['{"text": "  "}', '{"id": 1}', '{"text": "cut']
+    records.write_text("\n".join(lines) + "\n")
     tokenizer = prepared_data / "tokenizer" / "tokenizer.model"
     manifests, checksums = {}, {}
     modes = [("local", []), ("ray3", ["--num-blocks", "3"]), ("ray7", ["--num-blocks", "7"])]
     for mode, extra in modes:
         root = tmp_path / mode
         config = tmp_path / f"{mode}.yaml"
-        config.write_text(load_config(None, _data_args(root, corpus, tokenizer)).to_yaml())
+        args = _data_args(root, corpus, tokenizer, f"{{path: {records}}}")
+        config.write_text(load_config(None, args).to_yaml())
         args = ["data", "prepare", str(config)]
         if mode != "local":  # a `kiln` process, as a user runs it; the local path in this one
             args += ["--ray", "--address", ray_cluster["address"], *extra]
@@ -184,7 +192,12 @@ def test_ray_prepare_equals_local(ray_cluster, prepared_data, tmp_path):
         }
     local = manifests["local"]
     assert len(local["splits"]["train"]["shards"]) > 5
-    assert local["skipped"]["empty"] >= 1
+    assert local["skipped"] == {
+        "empty": 1,
+        "invalid_utf8": 0,
+        "missing_field": 1,
+        "malformed_json": 1,
+    }
     for mode in ("ray3", "ray7"):
         assert manifests[mode] == local, mode
         assert checksums[mode] == checksums["local"], mode

@@ -139,6 +139,52 @@ def test_sliced_and_chunked_arrow_input(tmp_path):
     assert read_files(tmp_path / "a") == reference(docs, is_val)
 
 
+def sequence_reference(docs: list[np.ndarray], validation: int) -> dict[str, bytes]:
+    """A split by sequences spelled out: all documents concatenated, cut after the last whole
+    row; the last ``validation`` rows are validation's, the rows before train's."""
+    row, per_shard = SEQ_LEN + 1, 2
+    stream = np.concatenate(docs).astype(np.uint16)
+    rows = len(stream) // row
+    cut = (rows - validation) * row
+    out = {}
+    for split, part in (("train", stream[:cut]), ("validation", stream[cut : rows * row])):
+        for i, start in enumerate(range(0, len(part), per_shard * row)):
+            out[shard_file(split, i)] = part[start : start + per_shard * row].tobytes()
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_split_by_sequences_cuts_one_stream(tmp_path, seed):
+    docs = documents(seed)
+    no_val = np.zeros(len(docs), bool)
+    rng = np.random.default_rng(seed)
+    for name, (order, pieces) in {
+        "at once": (np.arange(len(docs)), 1),
+        "shuffled, 6 batches": (rng.permutation(len(docs)), 6),
+        "one by one": (np.arange(len(docs))[::-1], len(docs)),
+    }.items():
+        root = tmp_path / name
+        layout = layout_of(root, docs, no_val, validation_sequences=5)
+        assert layout.validation_split == "sequences"
+        assert write(layout, docs, order, pieces) == layout.packed_tokens
+        assert read_files(root) == sequence_reference(docs, 5), name
+    tokens = sum(len(d) for d in docs)
+    val, train = layout.splits["validation"], layout.splits["train"]
+    assert val.sequences == 5 and train.sequences == tokens // 5 - 5 and train.dropped_tokens == 0
+    assert val.tokens == tokens - train.tokens  # the dropped tail is validation's
+    # a document counts in each split that holds some of its tokens
+    starts = np.cumsum([len(d) for d in docs]) - [len(d) for d in docs]
+    lens = np.array([len(d) for d in docs])
+    assert train.documents == int(((starts < train.tokens) & (lens > 0)).sum())
+    assert val.documents == int(((starts + lens > train.tokens) & (lens > 0)).sum())
+    assert layout.documents == int((lens > 0).sum())
+    assert layout_of(tmp_path / "d", docs, no_val).validation_split == "documents"
+    with pytest.raises(ValueError, match="no validation document"):
+        layout_of(tmp_path / "e", docs, ~no_val, validation_sequences=1)
+    with pytest.raises(ValueError, match="validation_sequences <"):
+        layout_of(tmp_path / "f", docs, no_val, validation_sequences=tokens // 5)
+
+
 def test_checksums_and_manifest_entries(tmp_path):
     docs = documents(4)
     is_val = np.arange(len(docs)) % 4 == 0

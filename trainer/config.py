@@ -101,7 +101,14 @@ class DataConfig(_Section):
     datasets: list[DatasetConfig] = Field(default_factory=list, description="the training mixture")
     seq_len: PositiveInt = Field(256, description="tokens per training sequence")
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
-        0.01, description="share of documents held out for validation (at least one document)"
+        0.01,
+        description="share held out for validation: whole documents, or the last sequences when "
+        "the documents are too few (see trainer.data.prepare); 0: no validation",
+    )
+    max_skipped_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.1,
+        description="share of a dataset's non-empty documents that may be skipped as invalid "
+        "UTF-8, malformed json or without the text field; more refuses to prepare it",
     )
     num_proc: PositiveInt = Field(2, description="processes that tokenize in parallel")
     shard_tokens: PositiveInt = Field(

@@ -9,28 +9,46 @@ Layout of one prepared dataset, ``<data.root>/<name>/``::
 The shards are :mod:`trainer.data.shards`'s layout: every shard holds a whole number of
 sequences of ``seq_len + 1`` tokens (inputs are ``s[:-1]``, labels ``s[1:]``). Documents are
 concatenated with EOS after each, in source order, and cut into non-overlapping sequences; the
-tail of each split shorter than one sequence is dropped and counted. Validation documents are a
-seeded choice of whole documents, never split across the two. The dataset is written into a
-hidden temporary folder and renamed into place when complete, so a crash never leaves a folder
+tail of each split shorter than one sequence is dropped and counted. The dataset is written into
+a hidden temporary folder and renamed into place when complete, so a crash never leaves a folder
 that looks prepared. The output does not depend on ``data.num_proc``.
+
+Validation split (:func:`plan_validation`, the manifest's ``validation_split``): ``"documents"``,
+a seeded choice of ``round(validation_fraction * usable documents)`` whole documents, never split
+across the two, when that holds out between a third and three times the sequences the fraction
+asks for; otherwise (too few documents, e.g. 2 documents at 0.03 would hold out half the tokens)
+``"sequences"``: the last ``round(validation_fraction * sequences)`` sequences of the stream of
+all documents, so the one document at the boundary is in both splits, with a warning that says
+so and why. With ``validation_fraction > 0`` and no validation sequence possible (the whole
+dataset under two sequences), preparing is refused.
+
+Skipped documents (:func:`trainer.data.sources.classify`) are counted by reason. ``empty`` ones
+hold no text; the others (``invalid_utf8``, ``missing_field``, ``malformed_json``) lose text, and
+when they are more than ``data.max_skipped_fraction`` of the documents that are not empty,
+preparing is refused, naming the files (the likely encoding of those that are not UTF-8, the
+first malformed json lines) and the fix. Both refusals come before any shard is written.
 
 ``manifest.json``::
 
     {"format_version": 1, "name", "sources": [SourceConfig...], "license": str | None,
      "tokenizer": {"path", "sha256", "vocab_size"}, "seq_len", "dtype": "uint16" | "uint32",
-     "seed", "validation_fraction",
+     "seed", "validation_fraction", "validation_split": "documents" | "sequences",
      "documents": {"total", "usable", "train", "validation"},
-     "skipped": {"empty", "invalid_utf8", "missing_field"},
+     "skipped": {"empty", "invalid_utf8", "missing_field", "malformed_json"},
      "splits": {"train" | "validation": {"documents", "tokens", "sequences", "dropped_tokens",
                 "shards": [{"file": "train/shard-00000.bin", "sequences", "sha256"}]}}}
 
 (each split's entry is :meth:`trainer.data.shards.SplitShards.entry`)
 
 ``tokens`` counts the tokens of the split's documents, EOS included, before packing:
-``tokens == sequences * (seq_len + 1) + dropped_tokens``.
+``tokens == sequences * (seq_len + 1) + dropped_tokens``. In a split by sequences a split's
+``documents`` are those with tokens in it (a document the boundary cuts counts in both), and
+validation's ``tokens`` include the dropped tail of the stream.
 
-The ``datasets`` Arrow cache of the raw sources lives in ``<data.root>/.cache/huggingface``;
-the tokenized intermediate files live in the temporary folder and are deleted with it.
+The ``datasets`` Arrow cache of the raw sources lives in ``<data.root>/.cache/huggingface``,
+with the copies of text files that separate paragraphs by lines of spaces and of json files with
+malformed lines (``kiln-copies/``, see :mod:`trainer.data.sources`); the tokenized intermediate
+files live in the temporary folder and are deleted with it.
 """
 
 from __future__ import annotations
@@ -39,6 +57,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -60,7 +79,7 @@ from model.tokenizer import (
 from trainer.config import DatasetConfig, KilnConfig, SourceConfig
 from trainer.data.dataset import FORMAT_VERSION, MANIFEST_FILE, read_manifest
 from trainer.data.shards import ShardLayout, file_sha256, token_dtype
-from trainer.data.sources import SKIP_REASONS, classify, iter_texts, load_source
+from trainer.data.sources import SKIP_REASONS, classify, iter_texts, load_source, skip_details
 from trainer.objectives import check_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,26 +87,36 @@ logger = logging.getLogger(__name__)
 # A document's status code in the tokenized columns: 0 usable, else 1 + its skip reason's index.
 DOCUMENT_STATUS = {None: 0, **{reason: i + 1 for i, reason in enumerate(SKIP_REASONS)}}
 MAP_BATCH_SIZE = 1000  # documents per tokenizing batch (local `datasets.map` and Ray Data alike)
+# A split by documents is kept when it holds out between 1/x and x times the sequences asked for.
+VALIDATION_TOLERANCE = 3.0
 
 
-LineSampler = Callable[[KilnConfig, list[SourceConfig]], tuple[list[str], int]]
+# (lines, non-blank lines seen, per source {"documents": n, <skip reason>: n}) of the sources
+LineSample = tuple[list[str], int, list[dict[str, int]]]
+LineSampler = Callable[[KilnConfig, list[SourceConfig]], LineSample]
 
 
-def sample_tokenizer_lines(cfg: KilnConfig, sources: list[SourceConfig]) -> tuple[list[str], int]:
+def sample_tokenizer_lines(cfg: KilnConfig, sources: list[SourceConfig]) -> LineSample:
     """The tokenizer's line sample of ``sources`` in this process (:func:`model.tokenizer
-    .sample_lines`; documents numbered with the skipped ones, as the Ray path numbers them)."""
-    texts = iter_texts(sources, cache_dir=cfg.data.hf_cache_dir, keep_positions=True)
-    return sample_lines(texts, cfg.tokenizer.input_sentence_size, cfg.tokenizer.seed)
+    .sample_lines`; documents numbered with the skipped ones, as the Ray path numbers them),
+    the lines seen, and each source's documents and skipped documents by reason."""
+    counts: list[dict[str, int]] = []
+    texts = iter_texts(sources, cache_dir=cfg.data.hf_cache_dir, keep_positions=True, counts=counts)
+    lines, seen = sample_lines(texts, cfg.tokenizer.input_sentence_size, cfg.tokenizer.seed)
+    return lines, seen, counts
 
 
 def train_tokenizer_from_config(cfg: KilnConfig, sampler: LineSampler | None = None) -> Tokenizer:
     """Train the tokenizer on a line sample of the sources of all ``cfg.data.datasets``; writes
     ``cfg.tokenizer_path`` (and ``tokenizer_meta.json`` beside it). ``sampler`` draws the sample
     (default :func:`sample_tokenizer_lines`; the Ray path draws the same lines on a cluster).
+    A dataset that loses too many documents to bad records (:func:`check_skipped`) is refused
+    before the tokenizer is written, so that none is trained on what is left of it.
 
     Raises:
         ValueError: no datasets, or the sample does not fit ``tokenizer.vocab_size`` (the message
-            says what to change); ``model.init_from`` brings the tokenizer to use.
+            says what to change); ``model.init_from`` brings the tokenizer to use; a dataset
+            loses too many documents (:func:`check_skipped`).
         FileNotFoundError: a source path matches nothing.
     """
     if init_from_tokenizer(cfg) is not None:
@@ -106,7 +135,11 @@ def train_tokenizer_from_config(cfg: KilnConfig, sampler: LineSampler | None = N
     logger.info(
         "training a %s tokenizer (vocab %d) -> %s", t.model_type, t.vocab_size, cfg.tokenizer_path
     )
-    sample, seen = (sampler or sample_tokenizer_lines)(cfg, sources)
+    sample, seen, counts = (sampler or sample_tokenizer_lines)(cfg, sources)
+    for d in cfg.data.datasets:  # counts are in the order of `sources`
+        mine, counts = counts[: len(d.sources)], counts[len(d.sources) :]
+        skipped = {r: sum(c[r] for c in mine) for r in SKIP_REASONS}
+        check_skipped(cfg, d, sum(c["documents"] for c in mine), skipped, warn=False)
     tok = train_tokenizer_on_sample(
         sample,
         seen,
@@ -221,16 +254,17 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Tokenize, pack and shard one dataset into ``cfg.dataset_dir(ds_cfg.name)``.
 
-    Skipped documents (``empty``, ``invalid_utf8``, ``missing_field``) are counted in the manifest
-    and logged in one line. If the folder already holds this dataset prepared with the same
-    tokenizer and ``seq_len``, its manifest is returned unless ``force``.
+    Skipped documents (:data:`trainer.data.sources.SKIP_REASONS`) are counted in the manifest
+    and logged, with where they come from. If the folder already holds this dataset prepared with
+    the same tokenizer and ``seq_len``, its manifest is returned unless ``force``.
 
     Returns:
         the manifest (see the module docstring).
 
     Raises:
         ValueError: prepared with another tokenizer or seq_len and not ``force``; the folder
-            exists but is not a prepared dataset; no usable document; a tokenizer without EOS.
+            exists but is not a prepared dataset; a tokenizer without EOS; the documents cannot be
+            used as they are (:func:`plan_shards`); a json source that cannot be read.
         FileNotFoundError: a source path matches nothing.
     """
     name, d = ds_cfg.name, cfg.data
@@ -256,7 +290,7 @@ def prepare_dataset(
         shutil.rmtree(tmp / "map-cache", ignore_errors=True)
         splits = layout.manifest_splits({f: file_sha256(tmp / f) for f in layout.files()})
 
-        manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, layout.documents, skipped, splits)
+        manifest = build_manifest(cfg, ds_cfg, tokenizer, n_docs, layout, skipped, splits)
         write_manifest(tmp, manifest)
     log_summary(manifest)
     return manifest
@@ -271,8 +305,9 @@ def plan_shards(
     lengths: np.ndarray,
 ) -> tuple[ShardLayout, dict[str, int]]:
     """The shard layout of a tokenized dataset in ``root``, its shard files created: skipped
-    documents counted, the validation documents drawn (:func:`validation_mask`), every document
-    placed (:class:`trainer.data.shards.ShardLayout`). The local and the Ray preparation share it.
+    documents counted and checked (:func:`check_skipped`), the validation split planned
+    (:func:`plan_validation`), every document placed (:class:`trainer.data.shards.ShardLayout`).
+    The local and the Ray preparation share it. Every check comes before a file is created.
 
     Args:
         status: (n_docs,) int8, each document's :data:`DOCUMENT_STATUS` code.
@@ -282,15 +317,16 @@ def plan_shards(
         (the layout, skipped documents by reason in :data:`SKIP_REASONS` order).
 
     Raises:
-        ValueError: no usable document (:func:`check_usable`).
+        ValueError: no usable document (:func:`check_usable`); too many lost to bad records
+            (:func:`check_skipped`); not one whole sequence, or no validation sequence although
+            ``data.validation_fraction > 0`` (:func:`plan_validation`).
     """
     d = cfg.data
     skipped = {r: int((status == DOCUMENT_STATUS[r]).sum()) for r in SKIP_REASONS}
     usable = status == 0
-    check_usable(ds_cfg, len(status), int(usable.sum()), skipped)
-    is_val = validation_mask(
-        len(status), np.flatnonzero(usable), d.validation_fraction, d.seed, ds_cfg.name
-    )
+    check_usable(ds_cfg, len(status), int(usable.sum()), skipped, d.hf_cache_dir)
+    check_skipped(cfg, ds_cfg, len(status), skipped)
+    is_val, validation_sequences = plan_validation(cfg, ds_cfg, lengths, usable)
     layout = ShardLayout(
         root,
         lengths,
@@ -299,6 +335,7 @@ def plan_shards(
         seq_len=d.seq_len,
         shard_tokens=d.shard_tokens,
         vocab_size=tokenizer.vocab_size,
+        validation_sequences=validation_sequences,
     )
     layout.create_files()
     return layout, skipped
@@ -350,14 +387,147 @@ def check_eos(tokenizer: Tokenizer) -> None:
         raise ValueError(f"tokenizer {tokenizer.path} defines no EOS piece; packing needs one")
 
 
-def check_usable(ds_cfg: DatasetConfig, n_docs: int, n_usable: int, skipped: dict) -> None:
-    """Raises ValueError, saying what to check, when a dataset has no usable document."""
+def check_usable(
+    ds_cfg: DatasetConfig,
+    n_docs: int,
+    n_usable: int,
+    skipped: dict,
+    cache_dir: str | Path | None = None,
+) -> None:
+    """Raises ValueError, saying what to check and where the skipped documents come from
+    (:func:`trainer.data.sources.skip_details`, sources read with ``cache_dir``), when a dataset
+    has no usable document."""
     if n_usable == 0:
+        found = skip_details(ds_cfg.sources, skipped, cache_dir=cache_dir)
+        details = " ".join(f"{x}." for x in found)
         raise ValueError(
             f"dataset {ds_cfg.name!r} has no usable document: {n_docs} read, skipped {skipped}; "
             f"check its sources ({[s.path for s in ds_cfg.sources]}): the files are empty, "
-            f"not UTF-8, or text_field names the wrong column"
+            f"not UTF-8, not JSON, or text_field names the wrong column. {details}".rstrip()
         )
+
+
+def check_skipped(
+    cfg: KilnConfig,
+    ds_cfg: DatasetConfig,
+    n_docs: int,
+    skipped: dict[str, int],
+    *,
+    warn: bool = True,
+) -> None:
+    """Check the documents a dataset lost to bad records, and say where they come from.
+
+    Documents skipped for a reason other than ``empty`` (which hold no text: blank lines and
+    paragraphs, empty files) lose text. More of them than ``data.max_skipped_fraction`` of the
+    documents that are not empty is an error; fewer (but some) is a warning (if ``warn``; the
+    tokenizer's sample leaves it to the preparation of the dataset). Both name the files
+    (:func:`trainer.data.sources.skip_details`): the likely encoding of those that are not UTF-8
+    and the command that converts them, the first malformed json lines.
+
+    Args:
+        n_docs: documents read, skipped ones included.
+        skipped: skipped documents by reason (:data:`SKIP_REASONS`).
+
+    Raises:
+        ValueError: too many documents lost: what, where, and the fix (including the setting
+            that accepts it).
+    """
+    lost = {r: n for r, n in skipped.items() if r != "empty" and n}
+    if not lost:
+        return
+    n_lost, with_text = sum(lost.values()), n_docs - skipped.get("empty", 0)
+    share, limit = n_lost / with_text, cfg.data.max_skipped_fraction
+    counts = ", ".join(f"{r}={n}" for r, n in lost.items())
+    if share <= limit and not warn:
+        return
+    found = skip_details(ds_cfg.sources, lost, cache_dir=cfg.data.hf_cache_dir)
+    details = " ".join(f"{x}." for x in found)
+    if share > limit:
+        raise ValueError(
+            f"dataset {ds_cfg.name!r} would lose {n_lost} of its {with_text} documents that hold "
+            f"text ({share:.1%}: {counts}), more than data.max_skipped_fraction={limit} allows. "
+            f"{details} Fix the sources and prepare again, or set data.max_skipped_fraction="
+            f"{_ceil(share)} to prepare the dataset without them."
+        )
+    logger.warning(
+        "dataset %r: %d of %d documents that hold text skipped (%.1f%%: %s). %s",
+        ds_cfg.name,
+        n_lost,
+        with_text,
+        100 * share,
+        counts,
+        details,
+    )
+
+
+def _ceil(share: float) -> float:
+    """``share`` rounded up to 2 decimals (a threshold that accepts it)."""
+    return min(1.0, math.ceil(share * 100) / 100)
+
+
+def plan_validation(
+    cfg: KilnConfig, ds_cfg: DatasetConfig, lengths: np.ndarray, usable: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """How a dataset's validation split is made (see the module docstring): by documents, or by
+    sequences when a choice of whole documents holds out less than a third or more than three
+    times (:data:`VALIDATION_TOLERANCE`) the sequences ``data.validation_fraction`` asks for. A
+    fallback to sequences is logged as a warning saying why.
+
+    Args:
+        lengths: (n_docs,) int, each document's token count, EOS included (0 when skipped).
+        usable: (n_docs,) bool, the documents that are not skipped.
+
+    Returns:
+        (is_val (n_docs,) bool, the validation documents of a split by documents; the validation
+        sequences of a split by sequences, 0 for a split by documents).
+
+    Raises:
+        ValueError: not one whole sequence in the dataset; no validation sequence possible
+            although ``data.validation_fraction > 0`` (under two sequences in all).
+    """
+    d, name = cfg.data, ds_cfg.name
+    row = d.seq_len + 1
+    tokens = int(lengths.sum())
+    n_seq = tokens // row
+    if n_seq == 0:
+        raise ValueError(
+            f"dataset {name!r} holds {tokens} tokens, less than one sequence of data.seq_len + 1 "
+            f"= {row}; add text to its sources or shorten data.seq_len"
+        )
+    fraction = d.validation_fraction
+    is_val = validation_mask(len(lengths), np.flatnonzero(usable), fraction, d.seed)
+    if fraction == 0:
+        return is_val, 0
+    if n_seq < 2:
+        raise ValueError(
+            f"dataset {name!r} holds {tokens} tokens, one sequence of data.seq_len + 1 = {row}: "
+            f"too few to hold out data.validation_fraction={fraction} for validation and train "
+            f"on the rest; add text to its sources, shorten data.seq_len, or set "
+            f"data.validation_fraction=0 to train without validation"
+        )
+    want = min(max(1, round(fraction * n_seq)), n_seq - 1)
+    got = int(lengths[is_val].sum()) // row
+    trains = int(lengths[~is_val].sum()) // row
+    if trains > 0 and want / VALIDATION_TOLERANCE <= got <= want * VALIDATION_TOLERANCE:
+        return is_val, 0
+    n_val_docs, n_usable = int(is_val.sum()), int(usable.sum())
+    logger.warning(
+        "dataset %r: %d usable documents are too few to split by whole documents at "
+        "data.validation_fraction=%s (%d of them would hold out %d of %d sequences, %.1f%%); "
+        "the validation split is the last %d sequences (%.1f%%) of the stream of all documents "
+        "instead, the document at the boundary in both splits. Split the text into more "
+        "documents (sources' sample_by: paragraph or line) to hold out whole documents",
+        name,
+        n_usable,
+        fraction,
+        n_val_docs,
+        got,
+        got + trains,
+        100 * got / max(1, got + trains),
+        want,
+        100 * want / n_seq,
+    )
+    return np.zeros(len(lengths), dtype=bool), want
 
 
 def build_manifest(
@@ -365,12 +535,13 @@ def build_manifest(
     ds_cfg: DatasetConfig,
     tokenizer: Tokenizer,
     n_docs: int,
-    n_usable: int,
+    layout: ShardLayout,
     skipped: dict[str, int],
     splits: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The manifest of a prepared dataset (see the module docstring); ``splits`` maps each split
-    to its ``documents``, ``tokens``, ``sequences``, ``dropped_tokens`` and ``shards``."""
+    """The manifest of a prepared dataset (see the module docstring) written as ``layout``
+    says; ``splits`` maps each split to its ``documents``, ``tokens``, ``sequences``,
+    ``dropped_tokens`` and ``shards``."""
     d = cfg.data
     return {
         "format_version": FORMAT_VERSION,
@@ -386,9 +557,10 @@ def build_manifest(
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "seed": d.seed,
         "validation_fraction": d.validation_fraction,
+        "validation_split": layout.validation_split,
         "documents": {
             "total": n_docs,
-            "usable": n_usable,
+            "usable": layout.documents,
             "train": splits["train"]["documents"],
             "validation": splits["validation"]["documents"],
         },
@@ -478,23 +650,14 @@ def _tokenize(
     return status, lengths, tokenized
 
 
-def validation_mask(
-    n_docs: int, usable: np.ndarray, fraction: float, seed: int, name: str
-) -> np.ndarray:
-    """(n_docs,) bool: the documents held out for validation, a seeded choice of usable ones."""
+def validation_mask(n_docs: int, usable: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """(n_docs,) bool: the documents held out for validation, a seeded choice of
+    ``round(fraction * len(usable))`` usable ones (at least one, and at least one left for
+    training: none of a single document). :func:`plan_validation` judges the choice."""
     is_val = np.zeros(n_docs, dtype=bool)
-    if fraction == 0:
+    n_val = min(max(1, round(fraction * len(usable))), len(usable) - 1)
+    if fraction == 0 or n_val < 1:
         return is_val
-    n_val = max(1, round(fraction * len(usable)))
-    if n_val >= len(usable):
-        if len(usable) == 1:
-            logger.warning(
-                "dataset %r has a single usable document; it goes to train and the validation "
-                "split is empty (split the text into more documents, e.g. sample_by=paragraph)",
-                name,
-            )
-            return is_val
-        n_val = len(usable) - 1  # keep at least one training document
     rng = np.random.default_rng(seed % (1 << 64))
     is_val[rng.choice(usable, size=n_val, replace=False)] = True
     return is_val
@@ -539,7 +702,8 @@ def log_summary(man: dict[str, Any]) -> None:
     logger.log(
         logging.WARNING if n_skipped else logging.INFO,
         "dataset %r: %d documents, %d skipped (%s); train %d docs, %d tokens -> %d sequences "
-        "(%d tokens dropped); validation %d docs, %d tokens -> %d sequences (%d dropped)",
+        "(%d tokens dropped); validation (by %s) %d docs, %d tokens -> %d sequences "
+        "(%d dropped)",
         man["name"],
         man["documents"]["total"],
         n_skipped,
@@ -548,6 +712,7 @@ def log_summary(man: dict[str, Any]) -> None:
         tr["tokens"],
         tr["sequences"],
         tr["dropped_tokens"],
+        man.get("validation_split", "documents"),
         va["documents"],
         va["tokens"],
         va["sequences"],

@@ -9,6 +9,11 @@ sequences are stored in order in ``<split>/shard-00000.bin``, ``<split>/shard-00
 is the raw token ids in native byte order with no header (what ``ndarray.tofile`` writes), uint16
 or uint32 by :func:`token_dtype`. The manifest's entry for a split is :meth:`SplitShards.entry`.
 
+The validation split is usually a choice of whole documents: then each split's stream is its own
+documents'. When the documents are too few for that (see :mod:`trainer.data.prepare`), it is cut
+from one stream of all documents instead: the last ``validation_sequences`` whole sequences are
+validation's, the sequences before them train's (the document at the boundary is in both).
+
 Both preparations write through :class:`ShardLayout`: the local one (:mod:`trainer.data.prepare`)
 batch after batch in document order, the Ray one (:mod:`launcher.ray_prepare`) from parallel tasks
 in any order. Every document's tokens have a fixed place in the shards, so the bytes do not
@@ -145,9 +150,14 @@ class ShardLayout:
         shard_tokens: tokens per shard at most, unless one sequence is longer
             (``data.shard_tokens``).
         vocab_size: the tokenizer's, for the ids' dtype (:func:`token_dtype`).
+        validation_sequences: 0 to split by documents (``is_val``); else the validation split is
+            the last this many whole sequences of the stream of all documents (``is_val`` all
+            False), and a document counts in each split that holds some of its tokens (one the
+            boundary cuts in both; those wholly in the dropped tail in validation).
 
     Raises:
-        ValueError: ``lengths``, ``usable`` and ``is_val`` have different shapes.
+        ValueError: ``lengths``, ``usable`` and ``is_val`` have different shapes; a split by
+            sequences with documents in ``is_val``, or leaving no training sequence.
     """
 
     def __init__(
@@ -160,6 +170,7 @@ class ShardLayout:
         seq_len: int,
         shard_tokens: int,
         vocab_size: int,
+        validation_sequences: int = 0,
     ) -> None:
         lengths = np.asarray(lengths, dtype=np.int64)
         usable, is_val = np.asarray(usable, dtype=bool), np.asarray(is_val, dtype=bool)
@@ -171,9 +182,34 @@ class ShardLayout:
         self.root = Path(root)
         self.row = seq_len + 1
         self.dtype = token_dtype(vocab_size)
-        self.lengths, self.is_val = lengths, is_val
+        self.lengths, self.usable, self.is_val = lengths, usable, is_val
         self.start = np.zeros(len(lengths), np.int64)  # (n_docs,) offset in its split's stream
         self.splits: dict[str, SplitShards] = {}
+        per_shard = sequences_per_shard(seq_len, shard_tokens)
+        # split by sequences: train's stream is all documents; past `boundary` it is validation's
+        self.boundary: int | None = None
+        if validation_sequences:
+            total = int(lengths.sum()) // self.row
+            if is_val.any() or not 0 < validation_sequences < total:
+                raise ValueError(
+                    f"a split by sequences needs no validation document and 0 < "
+                    f"validation_sequences < {total} (the sequences in all), got "
+                    f"{int(is_val.sum())} documents and {validation_sequences} sequences"
+                )
+            self.boundary = (total - validation_sequences) * self.row
+            self.start = np.cumsum(lengths) - lengths
+            in_train = usable & (self.start < self.boundary)
+            in_val = usable & (self.start + lengths > self.boundary)
+            tokens = {"train": self.boundary, "validation": int(lengths.sum()) - self.boundary}
+            for split, member in (("train", in_train), ("validation", in_val)):
+                self.splits[split] = SplitShards(
+                    split=split,
+                    documents=int(member.sum()),
+                    tokens=tokens[split],
+                    row=self.row,
+                    shard_sequences=per_shard,
+                )
+            return
         for split, member in (("train", ~is_val), ("validation", is_val)):
             n = np.where(member, lengths, 0)
             self.start[member] = (np.cumsum(n) - n)[member]
@@ -182,13 +218,18 @@ class ShardLayout:
                 documents=int((usable & member).sum()),
                 tokens=int(n.sum()),
                 row=self.row,
-                shard_sequences=sequences_per_shard(seq_len, shard_tokens),
+                shard_sequences=per_shard,
             )
 
     @property
+    def validation_split(self) -> str:
+        """How the validation split was made: ``"documents"`` or ``"sequences"``."""
+        return "documents" if self.boundary is None else "sequences"
+
+    @property
     def documents(self) -> int:
-        """Usable documents, all splits."""
-        return sum(s.documents for s in self.splits.values())
+        """Usable documents, all splits (once each)."""
+        return int(self.usable.sum())
 
     @property
     def packed_tokens(self) -> int:
@@ -259,7 +300,15 @@ class ShardLayout:
     def write(self, split: str, start: int, ids: np.ndarray) -> int:
         """Write ``ids`` ((n,) int, cast to the shard dtype) at token offset ``start`` of
         ``split``'s stream, across shard boundaries; returns the tokens written (those past the
-        last whole sequence are dropped). The files must exist (:meth:`create_files`)."""
+        last whole sequence are dropped). The files must exist (:meth:`create_files`). In a split
+        by sequences, train's stream goes on into validation's past its last sequence."""
+        if self.boundary is not None and split == "train" and start + len(ids) > self.boundary:
+            cut = max(0, self.boundary - start)
+            head = self._write("train", start, ids[:cut]) if cut else 0
+            return head + self._write("validation", start + cut - self.boundary, ids[cut:])
+        return self._write(split, start, ids)
+
+    def _write(self, split: str, start: int, ids: np.ndarray) -> int:
         s = self.splits[split]
         shard_len = s.shard_sequences * self.row
         end = min(start + len(ids), s.sequences * self.row)
