@@ -168,7 +168,8 @@ def tokenizer_train(config, overrides, use_ray, address, num_blocks):
     elif address is not None or num_blocks is not None:
         raise click.UsageError("--address and --num-blocks need --ray")
     else:
-        tok = train_tokenizer_from_config(cfg)
+        with user_errors():
+            tok = train_tokenizer_from_config(cfg)
     click.echo(f"wrote {cfg.tokenizer_path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
 
 
@@ -202,7 +203,8 @@ def data_prepare(config, overrides, force, use_ray, address, num_blocks):
     else:
         if address is not None or num_blocks is not None:
             raise click.UsageError("--address and --num-blocks need --ray")
-        manifests = prepare_all(cfg, force=force)
+        with user_errors():
+            manifests = prepare_all(cfg, force=force)
     for manifest in manifests:
         t = manifest["splits"]["train"]
         click.echo(f"{manifest['name']}: {t['sequences']} train sequences, {t['tokens']} tokens")

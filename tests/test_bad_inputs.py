@@ -168,6 +168,197 @@ CASES += [
 ]
 
 
+def config_case(name: str, *overrides: str, says: tuple[str, ...]) -> Case:
+    """``kiln train exp.yaml OVERRIDES --dry-run`` on a valid config."""
+    return Case(
+        name,
+        write("exp.yaml", OK_CONFIG),
+        lambda r: ["train", str(r / "exp.yaml"), *overrides, "--dry-run"],
+        says,
+    )
+
+
+CASES += [
+    config_case("an unknown section", "trian.lr=1", says=("did you mean 'train'",)),
+    config_case("an unknown key", "train.lrr=1", says=("did you mean 'lr'",)),
+    config_case("a section given a number", "train=5", says=("train=5", "TrainConfig")),
+    config_case(
+        "an unknown preset", "model.name=gigantic", says=("is not a llama preset", "use one of")
+    ),
+    config_case("ZeRO stage 4", "parallel.zero_stage=4", says=("zero_stage=4", "0, 1, 2 or 3")),
+    config_case(
+        "pipeline with ZeRO 3",
+        "parallel.pipeline_stages=2",
+        "parallel.zero_stage=3",
+        "launch.nproc_per_node=2",
+        says=("pipeline", "zero_stage"),
+    ),
+    config_case(
+        "offload of parameters without ZeRO 3",
+        "parallel.offload_params=true",
+        says=("offload_params=true needs parallel.zero_stage=3",),
+    ),
+    config_case(
+        "a batch that does not divide",
+        "train.global_batch_size=7",
+        says=("global_batch_size=7 is not divisible", "use a multiple of"),
+    ),
+    config_case("a negative learning rate", "train.lr=-1", says=("train.lr", "greater than 0")),
+    config_case("a step count that is no number", "train.max_steps=abc", says=("max_steps",)),
+    config_case(
+        "heads that do not divide the width",
+        "model.hidden_size=65",
+        says=("hidden_size=65 is not divisible by num_attention_heads", "change either"),
+    ),
+    config_case(
+        "sequences longer than the model's positions",
+        "data.seq_len=100000",
+        says=("exceeds model.max_position_embeddings", "shorten data.seq_len"),
+    ),
+    config_case(
+        "a validation fraction above 1", "data.validation_fraction=1.5", says=("validation",)
+    ),
+    config_case(
+        "a run folder URL of an unknown protocol",
+        "run_dir=foo://bar",
+        says=("knows no protocol 'foo'", "s3://"),
+    ),
+    config_case(
+        "init_from a folder that does not exist",
+        "model.init_from=/nonexistent/model",
+        says=("is not a folder", "save_pretrained"),
+    ),
+    config_case(
+        "a data source that matches nothing",
+        "data.datasets=[{name: c, sources: [{path: nowhere/*.txt}]}]",
+        says=("matches no file", "fix the path"),
+    ),
+    Case(
+        "a config file that does not exist",
+        fake_run,
+        lambda r: ["train", str(r / "missing.yaml"), "--dry-run"],
+        ("missing.yaml", "does not exist"),
+    ),
+    Case(
+        "a folder given as the config",
+        fake_run,
+        lambda r: ["train", str(r / "run"), "--dry-run"],
+        ("is a directory",),
+    ),
+    Case(
+        "generate from a folder without checkpoints",
+        lambda r: (r / "empty").mkdir(),
+        lambda r: ["generate", str(r / "empty"), "--prompt", "x"],
+        ("has no checkpoint yet", "kiln train"),
+    ),
+    Case(
+        "generate from a checkpoint step that does not exist",
+        fake_run,
+        lambda r: ["generate", str(r / "run"), "--prompt", "x", "--step", "5"],
+        ("step-00000005", "is not a complete checkpoint"),
+    ),
+    Case(
+        "generate from a file instead of a run folder",
+        write("notes.txt", "x"),
+        lambda r: ["generate", str(r / "notes.txt"), "--prompt", "x"],
+        ("notes.txt", "is a file"),
+    ),
+    Case(
+        "consolidate a folder without checkpoints",
+        lambda r: (r / "empty").mkdir(),
+        lambda r: [
+            "checkpoint",
+            "consolidate",
+            str(r / "empty"),
+            "--out",
+            str(r / "w.safetensors"),
+        ],
+        ("has no checkpoint yet",),
+    ),
+    Case(
+        "slurm status of a run never submitted",
+        fake_run,
+        lambda r: ["slurm", "status", str(r / "run")],
+        ("no job was submitted", "kiln slurm submit"),
+    ),
+    Case(
+        "cache clean with a duration that is none",
+        fake_run,
+        lambda r: ["cache", "clean", "--older-than", "xyz"],
+        ("'xyz' is no duration", "30m, 12h, 7d"),
+    ),
+]
+
+
+def data_case(name: str, files: dict[str, bytes | str], says: tuple[str, ...], **extra) -> Case:
+    """``kiln data prepare`` of one dataset made of ``files`` (written under the test's folder;
+    the first is the source unless ``source`` names a glob)."""
+    source = extra.pop("source", next(iter(files)))
+    overrides = [f"{k}={v}" for k, v in {"tokenizer.vocab_size": 1024, **extra}.items()]
+
+    def setup(root: Path) -> None:
+        fake_run(root)
+        for name_, content in files.items():
+            path = root / name_
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                path.write_text(content)
+            else:
+                path.write_bytes(content)
+
+    def args(root: Path) -> list[str]:
+        (root / "exp.yaml").touch()
+        return [
+            "data", "prepare", str(root / "exp.yaml"), f"run_dir={root / 'run'}",
+            f"data.root={root / 'prepared'}",
+            f"data.datasets=[{{name: c, sources: [{{path: {root / source}}}]}}]",
+            *overrides,
+        ]  # fmt: skip
+
+    return Case(name, setup, args, says)
+
+
+_LATIN1 = "Der Bär läuft über die Straße nach Köln. Café, naïve, Größe.\n\n" * 200
+_RANDOM = bytes((i * 7919 + 13) % 251 for i in range(20_000))
+CASES += [
+    data_case(
+        "a Latin-1 corpus",
+        {"latin1.txt": _LATIN1.encode("latin-1")},
+        ("is not UTF-8 and looks like cp1252", "iconv -f CP1252 -t UTF-8"),
+    ),
+    data_case("a binary file", {"blob.txt": _RANDOM}, ("is not UTF-8", "max_skipped_fraction")),
+    data_case("an empty file", {"empty.txt": ""}, ("empty.txt", "hold no non-blank line")),
+    data_case(
+        "a corpus shorter than one sequence",
+        {"short.txt": "Just one short line.\n" * 3},
+        ("less than one sequence of data.seq_len", "shorten data.seq_len"),
+        **{"tokenizer.vocab_size": 300},
+    ),
+    data_case(
+        "mostly malformed json lines",
+        {"bad.jsonl": '{"text": "fine"}\n{not json\n' * 30},
+        ("30 malformed json lines (lines 2, 4, 6", "data.max_skipped_fraction=0.5"),
+    ),
+    data_case(
+        "json records without the text field",
+        {"body.jsonl": '{"body": "hello there"}\n' * 30},
+        ("has no column 'text'", "text_field"),
+    ),
+    data_case(
+        "a source folder that holds no text",
+        {"folder/readme.md": "# not text"},
+        ("folder",),
+        source="folder",
+    ),
+    data_case(
+        "a tokenizer too small for its reserved pieces",
+        {"ok.txt": "Some ordinary text.\n\n" * 100},
+        ("leaves no room for learned pieces", "raise tokenizer.vocab_size"),
+        **{"tokenizer.vocab_size": 256},
+    ),
+]
+
+
 def tree_checksums(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -188,7 +379,8 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(case, tmp_path):
     assert "Traceback" not in output, output
     for words in case.says:
         assert words in output, output
-    assert tree_checksums(root) == before
+    after = tree_checksums(root)
+    assert {name: after.get(name) for name in before} == before  # new files may appear
 
 
 # -- a resume on other settings than the checkpoint's (fingerprints) ------------------------------
@@ -251,7 +443,8 @@ def test_a_resume_on_changed_settings_is_refused_with_what_differs(name, prepare
     assert "Traceback" not in output, output
     assert "trained with other settings" in output and line in output, output
     assert "--accept-changes" in output and "another run_dir" in output, output
-    assert tree_checksums(root) == before
+    after = tree_checksums(root)
+    assert {name: after.get(name) for name in before} == before  # new files may appear
 
 
 def test_accepted_changes_and_the_dry_run_report(prepared_data, tmp_path, caplog):
@@ -312,3 +505,73 @@ def test_a_failure_in_the_workers_is_shown_once_with_its_ranks(prepared_data, tm
     traceback_file = re.search(r"full traceback: (\S+)", output)[1]
     assert Path(traceback_file).parent == tmp_path / "run" / "logs"
     assert "Traceback (most recent call last)" in Path(traceback_file).read_text()
+
+
+# -- a prepared data root or a run folder that is damaged or does not fit ------------------------
+def _flip_shard(data: Path, truncate: bool) -> None:
+    shard = next((data / "shakespeare" / "train").glob("shard-*.bin"))
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:-64] if truncate else raw[:100] + bytes([raw[100] ^ 0xFF]) + raw[101:])
+
+
+def _damage_all_checkpoints(root: Path) -> None:
+    for state in (root / "run" / "checkpoints").glob("step-*/trainer_state.json"):
+        state.write_text("{garbage")
+
+
+DAMAGE_CASES = {  # name: (damage(root, data), overrides, words the refusal holds)
+    "a truncated shard": (
+        lambda root, data: _flip_shard(data, truncate=True),
+        [],
+        ("shard", "bytes, the manifest says", "kiln data prepare"),
+    ),
+    "a shard with flipped bytes": (
+        lambda root, data: _flip_shard(data, truncate=False),
+        [],
+        ("does not match its sha256 in the manifest", "--force"),
+    ),
+    "a data root prepared with another tokenizer size": (
+        lambda root, data: None,
+        ["tokenizer.vocab_size=1024"],
+        ("has 512 pieces and tokenizer.vocab_size=1024", "set tokenizer.vocab_size=512"),
+    ),
+    "a data root prepared with another seq_len": (
+        lambda root, data: None,
+        ["data.seq_len=32"],
+        ("seq_len", "--force"),
+    ),
+    "a model vocabulary smaller than the tokenizer's": (
+        lambda root, data: None,
+        ["model.vocab_size=256"],
+        ("model.vocab_size=256", "512"),
+    ),
+    "a run folder whose checkpoints are all damaged": (
+        lambda root, data: _damage_all_checkpoints(root),
+        [],
+        ("none of them complete", "unreadable trainer_state.json", "another run_dir"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGE_CASES)
+def test_damaged_or_mismatched_data_and_runs_are_refused_before_training(
+    name, prepared_data, tmp_path
+):
+    import shutil
+
+    damage, overrides, says = DAMAGE_CASES[name]
+    root = tmp_path / "work"
+    root.mkdir()
+    data = root / "data"
+    shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns(".cache"))
+    config = fingerprinted_run(root, data)
+    damage(root, data)
+    before = tree_checksums(root)
+    result = kiln_in_process("train", str(config), *overrides)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    for words in says:
+        assert words in output, output
+    after = tree_checksums(root)
+    assert {name: after.get(name) for name in before} == before

@@ -140,6 +140,13 @@ def train_tokenizer_from_config(cfg: KilnConfig, sampler: LineSampler | None = N
         mine, counts = counts[: len(d.sources)], counts[len(d.sources) :]
         skipped = {r: sum(c[r] for c in mine) for r in SKIP_REASONS}
         check_skipped(cfg, d, sum(c["documents"] for c in mine), skipped, warn=False)
+    if not sample:
+        paths = ", ".join(str(s.path) for s in sources)
+        raise ValueError(
+            f"the data sources ({paths}) hold no non-blank line of text to train the tokenizer "
+            "on: they are empty or hold only whitespace; point data.datasets[].sources[].path at "
+            "files with text"
+        )
     tok = train_tokenizer_on_sample(
         sample,
         seen,
@@ -183,7 +190,8 @@ def load_or_train_tokenizer(
     Raises:
         ValueError: no datasets; the tokenizer does not fit the run
             (:func:`trainer.objectives.check_tokenizer`); the file holds another tokenizer than
-            ``model.init_from``'s.
+            ``model.init_from``'s, or (without ``model.init_from``) another number of pieces
+            than ``tokenizer.vocab_size``.
         FileNotFoundError: a source path matches nothing; ``model.init_from`` has no tokenizer.
     """
     if not cfg.data.datasets:
@@ -193,6 +201,14 @@ def load_or_train_tokenizer(
         tokenizer = Tokenizer.load(cfg.tokenizer_path)
         if source is not None and source.is_file():
             check_same_tokenizer(tokenizer, Tokenizer.load(source))
+        elif tokenizer.vocab_size != cfg.tokenizer.vocab_size:
+            raise ValueError(
+                f"{cfg.tokenizer_path} has {tokenizer.vocab_size} pieces and "
+                f"tokenizer.vocab_size={cfg.tokenizer.vocab_size}; the datasets of "
+                f"{cfg.data.root} were tokenized with it: set "
+                f"tokenizer.vocab_size={tokenizer.vocab_size} to use them, or give another "
+                "data.root to train a tokenizer of the new size and prepare the data again"
+            )
     elif source is not None:
         tokenizer = install_tokenizer(source, cfg.tokenizer_path)
     else:
