@@ -23,6 +23,7 @@ writes and reads the checkpoints themselves.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 from trainer import distributed, storage
+from trainer.errors import StorageFullError
 from trainer.storage import RunFolder
 
 STATE_FILE = storage.STATE_FILE
@@ -108,19 +110,56 @@ def save_checkpoint(
     node_main = folder.node_main(rank, int(os.environ.get("LOCAL_RANK", rank)))
     tmp = folder.begin_checkpoint(tag, rank=rank, node_main=node_main)
     distributed.barrier()
-    engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
+    with _storage_full_is_an_error(folder, tmp):
+        engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+        torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
     distributed.barrier()
     if rank == 0:
-        for f in extra_files:
-            shutil.copy2(f, tmp / f.name)
-        files = storage.checkpoint_files(tmp, checksums=checksums)
-        storage.write_atomic(tmp / STATE_FILE, json.dumps({**state, "files": files}, indent=2))
+        with _storage_full_is_an_error(folder, tmp):
+            for f in extra_files:
+                shutil.copy2(f, tmp / f.name)
+            files = storage.checkpoint_files(tmp, checksums=checksums)
+            state = {**state, "files": files}
+            storage.write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
     final = folder.commit_checkpoint(
         tag, rank=rank, node_main=node_main, keep_last=keep_last, barrier=distributed.barrier
     )
     distributed.barrier()
     return final
+
+
+FULL_BELOW = 64 * 2**20  # bytes: a failed write with less free space than this was a full disk
+
+
+@contextlib.contextmanager
+def _storage_full_is_an_error(folder: RunFolder, tmp: Path):
+    """Turn a write that failed on a full device (``ENOSPC``, or any error while less than
+    :data:`FULL_BELOW` bytes are free: ``torch.save`` reports it as a ``RuntimeError``) into a
+    :class:`~trainer.errors.StorageFullError` that names the device, the free space and the
+    checkpoint a resume takes, after deleting this partial save (its space is needed)."""
+    try:
+        yield
+    except Exception as e:
+        try:
+            free = shutil.disk_usage(tmp.parent).free
+        except OSError:
+            free = None
+        if getattr(e, "errno", None) != errno.ENOSPC and (free is None or free >= FULL_BELOW):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = folder.latest_tag() if folder.url is None else None
+        raise StorageFullError(
+            f"no space left to save {tmp.name.removeprefix('.tmp-')} in {tmp.parent} "
+            f"({(free or 0) / 2**20:.1f} MiB free; a checkpoint of this run takes "
+            f"{_size_of_newest(folder) / 2**20:.1f} MiB). The partial save was deleted"
+            + (f"; {newest} is intact and the run resumes from it" if newest else "")
+            + ": free space there (or lower checkpoint.keep_last) and run the same command again"
+        ) from e
+
+
+def _size_of_newest(folder: RunFolder) -> int:
+    ckpt = folder.latest_checkpoint() if folder.url is None else None
+    return sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) if ckpt else 0
 
 
 def prune(root: Path, keep_last: int) -> None:

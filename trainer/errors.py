@@ -22,8 +22,13 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the field, the value and the fix."""
 
 
+class StorageFullError(RuntimeError):
+    """A write failed because the device it went to is full; the message says where, what is
+    still saved, and how to go on."""
+
+
 # What Kiln's checks raise with the fix in the message: shown without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, StorageFullError)
 
 
 def record_failure(error: BaseException, *, rank: int, log_dir: Path) -> dict[str, Any]:

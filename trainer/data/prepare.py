@@ -190,8 +190,8 @@ def load_or_train_tokenizer(
     Raises:
         ValueError: no datasets; the tokenizer does not fit the run
             (:func:`trainer.objectives.check_tokenizer`); the file holds another tokenizer than
-            ``model.init_from``'s, or (without ``model.init_from``) another number of pieces
-            than ``tokenizer.vocab_size``.
+            ``model.init_from``'s, or the one Kiln trained in ``data.root`` has another number
+            of pieces than ``tokenizer.vocab_size`` (a ``tokenizer.path`` given is taken as is).
         FileNotFoundError: a source path matches nothing; ``model.init_from`` has no tokenizer.
     """
     if not cfg.data.datasets:
@@ -201,7 +201,7 @@ def load_or_train_tokenizer(
         tokenizer = Tokenizer.load(cfg.tokenizer_path)
         if source is not None and source.is_file():
             check_same_tokenizer(tokenizer, Tokenizer.load(source))
-        elif tokenizer.vocab_size != cfg.tokenizer.vocab_size:
+        elif cfg.tokenizer.path is None and tokenizer.vocab_size != cfg.tokenizer.vocab_size:
             raise ValueError(
                 f"{cfg.tokenizer_path} has {tokenizer.vocab_size} pieces and "
                 f"tokenizer.vocab_size={cfg.tokenizer.vocab_size}; the datasets of "
