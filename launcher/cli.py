@@ -20,6 +20,7 @@ from launcher.preflight import user_errors
 from launcher.ray_cli import ray_group
 from launcher.slurm import slurm
 from trainer.config import check_paths
+from trainer.errors import COLLECTED_ENV, describe_failures, read_failures
 
 
 class _RunDir(click.Path):
@@ -99,12 +100,12 @@ def train(
 
     with user_errors():
         preflight.prepare(cfg)
-        preflight.check_resume(cfg, accept_changes=accept_changes)
+        resume = preflight.check_resume(cfg, accept_changes=accept_changes)
     # A URL run folder: the workers use a local mirror of it and upload (trainer.storage).
     folder = RunFolder(cfg.run_dir)
     run_dir = folder.prepare(cfg.to_yaml())
-    if (tag := folder.latest_tag()) is not None:
-        click.echo(f"resuming {folder.location} from {tag}")
+    if resume.tag is not None:
+        click.echo(f"resuming {folder.location} from {resume.tag}")
     cmd = torchrun_command(
         run_dir / "config.yaml",
         nproc_per_node=cfg.launch.nproc_per_node,
@@ -115,11 +116,10 @@ def train(
     )
     if verbose:
         os.environ["KILN_VERBOSE"] = "1"  # read by launcher.torchrun and the training processes
+    os.environ[COLLECTED_ENV] = "1"  # the ranks leave their failures to this process to show
     started = time.time() - 2  # the workers' clocks: this machine's, or NTP's on other nodes
     rc = run_workers(cmd)
     if rc != 0:
-        from trainer.errors import describe_failures, read_failures
-
         if failures := read_failures(run_dir / "logs", since=started):
             raise click.ClickException(describe_failures(failures))
         raise click.ClickException(f"training failed (torchrun exit code {rc}); see the log above")

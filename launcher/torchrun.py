@@ -11,13 +11,15 @@ code and the signal that ended it, then exits 1::
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 
-# torchrun's agent logs at LOGLEVEL (default WARNING): its OMP_NUM_THREADS banner and a line per
-# failed rank repeat what Kiln says; `kiln train --verbose` (KILN_VERBOSE=1) keeps them. Read
-# when torch's elastic loggers are created, and not passed on to the training processes.
+# torchrun logs at LOGLEVEL (default WARNING; its OMP_NUM_THREADS banner), read when its loggers
+# are created, and its agent through plain loggers (a line per failed rank): both repeat what Kiln
+# says; `kiln train --verbose` (KILN_VERBOSE=1) keeps them. LOGLEVEL is not passed on to the
+# training processes.
 _VERBOSE = os.environ.get("KILN_VERBOSE", "") not in ("", "0")
 _LOGLEVEL = os.environ.get("LOGLEVEL")
 if not _VERBOSE:
@@ -30,6 +32,8 @@ if _LOGLEVEL is None:
     os.environ.pop("LOGLEVEL", None)
 else:
     os.environ["LOGLEVEL"] = _LOGLEVEL
+if not _VERBOSE:  # the agent's plain loggers (its per-rank "failed (exitcode ...)" line)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
 
 
 def describe_exit(exitcode: int) -> str:

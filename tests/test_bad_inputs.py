@@ -502,6 +502,7 @@ def test_a_failure_in_the_workers_is_shown_once_with_its_ranks(prepared_data, tm
     # rank 1 usually fails too, unless torchrun stopped it first
     shown = re.findall(r"IndexError on (ranks? [0-9, ]+): index out of range", output)
     assert len(shown) == 1 and shown[0] in ("ranks 0, 1", "rank 0", "rank 1"), output
+    assert output.count("index out of range") == 1, output  # the ranks print none of their own
     traceback_file = re.search(r"full traceback: (\S+)", output)[1]
     assert Path(traceback_file).parent == tmp_path / "run" / "logs"
     assert "Traceback (most recent call last)" in Path(traceback_file).read_text()

@@ -27,6 +27,11 @@ class StorageFullError(RuntimeError):
     still saved, and how to go on."""
 
 
+# Set by a launcher that reads the failure records and shows them (`kiln train`): the ranks then
+# print nothing of their own; without it (Slurm's log, a torchrun started by hand) each prints one
+# line.
+COLLECTED_ENV = "KILN_COLLECTS_FAILURES"
+
 # What Kiln's checks raise with the fix in the message: shown without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, StorageFullError)
 
@@ -36,8 +41,8 @@ def record_failure(error: BaseException, *, rank: int, log_dir: Path) -> dict[st
 
     The record (``rank-R.error.json``) holds ``rank``, ``time`` (Unix seconds), ``user`` (a
     user's mistake: one of :data:`USER_ERRORS`), ``type``, ``message`` and, for an unexpected
-    error, ``traceback``: the file holding its full traceback. Writing never raises: a rank that
-    cannot write (a full disk) returns the record anyway.
+    error, ``traceback``: the file holding its full traceback. Writing never raises: the record's
+    ``recorded`` says whether the file was written (a full disk may refuse it).
     """
     user = isinstance(error, USER_ERRORS)
     record: dict[str, Any] = {
@@ -54,8 +59,9 @@ def record_failure(error: BaseException, *, rank: int, log_dir: Path) -> dict[st
             path.write_text("".join(traceback.format_exception(error)))
             record["traceback"] = str(path)
         (log_dir / f"rank-{rank}.error.json").write_text(json.dumps(record))
+        record["recorded"] = True
     except OSError:
-        pass
+        record["recorded"] = False
     return record
 
 

@@ -75,9 +75,9 @@ def shards_digest(manifest: dict[str, Any]) -> str:
 
 def differences(saved: Fingerprint, now: Fingerprint) -> list[str]:
     """The settings that differ between a checkpoint's fingerprint and the new run's, one line
-    each (``train.max_steps: 8 -> 12``); a setting only one side records (a dataset added or
-    removed, a dataset not prepared yet) counts as a difference only when the new run names it
-    and the checkpoint recorded it, or the reverse, for datasets."""
+    each (``train.max_steps: 8 -> 12``). Of the settings only one side records, a dataset's
+    weight counts (the dataset was added or removed); the others are what a dry run before
+    preparation cannot read yet (the tokenizer's sha256, a dataset's shards) and are left out."""
     lines = []
     for key in sorted(saved.keys() | now.keys()):
         if key in saved and key in now:

@@ -28,7 +28,7 @@ from trainer.callbacks import (
     WandbLogger,
 )
 from trainer.config import KilnConfig, batch_plan, load_config
-from trainer.errors import record_failure
+from trainer.errors import COLLECTED_ENV, describe_failures, record_failure
 from trainer.storage import RunFolder
 
 
@@ -163,12 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # recorded for the launcher, which shows each failure once
         rank = int(os.environ.get("RANK", 0))
         record = record_failure(e, rank=rank, log_dir=RunFolder(cfg.run_dir).local / "logs")
-        if record["user"]:
-            print(f"rank {rank}: {record['message']}", file=sys.stderr)
-        else:
-            where = record.get("traceback", "not written")
-            print(f"rank {rank}: {record['type']}: {record['message']} (traceback: {where})",
-                  file=sys.stderr)  # fmt: skip
+        if os.environ.get(COLLECTED_ENV) != "1" or not record["recorded"]:
+            print(describe_failures([record]), file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)
     # The run is saved and the process group destroyed by now. The interpreter's teardown of
