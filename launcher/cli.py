@@ -58,10 +58,11 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="print the plan (config, sizes, memory) and exit")
 @click.option("--sample-prompt", default="The", help="prompt of the final sample ('' for none)")
 @click.option("--accept-changes", is_flag=True, help=preflight.ACCEPT_CHANGES_HELP)
+@click.option("--restart", is_flag=True, help=preflight.RESTART_HELP)
 @click.option("--verbose", is_flag=True, help="show torchrun's and wandb's own output too")
 def train(
     config, overrides, nproc, nnodes, node_rank, master_addr, master_port, dry_run, sample_prompt,
-    accept_changes, verbose,
+    accept_changes, restart, verbose,
 ):  # fmt: skip
     """Train (or resume) the run described by CONFIG [OVERRIDES...].
 
@@ -69,7 +70,9 @@ def train(
     with torchrun. On a run folder that already has a checkpoint, resumes from the newest
     complete one (whatever `checkpoints/latest` says); a resume whose model shape, data,
     tokenizer, seq_len, schedule or objective differ from the checkpoint's is refused unless
-    --accept-changes. SIGTERM / SIGUSR1 / Ctrl-C make the workers finish the step, save and exit.
+    --accept-changes. Training from step 0 in a folder that holds checkpoints takes --restart,
+    which first moves the old run's files into restarted-<time>/ in the folder. SIGTERM /
+    SIGUSR1 / Ctrl-C make the workers finish the step, save and exit.
     """
     extra = []
     if nproc is not None:
@@ -85,14 +88,16 @@ def train(
             import torch
 
             cuda = torch.cuda.is_available()
-        plan = preflight.check(cfg, [world_size], cuda_available=cuda)
+        plan = preflight.check(cfg, [world_size], cuda_available=cuda, restart=restart)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
         from launcher.report import plan_report
 
         with user_errors():
-            click.echo(plan_report(cfg, plan.batch, preflight.resume_plan(cfg)))
+            resume = preflight.resume_plan(cfg, restart=restart)
+            resume.check(accept_changes=True, batches=plan.batches)  # the report shows changes
+            click.echo(plan_report(cfg, plan.batch, resume))
         return
 
     from launcher.local import run_workers, torchrun_command
@@ -100,7 +105,9 @@ def train(
 
     with user_errors():
         preflight.prepare(cfg)
-        resume = preflight.check_resume(cfg, accept_changes=accept_changes)
+        resume = preflight.check_resume(
+            cfg, accept_changes=accept_changes, batches=plan.batches, restart=restart
+        )
     # A URL run folder: the workers use a local mirror of it and upload (trainer.storage).
     folder = RunFolder(cfg.run_dir)
     run_dir = folder.prepare(cfg.to_yaml())
