@@ -132,7 +132,7 @@ class CheckpointTensors:
         self._entries = entries
         self._aliases = aliases  # key -> the key whose tensor it is (shared parameters)
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         """Every key, in :func:`~trainer.checkpoint.load_model_weights`'s order."""
         return list(self._order)
 
@@ -433,7 +433,7 @@ class SafetensorsFolder:
                 begin, _ = info["data_offsets"]
                 self.where[name] = (file, 8 + n + begin, info["dtype"], info["shape"])
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         """Every tensor name over all files."""
         return list(self.where)
 
@@ -446,6 +446,30 @@ class SafetensorsFolder:
         file, offset, dtype, shape = self.where[name]
         out = torch.empty(shape, dtype=_FROM_SAFETENSORS[dtype])
         return _read_into(out, [_Slice(file, offset, out.numel(), out.dtype)])
+
+
+def consolidate(ckpt: Path, out: Path) -> tuple[int, int]:
+    """``kiln checkpoint consolidate``: the plain model's fp32 state dict of a checkpoint of any
+    layout written to one safetensors file, one tensor in memory at a time. The file is byte for
+    byte ``safetensors.torch.save_file`` of :func:`trainer.checkpoint.load_model_weights` (a tied
+    head stored as its own copy, as safetensors holds no shared tensors), with the metadata
+    ``{"checkpoint": str(ckpt)}``.
+
+    Returns:
+        (tensors written, elements over them).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`open_checkpoint`.
+    """
+    weights = open_checkpoint(ckpt)
+    layout = {}
+    for key in weights.names():
+        stored = weights.stored_dtype(key)
+        dtype = torch.float32 if stored.is_floating_point else stored  # as read() gives it
+        layout[key] = (dtype, tuple(weights.shape(key)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out, layout, weights.read, metadata={"checkpoint": str(ckpt)})
+    return len(layout), sum(math.prod(shape) for _, shape in layout.values())
 
 
 # -- models whose parameters stay on the meta device --------------------------------------------
