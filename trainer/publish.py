@@ -2,19 +2,27 @@
 
 ``kiln publish RUN_DIR --out DIR`` (and the :class:`trainer.callbacks.Publisher` callback):
 
-1. **Consolidate** the fp32 weights of any layout (ZeRO 0-3 shards of any number of ranks,
-   pipeline stages) on one CPU process (:func:`trainer.checkpoint.load_model_weights`).
-2. **Convert** through the explicit key maps (the family spec's `hf` adapter) into a
-   `LlamaForCausalLM` / `T5ForConditionalGeneration`, cast to the published dtype and write it
-   with `save_pretrained` into a staging folder beside DIR: ``config.json``,
-   ``model.safetensors`` (sharded with ``model.safetensors.index.json`` above
-   ``max_shard_size``), ``generation_config.json``, the sentencepiece tokenizer in the form
-   `AutoTokenizer` loads (`model.hf_tokenizer`), and a model card ``README.md``.
-3. **Prove** it: load the staging folder back with `transformers` (offline, Auto classes), run a
-   fixed batch through it and through Kiln's model, and encode fixed English / Korean / code
-   texts with the published tokenizer (fast, and sentencepiece-backed) and with Kiln's.
+1. **Index** the checkpoint of any layout (ZeRO 0-3 shards of any number of ranks, pipeline
+   stages) on one CPU process without reading its weights
+   (:func:`trainer.consolidate.open_checkpoint`).
+2. **Convert** through the explicit key maps (the family's `hf` adapter) into the files
+   ``save_pretrained`` of a `LlamaForCausalLM` / `T5ForConditionalGeneration` in the published
+   dtype writes (:func:`write_weights`), one tensor in memory at a time, into a staging folder
+   beside DIR: ``config.json``, ``model.safetensors`` (sharded with
+   ``model.safetensors.index.json`` above ``max_shard_size``), ``generation_config.json``, the
+   sentencepiece tokenizer in the form `AutoTokenizer` loads (`model.hf_tokenizer`), and a model
+   card ``README.md``.
+3. **Prove** it (:func:`prove`): run a fixed batch through the folder's model as the family's
+   Auto class builds it from ``config.json`` (offline), each module's weights read from the
+   folder for its forward only (:func:`hf_logits`), and through Kiln's model, piece by piece of
+   its pipeline cut with each piece's weights read from the checkpoint (:func:`kiln_logits`);
+   encode fixed English / Korean / code texts with the published tokenizer (fast, and
+   sentencepiece-backed) and with Kiln's.
 4. **Rename** the staging folder to DIR only when every check passed; a failed check deletes it
    and raises :class:`PublishError`, so nothing that looks complete is left behind.
+
+Peak memory: the largest tensor (writing), or one pipeline piece's / one module's weights and
+the batch's activations (proving), beside the process itself; never the model.
 
 Logit tolerances (max |difference| / max(1, max |reference logit|)): the weights as published,
 loaded in fp32, against Kiln's model holding the same rounded weights: 1e-4 (fp32 arithmetic,
