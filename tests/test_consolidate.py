@@ -20,7 +20,32 @@ from model import build_model
 from model.registry import family
 from trainer import consolidate as cons
 from trainer import publish as pub
-from trainer.checkpoint import latest_checkpoint, load_model_weights
+from trainer.checkpoint import latest_checkpoint, load_model_weights, read_trainer_state
+from trainer.config import config_from_dict
+from trainer.pipeline import key_map
+
+
+def whole_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's fp32 state dict the way Kiln read it before it streamed, the whole files
+    loaded: the module of ``mp_rank_00_model_states.pt`` (ZeRO 0), DeepSpeed's
+    ``zero_to_fp32`` (ZeRO 1-3), the layer files through the pipeline key map (pipeline)."""
+    state = read_trainer_state(ckpt)
+    if state.get("pipeline_stages", 1) > 1:
+        cfg = config_from_dict(state["config"]).derived.model
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        out = {}
+        for plain, (idx, key) in key_map(cfg).items():
+            if idx not in layers:
+                (file,) = ckpt.glob(f"layer_{idx:02d}-*model_states.pt")
+                layers[idx] = torch.load(file, map_location="cpu", weights_only=True)
+            out[plain] = layers[idx][key].float()
+        return out
+    if state["zero_stage"] == 0:
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
 def test_write_safetensors_is_save_file_byte_for_byte(tmp_path):
@@ -190,12 +215,17 @@ LAYOUTS = [
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_reader_and_consolidate_equal_the_whole_state_dict(checkpoints, layout, tmp_path):
     ckpt = checkpoints[layout]
-    want = load_model_weights(ckpt)  # zero_to_fp32 / pipeline.consolidate: the whole model
+    want = whole_state_dict(ckpt)
     weights = cons.open_checkpoint(ckpt)
     assert weights.names() == list(want)
     for key, tensor in want.items():
         got = weights.read(key)
         assert got.dtype == tensor.dtype and torch.equal(got, tensor), key
+    loaded = load_model_weights(ckpt)  # the reader's tensors, a shared one read once
+    assert list(loaded) == list(want)
+    assert all(torch.equal(loaded[k], v) for k, v in want.items())
+    for key in want:
+        assert loaded[key] is loaded[weights.source(key)]
     # `kiln checkpoint consolidate`: the file save_file wrote from the whole state dict
     seen: set[int] = set()
     whole = {}

@@ -16,10 +16,14 @@ import transformers
 from conftest import kiln, kiln_in_process, train_config
 from distributed import run_distributed, train_runs
 from safetensors.torch import load_file
+from test_consolidate import whole_state_dict
 
+from model import build_model
 from model.generate import fill_in_spans
 from model.tokenizer import Tokenizer
 from trainer import publish as pub
+from trainer.checkpoint import latest_checkpoint, read_trainer_state
+from trainer.config import config_from_dict
 from trainer.inference import load_run
 
 PARITY_ATOL = 1e-4  # fp32, the issue's bound
@@ -156,8 +160,12 @@ def test_model_card_records_the_run(published, run_dirs):
 
 def whole_model_folder(run: Path, out: Path, dtype: str, max_shard_size: str = "5GB"):
     """What publishing wrote before it streamed, made here the simple way: the whole model
-    loaded (`load_run`), converted (`hf_model`) and written with `save_pretrained`."""
-    ours, _ = load_run(run)
+    loaded from the whole checkpoint files, converted (`hf_model`) and written with
+    `save_pretrained`."""
+    ckpt = latest_checkpoint(run)
+    cfg = config_from_dict(read_trainer_state(ckpt)["config"]).derived.model
+    ours = build_model(cfg, seed=0).eval()
+    ours.load_state_dict(whole_state_dict(ckpt), strict=False)  # a tied head is listed once
     pub.hf_model(ours, pub.DTYPES[dtype]).save_pretrained(out, max_shard_size=max_shard_size)
     pub._fix_config_json(out, ours.config)
     return ours

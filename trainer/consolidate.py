@@ -6,7 +6,9 @@ and returns a :class:`CheckpointTensors`, whose :meth:`~CheckpointTensors.read` 
 parameter's bytes from the files with plain file reads into one new tensor. No file is memory
 mapped, so nothing but the tensor being converted counts towards the process's resident memory.
 
-Layouts (the same weights as :func:`trainer.checkpoint.load_model_weights`, key for key):
+Layouts (the keys and values DeepSpeed's ``zero_to_fp32`` and a pipeline checkpoint's layer
+files give, key for key: ``tests/test_consolidate.py``;
+:func:`trainer.checkpoint.load_model_weights` reads through this module):
 
 - ZeRO stage 0: ``mp_rank_00_model_states.pt`` holds the module's state dict; a tensor is one
   contiguous byte range of it.
@@ -89,11 +91,13 @@ def _read_into(out: Tensor, slices: Iterable[_Slice]) -> Tensor:
     flat = out.view(-1)
     pos = 0
     for s in slices:
+        if s.numel == 0:
+            continue
         target = flat[pos : pos + s.numel]
         buf = target if s.dtype == out.dtype else torch.empty(s.numel, dtype=s.dtype)
         with open(s.file, "rb") as f:
             f.seek(s.offset)
-            view = memoryview(buf.view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+            view = memoryview(buf.view(torch.uint8).numpy())
             if f.readinto(view) != len(view):
                 raise ValueError(f"{s.file} ends before byte {s.offset + len(view)}: truncated")
         if buf is not target:
@@ -122,9 +126,10 @@ class _Entry:
 class CheckpointTensors:
     """The plain model's weights of one checkpoint, readable one tensor at a time.
 
-    Keys and values are those of :func:`trainer.checkpoint.load_model_weights` (Kiln's plain
-    model keys; a tied head listed as DeepSpeed lists it), in its order. Build with
-    :func:`open_checkpoint`.
+    Keys are Kiln's plain model keys in the order the checkpoint lists them (ZeRO 0: the module
+    state dict; ZeRO 1-3: buffers, then ``param_shapes``, then shared parameters, as
+    ``zero_to_fp32``; pipeline: the plain state dict's); a tied head is an alias of the
+    embedding (:meth:`source`). Build with :func:`open_checkpoint`.
     """
 
     def __init__(self, ckpt: Path, entries: dict[str, _Entry], aliases: dict[str, str]) -> None:
@@ -133,7 +138,7 @@ class CheckpointTensors:
         self._aliases = aliases  # key -> the key whose tensor it is (shared parameters)
 
     def names(self) -> list[str]:
-        """Every key, in :func:`~trainer.checkpoint.load_model_weights`'s order."""
+        """Every key, in the checkpoint's order (see the class docstring)."""
         return list(self._order)
 
     @property
@@ -161,8 +166,8 @@ class CheckpointTensors:
         """One tensor, read from the files into new CPU memory, as ``dtype``.
 
         Returns:
-            a contiguous tensor of :meth:`shape`; floating tensors are cast to ``dtype`` (the
-            default fp32 is :func:`~trainer.checkpoint.load_model_weights`'s), others kept.
+            a contiguous tensor of :meth:`shape`; floating tensors are cast to ``dtype``
+            (default fp32, as DeepSpeed's ``zero_to_fp32`` gives them), others kept.
 
         Raises:
             KeyError: no such key.
@@ -451,8 +456,8 @@ class SafetensorsFolder:
 def consolidate(ckpt: Path, out: Path) -> tuple[int, int]:
     """``kiln checkpoint consolidate``: the plain model's fp32 state dict of a checkpoint of any
     layout written to one safetensors file, one tensor in memory at a time. The file is byte for
-    byte ``safetensors.torch.save_file`` of :func:`trainer.checkpoint.load_model_weights` (a tied
-    head stored as its own copy, as safetensors holds no shared tensors), with the metadata
+    byte ``safetensors.torch.save_file`` of the whole state dict (a tied head stored as its own
+    copy, as safetensors holds no shared tensors), with the metadata
     ``{"checkpoint": str(ckpt)}``.
 
     Returns:

@@ -107,7 +107,6 @@ def hf_skeleton(cfg, dtype: torch.dtype):
     tied as Kiln's model is and with Kiln's generation config: what :func:`hf_model` fills and
     what the streaming writer takes its names, shapes, sharding and config from (no memory)."""
     import transformers
-    from torch import nn
 
     family = spec(cfg)
     with torch.device("meta"):
@@ -126,8 +125,8 @@ def hf_skeleton(cfg, dtype: torch.dtype):
 def hf_model(model, dtype: torch.dtype):
     """Kiln model -> the `transformers` model of its family holding the same weights in ``dtype``
     (fp32 shares the tensors; other dtypes are rounded copies, one per tensor, so aliases stay
-    aliases). Holds the whole model: publishing
-    streams instead (:func:`write_weights`); this is the simple form tests compare it with."""
+    aliases). It holds the whole model: publishing streams instead (:func:`write_weights`), and
+    tests compare the two."""
     cfg = model.config
     out = hf_skeleton(cfg, dtype)
     sd = spec(cfg).hf.to_hf_state_dict(model.state_dict(keep_vars=True), cfg)
@@ -302,7 +301,11 @@ def kiln_logits(
 
 
 def hf_logits(
-    folder: Path, model_type: str, batch: dict[str, torch.Tensor], vocab_size: int, dtype
+    folder: Path,
+    model_type: str,
+    batch: dict[str, torch.Tensor],
+    vocab_size: int,
+    dtype: torch.dtype | str,
 ) -> tuple[torch.Tensor | None, torch.dtype, list[str]]:
     """Logits of the published folder on a :func:`check_batch`, module by module.
 
