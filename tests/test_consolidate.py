@@ -113,6 +113,7 @@ CASES = [
     ("llama", True, "bf16"),
     ("t5", False, "fp32"),
     ("t5", False, "bf16"),
+    ("t5", True, "fp32"),
 ]
 
 
