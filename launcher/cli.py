@@ -261,12 +261,10 @@ def checkpoint_group() -> None:
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="a .safetensors file")
 def checkpoint_consolidate(run_dir, step, out):
     """Write the plain model's fp32 state dict of a checkpoint from any layout (ZeRO 0-3 shards,
-    pipeline stages) to one safetensors file, in one CPU process. Keys are those of
-    `LlamaForCausalLM` / `T5ForConditionalGeneration` (the family's `hf` adapter maps them to
-    Hugging Face's)."""
-    from safetensors.torch import save_file
-
-    from trainer.checkpoint import load_model_weights
+    pipeline stages) to one safetensors file, in one CPU process holding one tensor at a time.
+    Keys are those of `LlamaForCausalLM` / `T5ForConditionalGeneration` (the family's `hf`
+    adapter maps them to Hugging Face's)."""
+    from trainer.consolidate import consolidate
     from trainer.storage import RunFolder
 
     out_path = Path(out)
@@ -276,18 +274,10 @@ def checkpoint_consolidate(run_dir, step, out):
         raise click.UsageError(f"--out {out} is inside the run's checkpoints; write it elsewhere")
     try:
         ckpt = RunFolder(run_dir).checkpoint(step)
-        weights = load_model_weights(ckpt)
+        tensors, n = consolidate(ckpt, out_path)  # one tensor in memory at a time
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    seen: set[int] = set()
-    tensors = {}
-    for k, v in weights.items():  # safetensors refuses shared storage: tied weights are copied
-        tensors[k] = v.contiguous().clone() if v.data_ptr() in seen else v.contiguous()
-        seen.add(v.data_ptr())
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out, metadata={"checkpoint": str(ckpt)})
-    n = sum(v.numel() for v in tensors.values())
-    click.echo(f"wrote {out}: {len(tensors)} tensors, {n:,} parameters from {ckpt}")
+    click.echo(f"wrote {out}: {tensors} tensors, {n:,} parameters from {ckpt}")
 
 
 @cli.command(context_settings={"show_default": True})
