@@ -259,11 +259,13 @@ def checkpoint_group() -> None:
 @click.argument("run_dir", type=RUN_DIR)
 @click.option("--step", type=int, default=None, help="checkpoint step (default: latest)")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="a .safetensors file")
-def checkpoint_consolidate(run_dir, step, out):
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file")
+def checkpoint_consolidate(run_dir, step, out, overwrite):
     """Write the plain model's fp32 state dict of a checkpoint from any layout (ZeRO 0-3 shards,
     pipeline stages) to one safetensors file, in one CPU process holding one tensor at a time.
     Keys are those of `LlamaForCausalLM` / `T5ForConditionalGeneration` (the family's `hf`
-    adapter maps them to Hugging Face's)."""
+    adapter maps them to Hugging Face's). The file is written under a temporary name and renamed
+    when complete."""
     from trainer.consolidate import consolidate
     from trainer.storage import RunFolder
 
@@ -272,11 +274,19 @@ def checkpoint_consolidate(run_dir, step, out):
         raise click.UsageError(f"--out {out} must name a .safetensors file")
     if out_path.resolve().is_relative_to(RunFolder(run_dir).local.resolve() / "checkpoints"):
         raise click.UsageError(f"--out {out} is inside the run's checkpoints; write it elsewhere")
+    if out_path.exists() and not overwrite:
+        raise click.UsageError(f"--out {out} exists; choose another --out or pass --overwrite")
+    partial = out_path.with_name(f".tmp-{out_path.name}")
     try:
         ckpt = RunFolder(run_dir).checkpoint(step)
-        tensors, n = consolidate(ckpt, out_path)  # one tensor in memory at a time
+        tensors, n = consolidate(ckpt, partial)  # one tensor in memory at a time
     except (FileNotFoundError, ValueError) as e:
+        partial.unlink(missing_ok=True)
         raise click.ClickException(str(e)) from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out_path)
     click.echo(f"wrote {out}: {tensors} tensors, {n:,} parameters from {ckpt}")
 
 

@@ -114,6 +114,12 @@ CASES = [
         ("file.txt",),
     ),
     Case(
+        "consolidate --out onto an existing file",
+        lambda r: (fake_run(r), fake_hf_folder(r)),
+        run_to("checkpoint consolidate", "published/model.safetensors"),
+        ("exists", "--overwrite"),
+    ),
+    Case(
         "consolidate --out into the run's checkpoints",
         _both,
         run_to("checkpoint consolidate", "run/checkpoints/w.safetensors"),
