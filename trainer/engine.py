@@ -121,9 +121,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_universal=False):
     """Wrap ``model`` in a DeepSpeed engine (ZeRO stage 0-3, offload, precision, AdamW, schedule).
 
-    With ``parallel.pipeline_stages`` > 1 the model is first cut into a `PipelineModule`
+    ``model`` is what :func:`trainer.construct.build_for_layout` built for the layout (this
+    stage's `PipelineModule`, a ZeRO-3 partitioned model), or a whole plain model: with
+    ``parallel.pipeline_stages`` > 1 that is first cut into a `PipelineModule`
     (:func:`trainer.pipeline.build_pipeline`) holding this stage's layers with ``model``'s
-    weights, and DeepSpeed returns its pipeline engine.
+    weights, and under ZeRO-3 DeepSpeed partitions it. DeepSpeed returns its pipeline engine
+    for a pipeline.
 
     The process group must already exist (:func:`trainer.distributed.init_distributed`).
 
@@ -133,8 +136,9 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
         A ``PipelineEngine`` instead runs a whole step with ``engine.train_batch(iterator)``.
     """
     import deepspeed
+    from deepspeed.pipe import PipelineModule
 
-    if plan.pipeline_stages > 1:
+    if plan.pipeline_stages > 1 and not isinstance(model, PipelineModule):
         from trainer.pipeline import build_pipeline
 
         model = build_pipeline(cfg, model, token_loss)
