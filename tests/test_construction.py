@@ -20,6 +20,7 @@ from model.hf_checkpoint import HFWeightReader, load_hf_weights
 from model.init import Fill, Normal, init_values, materialise, seed_source
 from trainer.config import KilnConfig, batch_plan, load_config
 from trainer.construct import build_for_layout
+from trainer.engine import param_groups
 from trainer.pipeline import key_map
 
 FAMILIES = ("llama", "t5")
@@ -144,7 +145,15 @@ def construct_on_rank(cases: list[tuple[str, str, list[str], str | None]]) -> di
             weights = {k: v.clone() for k, v in module.named_parameters()}
             held = sum(p.numel() for p in module.parameters())
         reads = getattr(source, "reads", None)
-        out[name] = {"weights": weights, "held": held, "reads": reads, "ranges": ranges}
+        names = {id(p): n for n, p in module.named_parameters()}
+        decayed = sorted(names[id(p)] for p in param_groups(module, 0.1)[0]["params"])
+        out[name] = {
+            "weights": weights,
+            "held": held,
+            "reads": reads,
+            "ranges": ranges,
+            "decayed": decayed,
+        }
     return out
 
 
@@ -195,6 +204,18 @@ def test_every_layout_starts_from_the_one_process_models_weights(built, family):
     for layout, weights in got.items():
         for key, value in want.items():
             torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=(layout, key))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_decay_groups_do_not_depend_on_the_layout(built, family):
+    """AdamW decays the same matrices whether a parameter is whole or a ZeRO-3 partition (whose
+    ``data`` is an empty 1-D tensor)."""
+    want = sorted(n for n, p in build_model(kiln_config(family), seed=0).named_parameters())
+    want = [n for n in want if not n.endswith("norm.weight")]
+    for layout in ("zero0-1proc", "zero3-2proc"):
+        for rank in range(LAYOUTS[layout][0]):
+            assert built[f"{family}/{layout}/seed/rank{rank}"]["decayed"] == want, layout
 
 
 @pytest.mark.slow

@@ -88,11 +88,12 @@ def deepspeed_config(
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices, not norms or other 1-D tensors (the GPT-3 / Llama practice).
-    Tied weights appear once."""
+    Tied weights appear once. A ZeRO-3 partitioned parameter counts by its full shape
+    (``ds_shape``; its ``data`` is an empty 1-D tensor between uses)."""
     decay, no_decay = [], []
     for p in dict.fromkeys(model.parameters()):  # unique, in order
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     decays = group_weight_decays(weight_decay)
     return [
         {"params": decay, "weight_decay": decays[0]},
