@@ -75,7 +75,13 @@ def build_partitioned(cfg: KilnConfig, plan: BatchPlan, source: Source) -> nn.Mo
     """The plain model constructed under DeepSpeed's ``zero.Init`` (ZeRO-3): its parameters
     partitioned over the data-parallel ranks as each module is built, then each rank's
     partitions filled from ``source`` (:func:`fill_partitions`). The process group and
-    DeepSpeed's comm must be up (`trainer.distributed.init_distributed`)."""
+    DeepSpeed's comm must be up (`trainer.distributed.init_distributed`).
+
+    Cost: ``zero.Init`` still allocates each module whole on every rank, runs torch's default
+    initialisation and broadcasts rank 0's values before partitioning; those values are then
+    overwritten. Memory is bounded by the largest module, but the time is not free: the 1b
+    preset (fp32, 2 CPU processes here) takes ~39 s against ~10 s for a whole model per rank
+    (bench/construction.py)."""
     import deepspeed
 
     from trainer.engine import deepspeed_config
