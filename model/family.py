@@ -14,9 +14,12 @@ Adding a third family (say ``model/gpt2/``) is:
 2. ``model/gpt2/presets.py``: ``PRESETS``, a dict of factory functions with a ``debug`` entry;
 3. ``model/gpt2/model.py``: the ``nn.Module`` with ``from_config``, ``blocks()``, a forward
    that takes the batch's model inputs by keyword and ``pipeline_pieces()``, that forward as a
-   list of :class:`Piece` (the pipeline cut);
+   list of :class:`Piece` (the pipeline cut); ``init_rule(name)``, each parameter's initial
+   distribution, and ``fresh_buffers()``, its non-persistent buffers' values (`model.init`: what
+   lets a ZeRO-3 rank or a pipeline stage initialise only what it holds);
 4. ``model/gpt2/hf.py``: ``to_hf_config``, ``from_hf_config``, ``to_hf_state_dict``,
-   ``from_hf_state_dict``;
+   ``from_hf_state_dict``, ``key_pairs`` (our key, HF key) per parameter (``model.init_from``
+   reads tensors by it);
 5. ``model/gpt2/__init__.py``: ``SPEC = FamilySpec(...)``;
 6. in ``model/registry.py``: import ``model.gpt2.SPEC`` and add it to ``FAMILIES``.
 
@@ -93,7 +96,8 @@ class FamilySpec:
         model_type: the ``model.model_type`` value and the Hugging Face ``model_type``.
         description: a few words for listings ("decoder", "encoder-decoder").
         config_class: the family's pydantic config (field names as the HF config's).
-        model_class: the ``nn.Module``; ``model_class.from_config(cfg, seed=, device=, dtype=)``.
+        model_class: the ``nn.Module``; ``model_class.from_config(cfg, seed=, device=, dtype=)``;
+            an instance's ``init_rule(name)`` and ``fresh_buffers()`` (see `model.init`).
         presets: name -> factory of a config; smallest first, always with ``debug``.
         hf: the Hugging Face adapter module (config and key maps both ways).
         hf_model_class: name of the ``transformers`` model class (``LlamaForCausalLM``).

@@ -9,6 +9,7 @@ with its shards (any float dtype; read back as fp32). The key maps are the famil
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -122,3 +123,76 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
                 t = f.get_tensor(key)
                 sd[key] = t.to(torch.float32) if t.is_floating_point() else t
     return spec(cfg).hf.from_hf_state_dict(sd, cfg)
+
+
+class HFWeightReader:
+    """The weights of the Hugging Face checkpoint in ``path`` as a `model.init.Source`: called
+    with one of Kiln's parameter names (``cfg``'s keys) and an element range, it reads from the
+    safetensors shards only the rows of that tensor the range covers (``safe_open`` +
+    ``get_slice``: the file is memory-mapped, only the sliced bytes are read and copied) and
+    returns them flattened, upcast to fp32. A ZeRO-3 rank reads its partition, a pipeline stage
+    its layers' tensors; no rank holds a full copy of the checkpoint.
+
+    ``reads`` records every read as ``(HF key, first element, stop element)`` of the flattened
+    tensor (whole rows: at most one partial row either side of the range asked for).
+
+    Raises (on construction):
+        FileNotFoundError: no weights in ``path``, or a shard the index names is missing.
+        ValueError: keys missing or unexpected for ``cfg`` (both lists in the message).
+    """
+
+    def __init__(self, path: str | Path, cfg: ModelConfig) -> None:
+        path = Path(path)
+        files = weight_files(path)
+        if not files:
+            raise FileNotFoundError(
+                f"{path} holds no {WEIGHTS_FILE} or {INDEX_FILE}; save the model with "
+                f"`save_pretrained` (safetensors) first"
+            )
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{path / INDEX_FILE} names shard {file.name}, missing")
+        if (path / INDEX_FILE).is_file():
+            self._file = {k: path / shard for k, shard in _weight_map(path).items()}
+        else:
+            with safe_open(str(files[0]), framework="pt") as f:  # reads the header only
+                self._file = dict.fromkeys(f.keys(), files[0])
+        family = spec(cfg).hf
+        family.from_hf_state_dict(dict.fromkeys(self._file), cfg)  # the key check, its message
+        self._hf_key = dict(family.key_pairs(cfg))
+        self.path = path
+        self.reads: list[tuple[str, int, int]] = []
+
+    def __call__(self, name: str, shape: torch.Size, start: int, stop: int) -> Tensor:
+        """Elements ``[start, stop)`` of Kiln parameter ``name`` (full shape ``shape``),
+        flattened: a 1-D fp32 CPU tensor of ``stop - start`` elements.
+
+        Raises:
+            KeyError: ``name`` is not a parameter of the config.
+            ValueError: the tensor's shape in the file is not ``shape``; the index maps the key
+                to a shard that lacks it.
+        """
+        hf_key = self._hf_key[name]
+        if start >= stop:
+            return torch.empty(0, dtype=torch.float32)
+        file = self._file[hf_key]
+        with safe_open(str(file), framework="pt") as f:
+            present = f.keys()  # a list: a safetensors handle has no `in`
+            if hf_key not in present:
+                raise ValueError(f"{file} lacks {hf_key!r} that {INDEX_FILE} maps to it")
+            piece = f.get_slice(hf_key)
+            if tuple(piece.get_shape()) != tuple(shape):
+                raise ValueError(
+                    f"{hf_key} in {file} has shape {tuple(piece.get_shape())}; the model's "
+                    f"{name} has {tuple(shape)}"
+                )
+            if len(shape) == 0:
+                rows, row = f.get_tensor(hf_key).reshape(1), 1
+                first = 0
+            else:
+                row = math.prod(shape[1:])
+                first, last = start // row, -(-stop // row)  # the rows the range touches
+                rows = piece[first:last].reshape(-1)
+        self.reads.append((hf_key, first * row, first * row + rows.numel()))
+        values = rows[start - first * row : stop - first * row]
+        return values.to(torch.float32) if values.dtype != torch.float32 else values.clone()

@@ -173,7 +173,9 @@ def test_generate_from_checkpoint(zero_runs, stage):
     greedy = [kiln_in_process(*args, "--temperature", "0") for _ in range(2)]
     assert greedy[0].returncode == 0, greedy[0].stderr[-3000:]
     assert greedy[0].stdout.startswith("ROMEO:")
-    assert len(greedy[0].stdout.strip()) > len("ROMEO:")
+    # text after the prompt and before print's newline (a model trained 6 steps may continue
+    # with newlines only: its greedy tokens depend on the initial weights, not on generate)
+    assert len(greedy[0].stdout) > len("ROMEO:\n")
     assert greedy[0].stdout == greedy[1].stdout
 
 

@@ -88,11 +88,12 @@ def deepspeed_config(
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices, not norms or other 1-D tensors (the GPT-3 / Llama practice).
-    Tied weights appear once."""
+    Tied weights appear once. A ZeRO-3 partitioned parameter counts by its full shape
+    (``ds_shape``; its ``data`` is an empty 1-D tensor between uses)."""
     decay, no_decay = [], []
     for p in dict.fromkeys(model.parameters()):  # unique, in order
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     decays = group_weight_decays(weight_decay)
     return [
         {"params": decay, "weight_decay": decays[0]},
@@ -121,9 +122,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_universal=False):
     """Wrap ``model`` in a DeepSpeed engine (ZeRO stage 0-3, offload, precision, AdamW, schedule).
 
-    With ``parallel.pipeline_stages`` > 1 the model is first cut into a `PipelineModule`
+    ``model`` is what :func:`trainer.construct.build_for_layout` built for the layout (this
+    stage's `PipelineModule`, a ZeRO-3 partitioned model), or a whole plain model: with
+    ``parallel.pipeline_stages`` > 1 that is first cut into a `PipelineModule`
     (:func:`trainer.pipeline.build_pipeline`) holding this stage's layers with ``model``'s
-    weights, and DeepSpeed returns its pipeline engine.
+    weights, and under ZeRO-3 DeepSpeed partitions it. DeepSpeed returns its pipeline engine
+    for a pipeline.
 
     The process group must already exist (:func:`trainer.distributed.init_distributed`).
 
@@ -133,8 +137,9 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
         A ``PipelineEngine`` instead runs a whole step with ``engine.train_batch(iterator)``.
     """
     import deepspeed
+    from deepspeed.pipe import PipelineModule
 
-    if plan.pipeline_stages > 1:
+    if plan.pipeline_stages > 1 and not isinstance(model, PipelineModule):
         from trainer.pipeline import build_pipeline
 
         model = build_pipeline(cfg, model, token_loss)

@@ -1,7 +1,8 @@
 """``model.init_from``: a run that continues pretraining a Hugging Face checkpoint folder takes
 its architecture from the folder's ``config.json`` and its tokenizer from the folder's
 ``tokenizer.model``; resolved here, before validation, from :func:`trainer.config.config_from_dict`.
-The weights are loaded in the workers (:func:`model.hf_checkpoint.load_hf_weights`)."""
+The weights are read in the workers, each rank only the tensors or slices it holds
+(:func:`trainer.construct.build_for_layout`, `model.hf_checkpoint.HFWeightReader`)."""
 
 from __future__ import annotations
 

@@ -39,8 +39,8 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     every rank.
     """
     world = distributed.init_distributed()
-    from model import build_model
     from model.tokenizer import Tokenizer
+    from trainer.construct import build_for_layout
     from trainer.data.dataset import open_train_data
     from trainer.engine import build_engine
     from trainer.estimate import peak_flops
@@ -92,14 +92,13 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     tokenizer = Tokenizer.load(cfg.tokenizer_path)
     check_tokenizer(cfg, tokenizer)
     data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids))
-    model = build_model(cfg.derived.model, seed=cfg.train.seed)
-    if ckpt is None and cfg.model.init_from is not None:  # a resumed run takes its checkpoint's
-        from model.hf_checkpoint import load_hf_weights
-
-        # Into the plain model on every rank: ZeRO partitions and the pipeline cut copy from it.
-        model.load_state_dict(load_hf_weights(cfg.model.init_from, cfg.derived.model), strict=True)
-        if world.is_main:
-            print(f"initialised the model from the Hugging Face checkpoint {cfg.model.init_from}")
+    # Each rank builds and fills only what the layout gives it: its ZeRO-3 partitions, its
+    # pipeline stage's layers (trainer.construct), from the seed or from the slices of
+    # model.init_from it holds; a resumed run takes its checkpoint's weights instead.
+    init_from = cfg.model.init_from if ckpt is None else None
+    model, _ = build_for_layout(cfg, plan, init_from=init_from)
+    if init_from is not None and world.is_main:
+        print(f"initialised the model from the Hugging Face checkpoint {init_from}")
     engine = build_engine(cfg, model, plan, load_universal=universal)
     meta = cfg.tokenizer_path.with_name("tokenizer_meta.json")
     trainer = Trainer(

@@ -18,12 +18,14 @@ them); masks and ids are integer tensors.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from model.family import Piece
+from model.init import Source, materialise
 from model.registry import ModelConfig, spec
 
 if TYPE_CHECKING:
@@ -133,19 +135,25 @@ def key_map(cfg: ModelConfig, model: nn.Module | None = None) -> dict[str, tuple
     return {k: slot[id(v)] for k, v in plain.items()}
 
 
-def build_pipeline(cfg: KilnConfig, model: nn.Module, loss_fn):
+def build_pipeline(cfg: KilnConfig, model: nn.Module, loss_fn, *, source: Source | None = None):
     """The `PipelineModule` of ``model``: this stage's layers hold ``model``'s own modules (which
-    DeepSpeed moves to the stage's device), so the pipeline starts from exactly its weights.
+    DeepSpeed moves to the stage's device).
+
+    With ``source`` None, ``model`` is materialised and the pipeline starts from exactly its
+    weights. With a ``source`` (`model.init.Source`), ``model`` is on the meta device and only
+    this stage's layers are materialised, from ``source`` under their plain names (DeepSpeed
+    builds no other stage's layer), so the stage never holds another's weights.
 
     Args:
         cfg: the run config (``parallel.pipeline_stages``, ``parallel.pipeline_partition``,
             ``train.activation_checkpointing``).
         model: the plain model (`LlamaForCausalLM` / `T5ForConditionalGeneration`).
         loss_fn: ``(logits, labels) -> loss`` on the last stage.
+        source: where a meta model's values come from (None: ``model`` holds them).
     """
     from deepspeed.pipe import PipelineModule
 
-    return PipelineModule(
+    kwargs = dict(
         layers=layer_specs(model),
         num_stages=cfg.parallel.pipeline_stages,
         loss_fn=loss_fn,
@@ -153,6 +161,30 @@ def build_pipeline(cfg: KilnConfig, model: nn.Module, loss_fn):
         activation_checkpoint_interval=1 if cfg.train.activation_checkpointing else 0,
         checkpointable_layers=list(BLOCK_TYPES),
     )
+    if source is None:
+        return PipelineModule(**kwargs)
+    return _stage_pipeline_class()(model=model, source=source, **kwargs)
+
+
+@functools.cache
+def _stage_pipeline_class() -> type:
+    """A `PipelineModule` that materialises the layers it builds (this stage's) from a source
+    between DeepSpeed building them and moving them to the device. Made on first use: the
+    class derives from DeepSpeed's, imported lazily."""
+    from deepspeed.pipe import PipelineModule
+
+    class StagePipelineModule(PipelineModule):
+        def __init__(self, *, model: nn.Module, source: Source, **kwargs: Any) -> None:
+            # Kept out of the module tree: the plain model stays on meta, unregistered.
+            self.__dict__["_plain_and_source"] = (model, source)
+            super().__init__(**kwargs)
+
+        def _build(self) -> None:
+            super()._build()  # this stage's layers and tied modules, still on meta
+            model, source = self.__dict__.pop("_plain_and_source")
+            materialise(model, source, modules=[self])
+
+    return StagePipelineModule
 
 
 def _partition_method(name: str) -> str:

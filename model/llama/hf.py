@@ -37,6 +37,12 @@ def _our_keys(cfg: LlamaConfig) -> list[str]:
     return [_EMBED, *layers, "norm.weight", _HEAD]
 
 
+def key_pairs(cfg: LlamaConfig) -> list[tuple[str, str]]:
+    """(our key, HF key) for every parameter of `LlamaForCausalLM(cfg)`, in our order (the head
+    included even when tied)."""
+    return [(k, _to_hf_key(k)) for k in _our_keys(cfg)]
+
+
 def _to_hf_key(key: str) -> str:
     return key if key == _HEAD else f"model.{key}"
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.family import Piece
+from model.init import Fill, InitRule, Normal, fill_parameters, seed_source
 from model.layers import Attention, GatedMLP, KVCache, RMSNorm, rope_cos_sin
 from model.llama.config import LlamaConfig
 
@@ -112,30 +113,44 @@ class LlamaForCausalLM(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Recompute the RoPE buffers and initialise every parameter from `seed`.
 
-        Values are drawn in fp32 from one CPU `torch.Generator(seed)` in `named_parameters()`
-        order, then copied to each parameter's device and dtype, so the result does not depend
-        on the device. Linear and embedding weights ~ N(0, initializer_range) as HF
+        Each parameter is drawn in fp32 by `model.init.init_values` from generators seeded by
+        (seed, its name), then copied to its device and dtype, so the result depends neither on
+        the device nor on the order or layout in which parameters are built (a ZeRO-3 rank or a
+        pipeline stage draws only its own part, `trainer.construct`). Distributions:
+        `init_rule`.
+        """
+        self.tie_weights()
+        for name, value in self.fresh_buffers().items():
+            getattr(self, name).copy_(value)
+        fill_parameters(self, seed_source(self, seed))
+
+    def init_rule(self, name: str) -> InitRule:
+        """The initial distribution of parameter `name` (a key of `named_parameters()`).
+
+        Linear and embedding weights ~ N(0, initializer_range) as HF
         `LlamaPreTrainedModel._init_weights`; the residual output projections `o_proj` and
         `down_proj` use std initializer_range / sqrt(2 * num_hidden_layers) (GPT-2, Radford et
         al. 2019, Sec. 2.3; Megatron-LM `scaled_init_method_normal`, Shoeybi et al. 2019);
         RMSNorm weights are ones.
+
+        Raises:
+            KeyError: `name` is not a parameter of this model.
         """
         cfg = self.config
-        self.tie_weights()
+        if name.endswith("norm.weight"):  # input_layernorm, post_attention_layernorm, norm
+            return Fill(1.0)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            return Normal(cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+        if name.endswith(("_proj.weight", "embed_tokens.weight", "lm_head.weight")):
+            return Normal(cfg.initializer_range)
+        raise KeyError(f"{name!r} is not a parameter of LlamaForCausalLM")
+
+    def fresh_buffers(self) -> dict[str, Tensor]:
+        """The non-persistent buffers' values, computed anew: the RoPE tables ``rope_cos``,
+        ``rope_sin``, each (max_position_embeddings, Dh) fp32 on the CPU (`rope_cos_sin`)."""
+        cfg = self.config
         cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        residual_std = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
-        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
-        for name, param in self.named_parameters():  # tied weights appear once
-            if id(param) in norm_weights:
-                param.fill_(1.0)
-                continue
-            is_residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-            std = residual_std if is_residual else cfg.initializer_range
-            values = torch.empty(param.shape, dtype=torch.float32)
-            param.copy_(values.normal_(0.0, std, generator=generator))
+        return {"rope_cos": cos, "rope_sin": sin}
 
     def blocks(self) -> list[nn.Module]:
         """The repeated transformer blocks, in order (activation checkpointing wraps these)."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.family import Piece
+from model.init import Fill, InitRule, Normal, fill_parameters, seed_source
 from model.layers import GatedMLP, KVCache, RMSNorm
 from model.t5.config import T5Config
 
@@ -292,9 +293,20 @@ class T5ForConditionalGeneration(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Initialise every parameter from `seed` as the T5 reference (Mesh TensorFlow's
-        variance-scaling initialisers, reproduced by HF `T5PreTrainedModel._init_weights`),
-        all times ``initializer_factor`` c:
+        """Initialise every parameter from `seed` with the distributions of `init_rule`.
+
+        Each parameter is drawn in fp32 by `model.init.init_values` from generators seeded by
+        (seed, its name), so the values depend neither on the device nor on the order or layout
+        in which parameters are built (a ZeRO-3 rank or a pipeline stage draws only its own
+        part, `trainer.construct`).
+        """
+        self.tie_weights()
+        fill_parameters(self, seed_source(self, seed))
+
+    def init_rule(self, name: str) -> InitRule:
+        """The initial distribution of parameter `name` (a key of `named_parameters()`), as the
+        T5 reference (Mesh TensorFlow's variance-scaling initialisers, reproduced by HF
+        `T5PreTrainedModel._init_weights`), all times ``initializer_factor`` c:
 
         - embedding: N(0, c); q: N(0, c (D Dk)^-1/2) (the folded 1/sqrt(Dk) score scale);
           k, v: N(0, c D^-1/2); o: N(0, c (H Dk)^-1/2); wi_0, wi_1: N(0, c D^-1/2);
@@ -304,13 +316,13 @@ class T5ForConditionalGeneration(nn.Module):
           which gives initial logits a std of sqrt(D)). A tied head is the embedding and the
           decoder output is then scaled by D^-1/2 in `forward`, as T5.
 
-        Values are drawn in fp32 from one CPU generator in `named_parameters()` order, so they
-        do not depend on the device.
+        Raises:
+            KeyError: `name` is not a parameter of this model.
         """
         cfg, c = self.config, self.config.initializer_factor
         d, inner, ff = cfg.d_model, cfg.inner_dim, cfg.d_ff
-        self.tie_weights()
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        if name.endswith("norm.weight"):  # the blocks' *_norm and the stacks' final_layer_norm
+            return Fill(1.0)
         stds = {
             "shared.weight": c,
             "lm_head.weight": c * d**-0.5,
@@ -323,14 +335,14 @@ class T5ForConditionalGeneration(nn.Module):
             "down_proj.weight": c * ff**-0.5,
             "relative_attention_bias.embedding.weight": c * d**-0.5,
         }
-        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
-        for name, param in self.named_parameters():  # tied weights appear once
-            if id(param) in norm_weights:
-                param.fill_(1.0)
-                continue
-            std = next(s for suffix, s in stds.items() if name.endswith(suffix))
-            values = torch.empty(param.shape, dtype=torch.float32)
-            param.copy_(values.normal_(0.0, std, generator=generator))
+        for suffix, std in stds.items():
+            if name.endswith(suffix):
+                return Normal(std)
+        raise KeyError(f"{name!r} is not a parameter of T5ForConditionalGeneration")
+
+    def fresh_buffers(self) -> dict[str, Tensor]:
+        """The non-persistent buffers' values: T5 has none (its position bias is learned)."""
+        return {}
 
     def blocks(self) -> list[nn.Module]:
         """The repeated blocks, encoder then decoder (activation checkpointing wraps these)."""
