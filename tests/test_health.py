@@ -1,0 +1,310 @@
+"""The training-health supervisor (trainer/health.py): detection rules, fault injection, and the
+real loop on 2 gloo ranks skipping, recording and stopping on injected faults."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import t5_sections, train_config
+from distributed import run_distributed, train_in_process
+
+from trainer.config import load_config
+from trainer.engine import lr_lambda
+from trainer.errors import ConfigError, TrainingDivergedError
+from trainer.health import (
+    FaultInjector,
+    Supervisor,
+    parse_faults,
+    robust_threshold,
+)
+
+
+# -- rules (fast) ---------------------------------------------------------------------------------
+def test_parse_faults():
+    assert [(f.kind, f.rank, f.step, f.factor) for f in parse_faults("nan@rank1:step4")] == [
+        ("nan", 1, 4, 1.0)
+    ]
+    faults = parse_faults("nan@rank0:step2, spike@rank1:step5:x1000")
+    assert [(f.kind, f.rank, f.step, f.factor) for f in faults] == [
+        ("nan", 0, 2, 1.0),
+        ("spike", 1, 5, 1000.0),
+    ]
+    assert parse_faults("") == []
+    for bad in ("nan@1:4", "spike@rank0:step3", "nan@rank0:step3:x2", "drop@rank0:step1"):
+        with pytest.raises(ValueError, match="KILN_FAULT"):
+            parse_faults(bad)
+
+
+def test_fault_injector_applies_only_to_its_rank_and_step():
+    loss = torch.tensor(2.0)
+    injector = FaultInjector(1, "nan@rank1:step4,spike@rank1:step5:x10,nan@rank0:step6")
+    assert torch.isnan(injector.apply(loss, 4))
+    assert injector.apply(loss, 5).item() == 20.0
+    assert injector.apply(loss, 6).item() == 2.0  # rank 0's
+    assert not FaultInjector(0, "nan@rank1:step4")
+    assert not FaultInjector(0, "")
+
+
+def test_robust_threshold_is_median_plus_k_scaled_mad():
+    values = [1.0, 2.0, 3.0, 4.0, 100.0]  # median 3, |x - 3| = 2 1 0 1 97: MAD 1
+    assert robust_threshold(values, 6.0) == pytest.approx(3 + 6 * 1.4826)
+    # a flat window: the MAD floor (1e-3 of the median) keeps rounding noise below it
+    assert robust_threshold([2.0] * 4, 6.0) == pytest.approx(2 + 6 * 1.4826 * 2e-3)
+
+
+def _supervisor(**health) -> Supervisor:
+    overrides = [f"health.{k}={v}" for k, v in {"window": 3, **health}.items()]
+    return Supervisor(load_config(None, overrides).health, world_size=2)
+
+
+def test_supervisor_nonfinite_loss_names_the_rank_and_keeps_the_window():
+    s = _supervisor()
+    assert s.decide(1, [2.0, 2.1], [True, True], None) == ("none", [])
+    action, events = s.decide(2, [2.0, math.nan], [True, True], None)
+    assert action == "skip_step"
+    (event,) = events
+    assert (event.step, event.kind, event.ranks, event.action) == (2, "nonfinite_loss", [1], action)
+    assert list(s.losses) == [2.05]  # the skipped step's loss stays out of the statistic
+
+
+def test_supervisor_loss_spike_after_a_full_window():
+    s = _supervisor(on_spike="stop")
+    for step, loss in enumerate([3.0, 2.9, 2.8], start=1):
+        assert s.decide(step, [loss, loss], [True, True], None)[0] == "none"
+    action, (event,) = s.decide(4, [2.7, 9.0], [True, True], None)
+    assert (action, event.kind, event.ranks) == ("stop", "loss_spike", [1])
+    assert event.value == pytest.approx(5.85)
+    assert event.threshold == pytest.approx(2.9 + 6 * 1.4826 * 0.1)
+    assert s.decide(5, [2.7, 2.7], [True, True], None)[0] == "none"  # a lower loss is fine
+
+
+def test_supervisor_grad_norm_is_checked_one_step_late():
+    s = _supervisor(on_grad_norm_spike="stop", on_nonfinite="warn")
+    for step in range(1, 5):
+        assert s.decide(step, [2.0, 2.0], [True, True], 1.0 + step / 100)[0] == "none"
+    action, (event,) = s.decide(5, [2.0, 2.0], [True, True], 50.0)
+    assert (action, event.step, event.kind, event.ranks) == ("stop", 4, "grad_norm_spike", [0, 1])
+    action, (event,) = s.decide(6, [2.0, 2.0], [True, True], math.inf)
+    assert (action, event.kind) == ("stop", "nonfinite_grad_norm")
+
+
+def test_supervisor_pipeline_losses_come_from_the_last_stages():
+    s = _supervisor()
+    action, (event,) = s.decide(1, [0.0, math.inf], [False, True], None)
+    assert (action, event.ranks) == ("skip_step", [1])
+    assert s.decide(2, [0.0, 2.0], [False, True], None) == ("none", [])
+    assert list(s.losses) == [2.0]
+
+
+def test_supervisor_disabled_decides_nothing():
+    assert _supervisor(enabled="false").decide(1, [math.nan] * 2, [True] * 2, None) == ("none", [])
+
+
+def test_health_config_refuses_rollback_and_unskippable_grad_norm():
+    with pytest.raises(ConfigError, match=r"health.on_spike=rollback is not built yet"):
+        load_config(None, ["health.on_spike=rollback"])
+    with pytest.raises(ConfigError, match="on_grad_norm_spike"):
+        load_config(None, ["health.on_grad_norm_spike=skip_step"])
+    cfg = load_config(None, []).health
+    assert (cfg.enabled, cfg.on_nonfinite, cfg.on_spike) == (True, "skip_step", "warn")
+
+
+# -- the real loop on 2 gloo ranks -------------------------------------------------------------
+def _train_with_faults(*runs: tuple[str, Path]) -> list[tuple[str, str]]:
+    """On each rank: train each ``(KILN_FAULT, config)`` in turn; ``("done", run_dir)`` or
+    ``("stopped", message)`` per run."""
+    out = []
+    for fault, config in runs:
+        os.environ["KILN_FAULT"] = fault
+        try:
+            out.append(("done", str(train_in_process(config))))
+        except TrainingDivergedError as e:
+            out.append(("stopped", str(e)))
+        finally:
+            del os.environ["KILN_FAULT"]
+    return out
+
+
+def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside a loaded checkpoint object, by its path of keys."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj or ())
+    if not isinstance(obj, dict | list | tuple):
+        items = vars(obj).items() if hasattr(obj, "__dict__") else ()
+    out = {}
+    for k, v in items:
+        out.update(_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
+def _checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """All tensors (parameters, optimizer state, fp32 partitions) of a DeepSpeed checkpoint."""
+    out = {}
+    files = sorted(ckpt.rglob("*.pt"))
+    assert files, f"no checkpoint files in {ckpt}"
+    for f in files:
+        loaded = torch.load(f, map_location="cpu", weights_only=False)
+        out.update(_tensors(loaded, f.name))
+    return out
+
+
+def _assert_bitwise_equal(a: Path, b: Path) -> None:
+    ta, tb = _checkpoint_tensors(a), _checkpoint_tensors(b)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{a.name} and {b.name} differ in {different[:5]}"
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "health.jsonl").read_text().splitlines()]
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run) if "loss" in r}
+
+
+SKIP_LAYOUTS = {
+    "llama-zero0": ("llama", {"parallel__zero_stage": 0}),
+    "llama-zero3": ("llama", {"parallel__zero_stage": 3}),
+    "t5-zero0": ("t5", {"parallel__zero_stage": 0}),
+    "t5-zero3": ("t5", {"parallel__zero_stage": 3}),
+    "llama-pipe": ("llama", {"parallel__zero_stage": 1, "parallel__pipeline_stages": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def nan_skip_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
+    """6 steps of each layout in SKIP_LAYOUTS on 2 ranks, rank 1's loss NaN at step 4,
+    ``health.on_nonfinite=skip_step``, a checkpoint at every step (one worker start-up)."""
+    configs = []
+    for name, (family, sections) in SKIP_LAYOUTS.items():
+        data = prepared_data if family == "llama" else prepared_t5_data
+        extra = t5_sections(**sections) if family == "t5" else sections
+        tmp = tmp_path_factory.mktemp(name)
+        config = train_config(
+            tmp,
+            data,
+            checkpoint__save_every=1,
+            checkpoint__keep_last=10,
+            train__eval_samples=2,
+            **extra,
+        )
+        configs.append(("nan@rank1:step4", config))
+    results = run_distributed(_train_with_faults, 2, *configs)[0]
+    assert [status for status, _ in results] == ["done"] * len(configs), results
+    return {name: Path(run) for name, (_, run) in zip(SKIP_LAYOUTS, results, strict=True)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", SKIP_LAYOUTS)
+def test_nan_on_one_rank_skips_the_update_on_all(nan_skip_runs, layout):
+    run = nan_skip_runs[layout]
+    ckpts = run / "checkpoints"
+    # parameters and optimizer state after step 4 are those after step 3, bit for bit ...
+    _assert_bitwise_equal(ckpts / "step-3", ckpts / "step-4")
+    # ... and the steps around it did update them
+    with pytest.raises(AssertionError, match="differ"):
+        _assert_bitwise_equal(ckpts / "step-4", ckpts / "step-5")
+    with pytest.raises(AssertionError, match="differ"):
+        _assert_bitwise_equal(ckpts / "step-2", ckpts / "step-3")
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # the run finished
+    assert math.isnan(losses[4]) and all(math.isfinite(losses[s]) for s in (1, 2, 3, 5, 6))
+    (event,) = _events(run)
+    assert (event["step"], event["kind"], event["ranks"], event["action"]) == (
+        4,
+        "nonfinite_loss",
+        [1],
+        "skip_step",
+    )
+    assert event["threshold"] is None and math.isnan(event["value"])
+    # rank 1's samples of step 4 (its replica's, under the pipeline), as it logged them
+    replica = 0 if layout.endswith("pipe") else 1
+    logged = [
+        json.loads(line)
+        for line in (run / "sample_ids" / f"rank{replica}.jsonl").read_text().splitlines()
+    ]
+    assert event["sample_ids"] == next(r["ids"] for r in logged if r["step"] == 4)
+    # the learning-rate schedule kept its pace: each step used the rate of its step number
+    train = load_config(run / "config.yaml").train
+    rates = {r["step"]: r["lr"] for r in _records(run) if "lr" in r}
+    assert rates == pytest.approx({s: train.lr * lr_lambda(train)(s - 1) for s in range(1, 7)})
+
+
+@pytest.fixture(scope="module")
+def spike_runs(prepared_data, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """The decoder under ZeRO 0 on 2 ranks, window 3, rank 0's loss x1000 at step 5: with
+    ``on_spike=warn`` (7 steps) and with ``on_spike=stop``."""
+    runs = {}
+    for action in ("warn", "stop"):
+        config = train_config(
+            tmp_path_factory.mktemp(f"spike-{action}"),
+            prepared_data,
+            train__max_steps=7,
+            train__eval_samples=2,
+            checkpoint__save_every=1000,
+            health__window=3,
+            health__on_spike=action,
+        )
+        runs[action] = ("spike@rank0:step5:x1000", config)
+    results = run_distributed(_train_with_faults, 2, *runs.values())[0]
+    return dict(zip(runs, results, strict=True))
+
+
+@pytest.mark.slow
+def test_spike_with_warn_is_recorded_and_training_goes_on(spike_runs):
+    status, run = spike_runs["warn"]
+    assert status == "done"
+    run = Path(run)
+    (event,) = _events(run)
+    assert (event["step"], event["kind"], event["ranks"], event["action"]) == (
+        5,
+        "loss_spike",
+        [0],
+        "warn",
+    )
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 8))
+    assert event["value"] == pytest.approx(losses[5], rel=1e-6)
+    assert event["value"] > event["threshold"] > max(losses[s] for s in (2, 3, 4))
+    assert len(event["sample_ids"]) == 4  # rank 0's 2 micro-batches of 2
+
+
+@pytest.mark.slow
+def test_spike_with_stop_saves_reports_and_fails(spike_runs):
+    status, message = spike_runs["stop"]
+    assert status == "stopped"
+    assert "training stopped at step 5: loss spike" in message
+    assert "health.on_spike=stop" in message
+    run = Path(message.split("the events are in ")[1].split("health.jsonl")[0])
+    (event,) = _events(run)
+    assert (event["step"], event["kind"], event["action"]) == (5, "loss_spike", "stop")
+    assert sorted(_losses(run)) == [1, 2, 3, 4, 5]  # nothing trained after it
+    state = json.loads((run / "checkpoints" / "step-5" / "trainer_state.json").read_text())
+    assert state["step"] == 5
+
+
+def test_skip_step_is_refused_for_an_optimizer_it_does_not_know():
+    from trainer.health import check_skip_supported
+
+    class Engine:
+        optimizer = type("MyOptimizer", (), {})()
+
+    with pytest.raises(ConfigError, match=r"health.on_spike cannot skip an update of"):
+        check_skip_supported(Engine(), "health.on_spike")
+
+
+def test_stop_is_shown_as_a_user_error():
+    from trainer.errors import USER_ERRORS
+
+    assert issubclass(TrainingDivergedError, USER_ERRORS)
