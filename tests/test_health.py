@@ -13,6 +13,7 @@ import torch
 from conftest import t5_sections, train_config
 from distributed import run_distributed, train_in_process
 
+from trainer.checkpoint import read_trainer_state, tag_for
 from trainer.config import load_config
 from trainer.engine import lr_lambda
 from trainer.errors import ConfigError, TrainingDivergedError
@@ -134,9 +135,12 @@ def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor inside a loaded checkpoint object, by its path of keys."""
     if isinstance(obj, torch.Tensor):
         return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj or ())
-    if not isinstance(obj, dict | list | tuple):
-        items = vars(obj).items() if hasattr(obj, "__dict__") else ()
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:  # numbers, strings, configs: no tensors
+        return {}
     out = {}
     for k, v in items:
         out.update(_tensors(v, f"{prefix}/{k}"))
@@ -209,14 +213,14 @@ def nan_skip_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str
 @pytest.mark.parametrize("layout", SKIP_LAYOUTS)
 def test_nan_on_one_rank_skips_the_update_on_all(nan_skip_runs, layout):
     run = nan_skip_runs[layout]
-    ckpts = run / "checkpoints"
+    ckpts = {s: run / "checkpoints" / tag_for(s) for s in range(1, 7)}
     # parameters and optimizer state after step 4 are those after step 3, bit for bit ...
-    _assert_bitwise_equal(ckpts / "step-3", ckpts / "step-4")
+    _assert_bitwise_equal(ckpts[3], ckpts[4])
     # ... and the steps around it did update them
     with pytest.raises(AssertionError, match="differ"):
-        _assert_bitwise_equal(ckpts / "step-4", ckpts / "step-5")
+        _assert_bitwise_equal(ckpts[4], ckpts[5])
     with pytest.raises(AssertionError, match="differ"):
-        _assert_bitwise_equal(ckpts / "step-2", ckpts / "step-3")
+        _assert_bitwise_equal(ckpts[2], ckpts[3])
     losses = _losses(run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # the run finished
     assert math.isnan(losses[4]) and all(math.isfinite(losses[s]) for s in (1, 2, 3, 5, 6))
@@ -266,13 +270,22 @@ def test_spike_with_warn_is_recorded_and_training_goes_on(spike_runs):
     status, run = spike_runs["warn"]
     assert status == "done"
     run = Path(run)
-    (event,) = _events(run)
+    # the loss at step 5, and its gradient norm, known after the update, at step 6's check
+    event, norm_event = _events(run)
     assert (event["step"], event["kind"], event["ranks"], event["action"]) == (
         5,
         "loss_spike",
         [0],
         "warn",
     )
+    assert (norm_event["step"], norm_event["kind"], norm_event["action"]) == (
+        5,
+        "grad_norm_spike",
+        "warn",
+    )
+    norms = {r["step"]: r["grad_norm"] for r in _records(run) if "grad_norm" in r}
+    assert norm_event["value"] == pytest.approx(norms[5], rel=1e-5)
+    assert norm_event["threshold"] < norms[5]
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 8))
     assert event["value"] == pytest.approx(losses[5], rel=1e-6)
@@ -290,8 +303,7 @@ def test_spike_with_stop_saves_reports_and_fails(spike_runs):
     (event,) = _events(run)
     assert (event["step"], event["kind"], event["action"]) == (5, "loss_spike", "stop")
     assert sorted(_losses(run)) == [1, 2, 3, 4, 5]  # nothing trained after it
-    state = json.loads((run / "checkpoints" / "step-5" / "trainer_state.json").read_text())
-    assert state["step"] == 5
+    assert read_trainer_state(run / "checkpoints" / tag_for(5))["step"] == 5
 
 
 def test_skip_step_is_refused_for_an_optimizer_it_does_not_know():
