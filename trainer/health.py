@@ -250,7 +250,7 @@ def _skip_patches(optimizer: Any) -> tuple[dict[str, Any], Callable[[], bool]] |
     """How to make ``optimizer`` (an engine's) skip its next step through DeepSpeed's own
     overflow path: instance attributes to set, and a check that it did. None if unknown."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -272,7 +272,10 @@ def _skip_patches(optimizer: Any) -> tuple[dict[str, Any], Callable[[], bool]] |
             optimizer.overflow = True
 
         return {"check_grad_overflow": True, "check_overflow": check_overflow}, overflowed
-    if isinstance(optimizer, FP16_Optimizer):  # ZeRO-0 with fp16 or bf16
+    if isinstance(optimizer, FP16_UnfusedOptimizer):  # ZeRO-0 with bf16 or fp16 (torch AdamW)
+        # step(): `self.overflow = self.overflow_checker.check()`, then its
+        # _skip_invalid_grad_norm: gradients freed, no update. (The fused FP16_Optimizer comes
+        # with DeepSpeed's FusedAdam, which Kiln does not build: refused, untested.)
         checker = optimizer.overflow_checker
         return {"overflow_checker": _AlwaysOverflow(checker)}, overflowed
     if isinstance(optimizer, BF16_Optimizer):
@@ -291,12 +294,12 @@ def _skip_patches(optimizer: Any) -> tuple[dict[str, Any], Callable[[], bool]] |
 
 
 class _AlwaysOverflow:
-    """An FP16_Optimizer overflow checker that reports an overflow."""
+    """An FP16_UnfusedOptimizer overflow checker that reports an overflow."""
 
     def __init__(self, checker: Any):
         self.checker = checker
 
-    def has_overflow(self, params: Any, *args: Any, **kwargs: Any) -> bool:
+    def check(self, *args: Any, **kwargs: Any) -> bool:
         return True
 
     def __getattr__(self, name: str) -> Any:
@@ -313,7 +316,8 @@ def check_skip_supported(engine: Any, setting: str) -> None:
     if _skip_patches(engine.optimizer) is None:
         raise ConfigError(
             f"{setting} cannot skip an update of DeepSpeed's {type(engine.optimizer).__name__} "
-            f"(the supervisor knows the ZeRO 0-3, bf16 and pipeline optimizers); set it to warn"
+            f"(the supervisor skips updates of the optimizers Kiln builds under ZeRO 0-3 and the "
+            f"pipeline engine); set {setting}=warn"
         )
 
 
