@@ -330,3 +330,50 @@ def test_stop_is_shown_as_a_user_error():
     from trainer.errors import USER_ERRORS
 
     assert issubclass(TrainingDivergedError, USER_ERRORS)
+
+
+@pytest.mark.slow
+def test_kiln_train_stop_exits_non_zero_with_one_message(prepared_data, tmp_path):
+    """`kiln train` with ``health.on_nonfinite=stop``: the run saves, the launcher shows the
+    report once (no traceback) and exits 1; health.jsonl names the step."""
+    from conftest import kiln
+
+    config = train_config(
+        tmp_path,
+        prepared_data,
+        train__max_steps=4,
+        train__eval_samples=2,
+        checkpoint__save_every=1000,
+        health__on_nonfinite="stop",
+    )
+    result = kiln(
+        "train", str(config), "--nproc", "1", "--sample-prompt", "",
+        extra_env={"KILN_FAULT": "nan@rank0:step2"},
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    assert output.count("training stopped at step 2: nonfinite loss") == 1, output
+    run = tmp_path / "run"
+    (event,) = _events(run)
+    assert (event["step"], event["kind"], event["action"]) == (2, "nonfinite_loss", "stop")
+    assert read_trainer_state(run / "checkpoints" / tag_for(2))["step"] == 2
+
+
+def test_wandb_logger_logs_health_events():
+    from trainer.callbacks import WandbLogger
+    from trainer.health import HealthEvent
+
+    logged = []
+
+    class Run:
+        def log(self, record, step):
+            logged.append((step, record))
+
+    logger = WandbLogger.__new__(WandbLogger)  # without wandb.init
+    logger.run = Run()
+    logger.on_health_event(None, HealthEvent(4, "nonfinite_loss", math.nan, None, [1], "skip_step"))
+    logger.on_health_event(None, HealthEvent(7, "loss_spike", 9.0, 3.5, [0], "warn"))
+    assert logged[0][0] == 4 and math.isnan(logged[0][1]["health/nonfinite_loss"])
+    assert logged[0][1]["health/skipped_steps"] == 1
+    assert logged[1] == (7, {"health/loss_spike": 9.0, "health/loss_spike_threshold": 3.5})
