@@ -102,6 +102,20 @@ def test_supervisor_pipeline_losses_come_from_the_last_stages():
     assert list(s.losses) == [2.0]
 
 
+def test_supervisor_state_round_trip():
+    s = _supervisor()
+    for step in range(1, 6):
+        s.decide(step, [float(step)] * 2, [True] * 2, 0.5 * step)
+    restored = _supervisor()
+    restored.load_state(json.loads(json.dumps(s.state())))
+    assert (
+        restored.state() == s.state() == {"losses": [3.0, 4.0, 5.0], "grad_norms": [1.5, 2.0, 2.5]}
+    )
+    assert restored.decide(6, [9.0, 9.0], [True] * 2, None) == s.decide(
+        6, [9.0, 9.0], [True] * 2, None
+    )
+
+
 def test_supervisor_disabled_decides_nothing():
     assert _supervisor(enabled="false").decide(1, [math.nan] * 2, [True] * 2, None) == ("none", [])
 
@@ -234,6 +248,9 @@ def test_nan_on_one_rank_skips_the_update_on_all(nan_skip_runs, layout):
     losses = _losses(run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # the run finished
     assert math.isnan(losses[4]) and all(math.isfinite(losses[s]) for s in (1, 2, 3, 5, 6))
+    # the spike statistic's window, saved for a resume, holds the applied steps' losses
+    window = read_trainer_state(ckpts[6])["health"]["losses"]
+    assert window == pytest.approx([losses[s] for s in (1, 2, 3, 5, 6)], rel=1e-5)
     (event,) = _events(run)
     assert (event["step"], event["kind"], event["ranks"], event["action"]) == (
         4,

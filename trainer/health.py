@@ -43,12 +43,13 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainingDivergedError
 
 if TYPE_CHECKING:
     from trainer.config import HealthConfig
@@ -57,6 +58,12 @@ FAULT_ENV = "KILN_FAULT"
 MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): MAD * this estimates sigma for normal data
 MIN_RELATIVE_MAD = 1e-3
 SEVERITY = {"warn": 0, "skip_step": 1, "stop": 2}
+SETTING = {  # the config field that chose each kind's action
+    "nonfinite_loss": "health.on_nonfinite",
+    "loss_spike": "health.on_spike",
+    "nonfinite_grad_norm": "health.on_grad_norm_spike",
+    "grad_norm_spike": "health.on_grad_norm_spike",
+}
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,17 @@ class Supervisor:
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.grad_norms: deque[float] = deque(maxlen=cfg.window)
 
+    def state(self) -> dict[str, list[float]]:
+        """The windows, for the checkpoint (so a resumed run detects as an uninterrupted one)."""
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}
+
+    def load_state(self, state: dict[str, list[float]]) -> None:
+        """Restore :meth:`state` (``{}``: empty windows)."""
+        self.losses.clear()
+        self.losses.extend(state.get("losses", []))
+        self.grad_norms.clear()
+        self.grad_norms.extend(state.get("grad_norms", []))
+
     def _spike(self, window: deque[float], value: float) -> float | None:
         """The threshold ``value`` exceeds, or None (window not yet full, or no spike)."""
         if len(window) < self.cfg.window:
@@ -223,6 +241,19 @@ class Supervisor:
         if action in ("none", "warn") and not bad:
             self.losses.append(mean)
         return action, events
+
+
+def stop_error(events: list[HealthEvent], step: int, report: Path) -> TrainingDivergedError:
+    """The error a ``stop`` action ends the run with: the first stopping event of ``events``,
+    the step whose update was not applied (1-based) and where the report is."""
+    e = next(e for e in events if e.action == "stop")
+    threshold = f", threshold {e.threshold:.6g}" if e.threshold is not None else ""
+    return TrainingDivergedError(
+        f"training stopped at step {e.step}: {e.kind.replace('_', ' ')} (value {e.value:.6g}"
+        f"{threshold}, ranks {e.ranks}) with {SETTING[e.kind]}=stop; the update of step {step} "
+        f"was not applied and the run is saved at step {step}; the events are in {report}. "
+        f"Resuming with the same command goes on after this step's data"
+    )
 
 
 def _patched(obj: Any, values: dict[str, Any]) -> contextlib.AbstractContextManager:

@@ -29,7 +29,6 @@ from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import TrainData
 from trainer.distributed import World
 from trainer.engine import group_weight_decays
-from trainer.errors import TrainingDivergedError
 from trainer.estimate import flops_per_token
 from trainer.fingerprint import run_fingerprint
 from trainer.objectives import IGNORE_INDEX, token_loss
@@ -100,7 +99,7 @@ class Trainer:
         self.supervisor = health.Supervisor(cfg.health, world.world_size)
         self.faults = health.FaultInjector(world.rank)
         self.health_events: list[health.HealthEvent] = []  # of the last step
-        self.health_stop: TrainingDivergedError | None = None  # set when an action was `stop`
+        self.health_stop: Exception | None = None  # set when an action was `stop`
         self._skip_update = False  # the agreed action of this step skips its update
         self._step_loss: torch.Tensor | None = None  # this rank's mean loss of the step
         self._prev_grad_norm: Any = None  # the last applied update's norm (None: skipped)
@@ -172,22 +171,10 @@ class Trainer:
             None if flags[2] == -1.0 else flags[2],
         )
         self._skip_update = action in ("skip_step", "stop")
-        if action == "stop":
+        if action == "stop":  # after this step is saved (Checkpointer), fit raises
             self.stopping = True
-            first = next(e for e in self.health_events if e.action == "stop")
-            self.health_stop = TrainingDivergedError(
-                f"training stopped at step {first.step}: {first.kind.replace('_', ' ')} "
-                f"(value {first.value:.6g}"
-                + (f", threshold {first.threshold:.6g}" if first.threshold is not None else "")
-                + f", ranks {first.ranks}) with health.on_"
-                + {"loss_spike": "spike", "nonfinite_loss": "nonfinite"}.get(
-                    first.kind, "grad_norm_spike"
-                )
-                + f"=stop; the update of step {self.step + 1} was not applied and the run is "
-                f"saved at step {self.step + 1}; the events are in "
-                f"{self.run_folder.local / 'health.jsonl'}. Resuming with the same command "
-                f"goes on after this step's data"
-            )
+            report = self.run_folder.local / "health.jsonl"
+            self.health_stop = health.stop_error(self.health_events, self.step + 1, report)
 
     def _supervised_model_step(self, lr_kwargs=None) -> None:
         """Replaces the engine's ``_take_model_step``: agree, then update or skip."""
@@ -359,6 +346,7 @@ class Trainer:
             "hardware": distributed.hardware(self.world),
             "config": self.cfg.model_dump(mode="json"),
             "fingerprint": self.fingerprint,
+            "health": self.supervisor.state(),
         }
 
     def save(self) -> Path:
@@ -385,6 +373,7 @@ class Trainer:
         self.consumed_samples = state["consumed_samples"]
         self.tokens_seen = state["tokens_seen"]
         self.wandb_run_id = state["wandb_run_id"]
+        self.supervisor.load_state(state.get("health", {}))  # absent before the supervisor
         if self.consumed_samples != self.step * self.plan.global_batch_size:
             raise ValueError(
                 f"{ckpt} consumed {self.consumed_samples} samples in {self.step} steps, which a "
