@@ -211,23 +211,26 @@ SKIP_LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def nan_skip_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
-    """6 steps of each layout in SKIP_LAYOUTS on 2 ranks, rank 1's loss NaN at step 4,
-    ``health.on_nonfinite=skip_step``, a checkpoint at every step (one worker start-up)."""
+def skip_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
+    """7 steps of each layout in SKIP_LAYOUTS on 2 ranks: rank 1's loss NaN at step 4 and x1000
+    at step 6, ``health.on_nonfinite=skip_step``, ``on_spike=skip_step`` over a window of 3,
+    a checkpoint at every step (one worker start-up for them all)."""
     configs = []
     for name, (family, sections) in SKIP_LAYOUTS.items():
         data = prepared_data if family == "llama" else prepared_t5_data
         extra = t5_sections(**sections) if family == "t5" else sections
-        tmp = tmp_path_factory.mktemp(name)
         config = train_config(
-            tmp,
+            tmp_path_factory.mktemp(name),
             data,
+            train__max_steps=7,
+            train__eval_samples=2,
             checkpoint__save_every=1,
             checkpoint__keep_last=10,
-            train__eval_samples=2,
+            health__window=3,
+            health__on_spike="skip_step",
             **extra,
         )
-        configs.append(("nan@rank1:step4", config))
+        configs.append(("nan@rank1:step4,spike@rank1:step6:x1000", config))
     results = run_distributed(_train_with_faults, 2, *configs)[0]
     assert [status for status, _ in results] == ["done"] * len(configs), results
     return {name: Path(run) for name, (_, run) in zip(SKIP_LAYOUTS, results, strict=True)}
@@ -235,41 +238,51 @@ def nan_skip_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", SKIP_LAYOUTS)
-def test_nan_on_one_rank_skips_the_update_on_all(nan_skip_runs, layout):
-    run = nan_skip_runs[layout]
-    ckpts = {s: run / "checkpoints" / tag_for(s) for s in range(1, 7)}
-    # parameters and optimizer state after step 4 are those after step 3, bit for bit ...
+def test_skip_step_leaves_parameters_and_optimizer_bitwise(skip_runs, layout):
+    """A NaN on one rank (non-finite gradients) and a spike (finite ones, which DeepSpeed would
+    apply): every rank skips both updates."""
+    run = skip_runs[layout]
+    ckpts = {s: run / "checkpoints" / tag_for(s) for s in range(1, 8)}
+    # parameters and optimizer state after steps 4 and 6 are those after 3 and 5, bit for bit
     _assert_bitwise_equal(ckpts[3], ckpts[4])
-    # ... and the steps around it did update them
-    with pytest.raises(AssertionError, match="differ"):
-        _assert_bitwise_equal(ckpts[4], ckpts[5])
-    with pytest.raises(AssertionError, match="differ"):
-        _assert_bitwise_equal(ckpts[2], ckpts[3])
+    _assert_bitwise_equal(ckpts[5], ckpts[6])
+    for before, after in ((2, 3), (4, 5), (6, 7)):  # and the other steps did update them
+        with pytest.raises(AssertionError, match="differ"):
+            _assert_bitwise_equal(ckpts[before], ckpts[after])
     losses = _losses(run)
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # the run finished
-    assert math.isnan(losses[4]) and all(math.isfinite(losses[s]) for s in (1, 2, 3, 5, 6))
-    # the spike statistic's window, saved for a resume, holds the applied steps' losses
-    window = read_trainer_state(ckpts[6])["health"]["losses"]
-    assert window == pytest.approx([losses[s] for s in (1, 2, 3, 5, 6)], rel=1e-5)
-    (event,) = _events(run)
-    assert (event["step"], event["kind"], event["ranks"], event["action"]) == (
+    assert sorted(losses) == list(range(1, 8))  # the run finished
+    applied = (1, 2, 3, 5, 7)
+    assert math.isnan(losses[4]) and all(math.isfinite(losses[s]) for s in applied)
+    assert losses[6] > 100 * losses[5]
+    # the spike statistic's window, saved for a resume, holds the last applied steps' losses
+    window = read_trainer_state(ckpts[7])["health"]["losses"]
+    assert window == pytest.approx([losses[s] for s in (3, 5, 7)], rel=1e-5)
+    nan_event, spike_event = _events(run)
+    assert (nan_event["step"], nan_event["kind"], nan_event["ranks"], nan_event["action"]) == (
         4,
         "nonfinite_loss",
         [1],
         "skip_step",
     )
-    assert event["threshold"] is None and math.isnan(event["value"])
+    assert nan_event["threshold"] is None and math.isnan(nan_event["value"])
+    assert (spike_event["step"], spike_event["kind"], spike_event["action"]) == (
+        6,
+        "loss_spike",
+        "skip_step",
+    )
+    assert spike_event["value"] == pytest.approx(losses[6], rel=1e-5)
+    assert spike_event["threshold"] < 2 * max(losses[s] for s in (2, 3, 5))
     # rank 1's samples of step 4 (its replica's, under the pipeline), as it logged them
     replica = 0 if "pipe" in layout else 1
     logged = [
         json.loads(line)
         for line in (run / "sample_ids" / f"rank{replica}.jsonl").read_text().splitlines()
     ]
-    assert event["sample_ids"] == next(r["ids"] for r in logged if r["step"] == 4)
+    assert nan_event["sample_ids"] == next(r["ids"] for r in logged if r["step"] == 4)
     # the learning-rate schedule kept its pace: each step used the rate of its step number
     train = load_config(run / "config.yaml").train
     rates = {r["step"]: r["lr"] for r in _records(run) if "lr" in r}
-    assert rates == pytest.approx({s: train.lr * lr_lambda(train)(s - 1) for s in range(1, 7)})
+    assert rates == pytest.approx({s: train.lr * lr_lambda(train)(s - 1) for s in range(1, 8)})
 
 
 @pytest.fixture(scope="module")
