@@ -104,7 +104,7 @@ class Trainer:
         self._step_loss: torch.Tensor | None = None  # this rank's mean loss of the step
         self._prev_grad_norm: Any = None  # the last applied update's norm (None: skipped)
         if cfg.health.enabled:
-            for name in ("on_nonfinite", "on_spike"):
+            for name in ("on_nonfinite", "on_spike", "on_grad_norm_spike"):  # stop skips too
                 if getattr(cfg.health, name) in ("skip_step", "stop"):
                     health.check_skip_supported(engine, f"health.{name}")
         # DeepSpeed calls _take_model_step once per optimizer step, after the last backward of
