@@ -25,11 +25,11 @@ Actions: ``warn`` records the event and goes on; ``skip_step`` does not apply th
 (parameters and optimizer state stay bitwise as they were, through DeepSpeed's own overflow-skip
 path: :func:`skipped_update`) while the data cursor and the learning-rate schedule move on, so
 the learning rate stays a function of the step number (a run with skipped steps still ends its
-decay at ``train.max_steps``; DeepSpeed's own fp16 skip holds the schedule back instead). Under fp16 a
-skipped step also lowers the dynamic loss scale, as an overflow does. ``stop`` skips the update
-too, saves, and ends the run with :class:`~trainer.errors.TrainingDivergedError` (the checkpoint
-holds the state before the bad step and resumes after its data). The windows are saved in every
-checkpoint, so a resumed run detects as an uninterrupted one would.
+decay at ``train.max_steps``; DeepSpeed's own fp16 skip holds the schedule back instead). Under
+fp16 a skipped step also lowers the dynamic loss scale, as an overflow does. ``stop`` skips the
+update too, saves, and ends the run with :class:`~trainer.errors.TrainingDivergedError` (the
+checkpoint holds the state before the bad step and resumes after its data). The windows are
+saved in every checkpoint, so a resumed run detects as an uninterrupted one would.
 
 Fault injection (for tests and rehearsals; off unless set): ``KILN_FAULT`` holds
 comma-separated faults ``KIND@rankR:stepS[:xF]``: ``nan@rank1:step4`` makes rank 1's loss NaN at
