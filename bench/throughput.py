@@ -5,8 +5,9 @@ What it measures, per model preset (``debug``, ``125m``: Llama presets; ``t5:deb
 
 * **Kiln**: the DeepSpeed engine of :func:`trainer.engine.build_engine`, stepped by
   :meth:`trainer.loop.Trainer.train_step` (the loop's own calls: ``engine(**inputs)``,
-  ``token_loss``, ``engine.backward``, ``engine.step``), for each ZeRO stage and process
-  count. The rest of ``Trainer.fit`` (stop-flag all-reduce, logging, eval) is not timed.
+  ``token_loss``, ``engine.backward``, ``engine.step`` with the step's agreement all-reduce
+  of stop flags and health values before the update), for each ZeRO stage and process count.
+  The rest of ``Trainer.fit`` (logging, eval, callbacks) is not timed.
 * **plain loop**: the same model, initialisation, synthetic batches and optimisation, in plain
   PyTorch: ``torch.optim.AdamW`` on the same parameter groups (:func:`trainer.engine.param_groups`),
   the same ``LambdaLR`` schedule, ``clip_grad_norm_`` at ``train.grad_clip``; no DeepSpeed.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from trainer.health import HealthEvent
     from trainer.loop import Trainer
 
 
@@ -32,6 +33,10 @@ class Callback:
         the callbacks'), on every rank at the same step (so it may run a collective)."""
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_health_event(self, trainer: Trainer, event: HealthEvent) -> None:
+        """After a step the health supervisor found unhealthy (:mod:`trainer.health`), once per
+        event, before the step's on_step_end, on every rank."""
 
     def on_train_end(self, trainer: Trainer) -> None: ...
 
@@ -174,8 +179,49 @@ class WandbLogger(Callback):
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=trainer.step)
 
+    def on_health_event(self, trainer: Trainer, event: HealthEvent) -> None:
+        """``health/<kind>`` (the value) and ``health/<kind>_threshold`` at the event's step;
+        ``health/skipped_steps`` counts skipped updates."""
+        record = {f"health/{event.kind}": event.value}
+        if event.threshold is not None:
+            record[f"health/{event.kind}_threshold"] = event.threshold
+        if event.action in ("skip_step", "stop"):
+            self.skipped = getattr(self, "skipped", 0) + 1
+            record["health/skipped_steps"] = self.skipped
+        self.run.log(record, step=event.step)
+
     def on_train_end(self, trainer: Trainer) -> None:
         self.run.finish()
+
+
+class HealthLog(Callback):
+    """Rank 0 appends each health event (:class:`trainer.health.HealthEvent`: step, kind, value,
+    threshold, ranks, sample ids, action) as one JSON line to ``<run_dir>/health.jsonl`` and
+    prints one console line; on (re)start drops the records of steps after the one the run
+    starts from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        drop_records_after(self.path, trainer.step)
+
+    def on_health_event(self, trainer: Trainer, event: HealthEvent) -> None:
+        event.sample_ids = trainer.step_sample_ids(event.step, event.ranks)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **event.record()}) + "\n")
+        threshold = f" > threshold {event.threshold:.6g}" if event.threshold is not None else ""
+        done = {
+            "warn": "training goes on",
+            "skip_step": "the update was skipped",
+            "stop": "stopping",
+        }[event.action]
+        print(
+            f"health: step {event.step}: {event.kind.replace('_', ' ')} {event.value:.6g}"
+            f"{threshold} on ranks {event.ranks}; {done} (health.jsonl)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class Checkpointer(Callback):

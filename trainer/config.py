@@ -247,6 +247,42 @@ class TrackingConfig(_Section):
     run_name: str | None = Field(None, description="wandb run name; default the run folder name")
 
 
+class HealthConfig(_Section):
+    """The training-health supervisor (:mod:`trainer.health`): checks every step, agreed by all
+    ranks, and what to do about an unhealthy one."""
+
+    enabled: bool = Field(True, description="check every step for non-finite losses and spikes")
+    window: Annotated[int, Field(ge=3)] = Field(
+        100, description="recent applied steps the spike statistic is taken over"
+    )
+    spike_threshold: PositiveFloat = Field(
+        6.0,
+        description="a spike is above median + spike_threshold x 1.4826 x MAD of the window",
+    )
+    on_nonfinite: Literal["warn", "skip_step", "stop"] = Field(
+        "skip_step", description="action on a NaN or infinite loss on any rank"
+    )
+    on_spike: Literal["warn", "skip_step", "stop"] = Field(
+        "warn", description="action on a loss spike"
+    )
+    on_grad_norm_spike: Literal["warn", "stop"] = Field(
+        "warn",
+        description="action on a non-finite or spiking gradient norm (known after the update, "
+        "so it cannot be skipped)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_built_yet(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("on_nonfinite", "on_spike", "on_grad_norm_spike"):
+                if data.get(key) == "rollback":
+                    raise ValueError(
+                        f"health.{key}=rollback is not built yet; use warn, skip_step or stop"
+                    )
+        return data
+
+
 class LaunchConfig(_Section):
     nproc_per_node: PositiveInt = Field(1, description="processes per node (one per GPU)")
     nnodes: PositiveInt = Field(1, description="nodes")
@@ -287,6 +323,7 @@ class KilnConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
     @property
     def derived(self) -> Derived:

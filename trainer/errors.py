@@ -27,13 +27,24 @@ class StorageFullError(RuntimeError):
     still saved, and how to go on."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """The health supervisor stopped the run (``health.on_*: stop``): the message names the
+    step, what was wrong and where the report and the checkpoint are."""
+
+
 # Set by a launcher that reads the failure records and shows them (`kiln train`): the ranks then
 # print nothing of their own; without it (Slurm's log, a torchrun started by hand) each prints one
 # line.
 COLLECTED_ENV = "KILN_COLLECTS_FAILURES"
 
 # What Kiln's checks raise with the fix in the message: shown without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, StorageFullError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    StorageFullError,
+    TrainingDivergedError,
+)
 
 
 def record_failure(error: BaseException, *, rank: int, log_dir: Path) -> dict[str, Any]:

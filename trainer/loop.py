@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer import checkpoint, distributed
+from trainer import checkpoint, distributed, health
 from trainer.callbacks import Callback
 from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import TrainData
@@ -95,6 +95,26 @@ class Trainer:
         )
         self._grad_norm: torch.Tensor | None = None  # a device tensor: read when logged
         self.dp_rank = engine.grid.data_parallel_id if self.pipelined else world.rank
+        # The health supervisor (trainer.health) decides at every update, on every rank alike.
+        self.supervisor = health.Supervisor(cfg.health, world.world_size)
+        self.faults = health.FaultInjector(world.rank)
+        self.health_events: list[health.HealthEvent] = []  # of the last step
+        self.health_stop: Exception | None = None  # set when an action was `stop`
+        self._skip_update = False  # the agreed action of this step skips its update
+        self._step_loss: torch.Tensor | None = None  # this rank's mean loss of the step
+        self._prev_grad_norm: Any = None  # the last applied update's norm (None: skipped)
+        if cfg.health.enabled:
+            for name in ("on_nonfinite", "on_spike", "on_grad_norm_spike"):  # stop skips too
+                if getattr(cfg.health, name) in ("skip_step", "stop"):
+                    health.check_skip_supported(engine, f"health.{name}")
+        # DeepSpeed calls _take_model_step once per optimizer step, after the last backward of
+        # the step and before the update, with the pipeline engine too (inside train_batch):
+        # the one place the agreement can run before the update on every engine.
+        self._take_model_step = engine._take_model_step
+        engine._take_model_step = self._supervised_model_step
+        if self.pipelined and self.faults:
+            loss_fn = engine.module.loss_fn
+            engine.module.loss_fn = lambda *a: self.faults.apply(loss_fn(*a), self.step + 1)
 
     # -- signals ------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -111,32 +131,97 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
 
-    def _agree_on_stop(self) -> bool:
-        # Ranks may see the signal at different steps; stop when any rank saw it (one tiny
-        # all-reduce per step, as Megatron's DistributedSignalHandler does). The decision is kept
-        # apart from the handler's flag: a signal landing after the all-reduce must not make one
-        # rank leave the loop (or start a collective save) alone; it counts at the next step.
-        # The same all-reduce carries rank 0's clock for the callbacks' on_poll, which every
-        # rank must call at the same step (it may be a collective).
+    def _agree(self) -> None:
+        """The step's one collective, before its update: stop signals, rank 0's clock for
+        on_poll, each rank's loss and the previous update's gradient norm, summed over the ranks
+        in one small all-reduce; every rank then takes the supervisor's decision on the same
+        values.
+
+        Ranks may see a signal at different steps; stop when any rank saw it (as Megatron's
+        DistributedSignalHandler does). The decision is kept apart from the handler's flag: a
+        signal landing after the all-reduce must not make one rank leave the loop (or start a
+        collective save) alone; it counts at the next step. The callbacks' on_poll must run on
+        every rank at the same step (it may be a collective).
+        """
+        n, device = self.world.world_size, self.world.device
         poll = (
             self._poll_interval is not None
             and self.world.is_main
             and time.monotonic() - self._last_poll >= self._poll_interval
         )
-        flags = [float(self.stop_requested), float(poll)]
-        if self.world.world_size > 1:
-            flags = distributed.all_reduce_sum(flags, self.world.device).tolist()
+        # [stop, poll, grad norm (rank 0's; -1: none), loss of rank r, rank r holds a loss]
+        values = torch.zeros(3 + 2 * n, dtype=torch.float64, device=device)
+        values[0], values[1] = float(self.stop_requested), float(poll)
+        if self.world.is_main:
+            norm = self._prev_grad_norm
+            values[2] = -1.0 if norm is None else torch.as_tensor(norm, dtype=torch.float64)
+        if self._step_loss is not None:
+            values[3 + self.world.rank] = self._step_loss.detach().to(torch.float64)
+            values[3 + n + self.world.rank] = 1.0
+        if n > 1:
+            values = distributed.all_reduce_sum(values, device)
+        flags = values.tolist()  # the step's one host sync
         self.stopping, self.polling = flags[0] > 0, flags[1] > 0
         if self.polling:
             self._last_poll = time.monotonic()
-        return self.stopping
+        action, self.health_events = self.supervisor.decide(
+            self.step + 1,
+            flags[3 : 3 + n],
+            [h > 0 for h in flags[3 + n :]],
+            None if flags[2] == -1.0 else flags[2],
+        )
+        self._skip_update = action in ("skip_step", "stop")
+        if action == "stop":  # after this step is saved (Checkpointer), fit raises
+            self.stopping = True
+            report = self.run_folder.local / "health.jsonl"
+            self.health_stop = health.stop_error(self.health_events, self.step + 1, report)
+
+    def _supervised_model_step(self, lr_kwargs=None) -> None:
+        """Replaces the engine's ``_take_model_step``: agree, then update or skip."""
+        if self.pipelined:  # the last stages hold the sum of the step's micro-batch losses
+            total = self.engine.total_loss if self.engine.is_last_stage() else None
+            self._step_loss = (
+                None if total is None else total / self.plan.gradient_accumulation_steps
+            )
+        self._agree()
+        self._step_loss = None
+        if self._skip_update:
+            with health.skipped_update(self.engine):
+                self._take_model_step(lr_kwargs)
+            self._prev_grad_norm = None
+            return
+        self._take_model_step(lr_kwargs)
+        norm = self.engine.get_global_grad_norm()
+        self._prev_grad_norm = self._grad_norm if norm is None else norm
 
     # -- steps ----------------------------------------------------------------------------------
-    def micro_batch_indices(self, step: int, micro: int) -> np.ndarray:
-        p, r = self.plan, self.dp_rank
+    def micro_batch_indices(self, step: int, micro: int, dp_rank: int | None = None) -> np.ndarray:
+        """Global sample indices (micro_batch_size,) int64 of micro-step ``micro`` of step
+        ``step`` (0-based) on data-parallel rank ``dp_rank`` (default: this rank's)."""
+        p, r = self.plan, self.dp_rank if dp_rank is None else dp_rank
         start = step * p.global_batch_size + micro * p.micro_batch_size * p.data_parallel_size
         start += r * p.micro_batch_size
         return np.arange(start, start + p.micro_batch_size, dtype=np.int64)
+
+    def step_sample_ids(self, step: int, ranks: list[int]) -> list[int]:
+        """The sample ids (``dataset_idx * 2**40 + seq_idx``, as the batches carry them) that the
+        global ``ranks`` trained on at ``step`` (1-based), in rank and micro-batch order; under
+        the pipeline engine, those of the ranks' data-parallel replicas. Computed from the
+        sampler alone (no data read), so any rank can name another's samples."""
+        from trainer.data.dataset import SAMPLE_ID_STRIDE
+
+        p = self.plan
+        if self.pipelined:
+            topology = self.engine.grid.topology()
+            dp_ranks = sorted({topology.get_coord(r).data for r in ranks})
+        else:
+            dp_ranks = sorted(ranks)
+        out = []
+        for r in dp_ranks:
+            for micro in range(p.gradient_accumulation_steps):
+                d, seq = self.data.sampler(self.micro_batch_indices(step - 1, micro, r))
+                out += (d * SAMPLE_ID_STRIDE + seq).tolist()
+        return out
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
@@ -154,12 +239,16 @@ class Trainer:
             ids.append(batch.sample_ids)
             logits = self.engine(**self._to_device(batch.inputs))
             loss = token_loss(logits, batch.labels.to(self.world.device))
+            if self.faults:
+                loss = self.faults.apply(loss, self.step + 1)
             self.engine.backward(loss)
-            if self._measure_grad_norm and micro == self.plan.gradient_accumulation_steps - 1:
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                self._grad_norm = torch.nn.utils.get_total_norm(grads)
-            self.engine.step()
             total += loss.detach()
+            if micro == self.plan.gradient_accumulation_steps - 1:
+                if self._measure_grad_norm:
+                    grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                    self._grad_norm = torch.nn.utils.get_total_norm(grads)
+                self._step_loss = total / self.plan.gradient_accumulation_steps
+            self.engine.step()  # at the last micro-batch: _supervised_model_step
         self.last_sample_ids = np.concatenate(ids)
         self._advance()
         return total / self.plan.gradient_accumulation_steps
@@ -257,6 +346,7 @@ class Trainer:
             "hardware": distributed.hardware(self.world),
             "config": self.cfg.model_dump(mode="json"),
             "fingerprint": self.fingerprint,
+            "health": self.supervisor.state(),
         }
 
     def save(self) -> Path:
@@ -283,6 +373,7 @@ class Trainer:
         self.consumed_samples = state["consumed_samples"]
         self.tokens_seen = state["tokens_seen"]
         self.wandb_run_id = state["wandb_run_id"]
+        self.supervisor.load_state(state.get("health", {}))  # absent before the supervisor
         if self.consumed_samples != self.step * self.plan.global_batch_size:
             raise ValueError(
                 f"{ckpt} consumed {self.consumed_samples} samples in {self.step} steps, which a "
@@ -309,7 +400,8 @@ class Trainer:
         while self.step < t.max_steps:
             window_loss += self.train_step()
             window_steps += 1
-            self._agree_on_stop()
+            for event in self.health_events:
+                self._call("on_health_event", event)
             metrics = None
             if self.step % t.log_every == 0 or self.step == t.max_steps or self.stopping:
                 metrics = self._train_metrics(
@@ -325,6 +417,8 @@ class Trainer:
             if self.stopping:
                 break
         self._call("on_train_end")
+        if self.health_stop is not None:
+            raise self.health_stop
 
     def _evaluate_and_report(self) -> None:
         if metrics := self.evaluate():

@@ -22,6 +22,7 @@ from trainer.callbacks import (
     Callback,
     Checkpointer,
     ConsoleProgress,
+    HealthLog,
     JsonlLogger,
     Publisher,
     SampleIdLogger,
@@ -118,6 +119,7 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
         callbacks.append(SampleIdLogger(run_dir, world.rank))
     if world.is_main:
         callbacks += [ConsoleProgress(), JsonlLogger(folder.metrics_path)]
+        callbacks.append(HealthLog(run_dir / "health.jsonl"))
         if cfg.tracking.wandb_mode != "disabled":
             callbacks.append(WandbLogger(trainer))
     callbacks.append(Checkpointer())  # metrics of a step are logged before it is saved

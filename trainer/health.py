@@ -1,0 +1,380 @@
+"""The training-health supervisor: whether a step is healthy, and what to do when it is not.
+
+Once per optimizer step, just before the optimizer update, every rank puts its stop and poll
+flags, its local loss and rank 0's gradient norm of the previous step into one small all-reduce
+(:meth:`trainer.loop.Trainer._agree`, the collective the loop does anyway for stop signals); every
+rank then runs :meth:`Supervisor.decide` on the same reduced values, so all ranks take the same
+action without another collective or host sync.
+
+Detection (:meth:`Supervisor.decide`):
+
+- ``nonfinite_loss``: the loss of any rank is NaN or infinite.
+- ``loss_spike``: the step's mean loss is above ``median + k * 1.4826 * MAD`` of the mean losses
+  of the last ``health.window`` applied steps (``k`` = ``health.spike_threshold``). The median
+  absolute deviation (MAD) scaled by 1.4826 estimates the standard deviation of normal data while
+  ignoring outliers (Hampel's identifier; Iglewicz & Hoaglin, "How to Detect and Handle
+  Outliers", 1993; Leys et al., J. Exp. Soc. Psychol. 49, 2013). Detection starts once the window
+  is full. A MAD below ``1e-3 * |median|`` counts as that much, so a flat loss does not make every
+  rounding difference a spike.
+- ``grad_norm_spike`` / ``nonfinite_grad_norm``: the same rule on the gradient norm the engine
+  reports. DeepSpeed computes that norm inside the optimizer step, after the decision for the
+  step, so it is checked one step late (the event names the step it belongs to) and its action
+  can only be ``warn`` or ``stop``.
+
+Actions: ``warn`` records the event and goes on; ``skip_step`` does not apply the step's update
+(parameters and optimizer state stay bitwise as they were, through DeepSpeed's own overflow-skip
+path: :func:`skipped_update`) while the data cursor and the learning-rate schedule move on, so
+the learning rate stays a function of the step number (a run with skipped steps still ends its
+decay at ``train.max_steps``; DeepSpeed's own fp16 skip holds the schedule back instead). Under
+fp16 a skipped step also lowers the dynamic loss scale, as an overflow does. ``stop`` skips the
+update too, saves, and ends the run with :class:`~trainer.errors.TrainingDivergedError` (the
+checkpoint holds the state before the bad step and resumes after its data). The windows are
+saved in every checkpoint, so a resumed run detects as an uninterrupted one would.
+
+Fault injection (for tests and rehearsals; off unless set): ``KILN_FAULT`` holds
+comma-separated faults ``KIND@rankR:stepS[:xF]``: ``nan@rank1:step4`` makes rank 1's loss NaN at
+step 4, ``spike@rank0:step5:x1000`` multiplies rank 0's loss (and with it its gradients) by 1000
+at step 5. Steps count from 1, as in metrics.jsonl. Under the pipeline engine only the last
+stages compute a loss, so a fault for a rank of another stage does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from trainer.errors import ConfigError, TrainingDivergedError
+
+if TYPE_CHECKING:
+    from trainer.config import HealthConfig
+
+FAULT_ENV = "KILN_FAULT"
+MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): MAD * this estimates sigma for normal data
+MIN_RELATIVE_MAD = 1e-3
+SEVERITY = {"warn": 0, "skip_step": 1, "stop": 2}
+SETTING = {  # the config field that chose each kind's action
+    "nonfinite_loss": "health.on_nonfinite",
+    "loss_spike": "health.on_spike",
+    "nonfinite_grad_norm": "health.on_grad_norm_spike",
+    "grad_norm_spike": "health.on_grad_norm_spike",
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault: at ``step`` (1-based) rank ``rank``'s loss becomes NaN (``nan``) or
+    is multiplied by ``factor`` (``spike``)."""
+
+    kind: str
+    rank: int
+    step: int
+    factor: float = 1.0
+
+
+_FAULT = re.compile(r"^(nan|spike)@rank(\d+):step(\d+)(?::x([0-9.eE+-]+))?$")
+
+
+def parse_faults(text: str) -> list[Fault]:
+    """Faults from a ``KILN_FAULT`` value (see the module docstring); ``""`` gives none.
+
+    Raises:
+        ValueError: a fault that does not read ``nan@rankR:stepS`` or ``spike@rankR:stepS:xF``.
+    """
+    faults = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = _FAULT.match(part)
+        if m is None or (m[1] == "spike") != (m[4] is not None):
+            raise ValueError(
+                f"{FAULT_ENV}={text!r}: cannot read {part!r}; write nan@rankR:stepS or "
+                f"spike@rankR:stepS:xFACTOR (for example nan@rank1:step4,spike@rank0:step6:x1000)"
+            )
+        faults.append(Fault(m[1], int(m[2]), int(m[3]), float(m[4] or 1.0)))
+    return faults
+
+
+class FaultInjector:
+    """The faults of ``KILN_FAULT`` that concern ``rank``; :meth:`apply` changes a loss."""
+
+    def __init__(self, rank: int, text: str | None = None):
+        text = os.environ.get(FAULT_ENV, "") if text is None else text
+        self.faults = [f for f in parse_faults(text) if f.rank == rank]
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def apply(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """``loss`` (a scalar tensor, in the graph) with this rank's faults of ``step`` (1-based)
+        applied: NaN, or multiplied; unchanged when there are none."""
+        for f in self.faults:
+            if f.step == step:
+                loss = loss * float("nan") if f.kind == "nan" else loss * f.factor
+        return loss
+
+
+def robust_threshold(values: Any, k: float) -> float:
+    """``median + k * 1.4826 * MAD`` of ``values`` (a 1-D sequence of finite floats), with the
+    MAD at least ``1e-3 * |median|`` (sources in the module docstring)."""
+    x = np.asarray(values, dtype=np.float64)
+    median = float(np.median(x))
+    mad = float(np.median(np.abs(x - median)))
+    return median + k * MAD_TO_STD * max(mad, MIN_RELATIVE_MAD * abs(median))
+
+
+@dataclass
+class HealthEvent:
+    """One unhealthy step, as written to ``health.jsonl``.
+
+    Attributes:
+        step: the optimizer step (1-based, as in metrics.jsonl) the value belongs to.
+        kind: ``nonfinite_loss``, ``loss_spike``, ``nonfinite_grad_norm`` or
+            ``grad_norm_spike``.
+        value: the step's mean loss (the non-finite one, for ``nonfinite_loss``) or grad norm.
+        threshold: the spike threshold it was compared with (None for non-finite values).
+        ranks: the global ranks whose value was non-finite or above the threshold (all ranks
+            for a gradient norm, which is global).
+        action: what the run did: ``warn``, ``skip_step`` or ``stop``.
+        sample_ids: sample ids the named ranks trained on at that step (filled by the recorder).
+    """
+
+    step: int
+    kind: str
+    value: float
+    threshold: float | None
+    ranks: list[int]
+    action: str
+    sample_ids: list[int] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """The event as a JSON-ready dict."""
+        return asdict(self)
+
+
+class Supervisor:
+    """Decides, from values every rank holds identically, whether a step is healthy.
+
+    Args:
+        cfg: the ``health`` section.
+        world_size: number of ranks.
+    """
+
+    def __init__(self, cfg: HealthConfig, world_size: int):
+        self.cfg, self.world_size = cfg, world_size
+        self.losses: deque[float] = deque(maxlen=cfg.window)
+        self.grad_norms: deque[float] = deque(maxlen=cfg.window)
+
+    def state(self) -> dict[str, list[float]]:
+        """The windows, for the checkpoint (so a resumed run detects as an uninterrupted one)."""
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}
+
+    def load_state(self, state: dict[str, list[float]]) -> None:
+        """Restore :meth:`state` (``{}``: empty windows)."""
+        self.losses.clear()
+        self.losses.extend(state.get("losses", []))
+        self.grad_norms.clear()
+        self.grad_norms.extend(state.get("grad_norms", []))
+
+    def _spike(self, window: deque[float], value: float) -> float | None:
+        """The threshold ``value`` exceeds, or None (window not yet full, or no spike)."""
+        if len(window) < self.cfg.window:
+            return None
+        threshold = robust_threshold(window, self.cfg.spike_threshold)
+        return threshold if value > threshold else None
+
+    def decide(
+        self,
+        step: int,
+        rank_losses: list[float],
+        holds_loss: list[bool],
+        prev_grad_norm: float | None,
+    ) -> tuple[str, list[HealthEvent]]:
+        """The action for optimizer step ``step`` (1-based) and the events behind it.
+
+        Args:
+            step: the step about to be applied.
+            rank_losses: (world_size,) each rank's mean loss of the step (0 where it holds none).
+            holds_loss: (world_size,) whether the rank computes a loss (pipeline: last stages).
+            prev_grad_norm: the gradient norm of step ``step - 1`` if that update was applied.
+
+        Returns:
+            ``("none" | "warn" | "skip_step" | "stop", events)``; the loss enters the window
+            only if the update is applied, the gradient norm when it was.
+        """
+        if not self.cfg.enabled:
+            return "none", []
+        c = self.cfg
+        events: list[HealthEvent] = []
+        ranks = [r for r in range(self.world_size) if holds_loss[r]]
+        bad = [r for r in ranks if not math.isfinite(rank_losses[r])]
+        mean = sum(rank_losses[r] for r in ranks) / len(ranks)
+        if bad:
+            value = rank_losses[bad[0]]
+            events.append(HealthEvent(step, "nonfinite_loss", value, None, bad, c.on_nonfinite))
+        elif (threshold := self._spike(self.losses, mean)) is not None:
+            high = [r for r in ranks if rank_losses[r] > threshold] or ranks
+            events.append(HealthEvent(step, "loss_spike", mean, threshold, high, c.on_spike))
+        if prev_grad_norm is not None:
+            everyone = list(range(self.world_size))
+            if not math.isfinite(prev_grad_norm):
+                events.append(
+                    HealthEvent(
+                        step - 1, "nonfinite_grad_norm", prev_grad_norm, None, everyone,
+                        c.on_grad_norm_spike,
+                    )
+                )  # fmt: skip
+            else:
+                threshold = self._spike(self.grad_norms, prev_grad_norm)
+                if threshold is not None:
+                    events.append(
+                        HealthEvent(
+                            step - 1, "grad_norm_spike", prev_grad_norm, threshold, everyone,
+                            c.on_grad_norm_spike,
+                        )
+                    )  # fmt: skip
+                self.grad_norms.append(prev_grad_norm)
+        action = max((e.action for e in events), key=SEVERITY.__getitem__, default="none")
+        if action in ("none", "warn") and not bad:
+            self.losses.append(mean)
+        return action, events
+
+
+def stop_error(events: list[HealthEvent], step: int, report: Path) -> TrainingDivergedError:
+    """The error a ``stop`` action ends the run with: the first stopping event of ``events``,
+    the step whose update was not applied (1-based) and where the report is."""
+    e = next(e for e in events if e.action == "stop")
+    threshold = f", threshold {e.threshold:.6g}" if e.threshold is not None else ""
+    return TrainingDivergedError(
+        f"training stopped at step {e.step}: {e.kind.replace('_', ' ')} (value {e.value:.6g}"
+        f"{threshold}, ranks {e.ranks}) with {SETTING[e.kind]}=stop; the update of step {step} "
+        f"was not applied and the run is saved at step {step}; the events are in {report}. "
+        f"Resuming with the same command goes on after this step's data"
+    )
+
+
+def _patched(obj: Any, values: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Set instance attributes of ``obj`` for the ``with`` block, then restore them."""
+
+    @contextlib.contextmanager
+    def manager() -> Iterator[None]:
+        missing = object()
+        saved = {k: obj.__dict__.get(k, missing) for k in values}
+        for k, v in values.items():
+            setattr(obj, k, v)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is missing:
+                    delattr(obj, k)
+                else:
+                    setattr(obj, k, v)
+
+    return manager()
+
+
+def _skip_patches(optimizer: Any) -> tuple[dict[str, Any], Callable[[], bool]] | None:
+    """How to make ``optimizer`` (an engine's) skip its next step through DeepSpeed's own
+    overflow path: instance attributes to set, and a check that it did. None if unknown."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    def overflowed() -> bool:
+        return optimizer.overflow is True
+
+    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        # step() asks this first; an overflow then takes _loss_scale_update_and_overflow_cleanup:
+        # gradients freed, partitions and optimizer state untouched.
+        def overflow_check(update_scale: bool = True) -> bool:
+            optimizer.overflow = True
+            return optimizer._loss_scale_update_and_overflow_cleanup() if update_scale else True
+
+        return {"_overflow_check_and_loss_scale_update": overflow_check}, overflowed
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        # step(): `if self.check_grad_overflow: self.check_overflow(...)`, then the overflow
+        # branch clears the gradients and returns before the update.
+        def check_overflow(partition_gradients: bool = True) -> None:
+            optimizer.overflow = True
+
+        return {"check_grad_overflow": True, "check_overflow": check_overflow}, overflowed
+    if isinstance(optimizer, FP16_UnfusedOptimizer):  # ZeRO-0 with bf16 or fp16 (torch AdamW)
+        # step(): `self.overflow = self.overflow_checker.check()`, then its
+        # _skip_invalid_grad_norm: gradients freed, no update. (The fused FP16_Optimizer comes
+        # with DeepSpeed's FusedAdam, which Kiln does not build: refused, untested.)
+        checker = optimizer.overflow_checker
+        return {"overflow_checker": _AlwaysOverflow(checker)}, overflowed
+    if isinstance(optimizer, BF16_Optimizer):
+        # Its step() has no overflow hook: the same branch it takes for an invalid norm.
+        def step(closure: Any = None) -> None:
+            optimizer.overflow = True
+            optimizer._global_grad_norm = float("inf")
+            optimizer.clear_hp_grads()
+            optimizer.clear_lp_grads()
+
+        return {"step": step}, overflowed
+    if type(optimizer).__module__.startswith("torch.optim"):  # ZeRO-0 fp32: the torch optimizer
+        called = []
+        return {"step": lambda closure=None: called.append(True)}, lambda: bool(called)
+    return None
+
+
+class _AlwaysOverflow:
+    """An FP16_UnfusedOptimizer overflow checker that reports an overflow."""
+
+    def __init__(self, checker: Any):
+        self.checker = checker
+
+    def check(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.checker, name)
+
+
+def check_skip_supported(engine: Any, setting: str) -> None:
+    """Refuse a ``skip_step`` / ``stop`` action for an optimizer :func:`skipped_update` does not
+    know (it could not leave the parameters unchanged).
+
+    Raises:
+        ConfigError: naming ``setting`` and the optimizer class.
+    """
+    if _skip_patches(engine.optimizer) is None:
+        raise ConfigError(
+            f"{setting} cannot skip an update of DeepSpeed's {type(engine.optimizer).__name__} "
+            f"(the supervisor skips updates of the optimizers Kiln builds under ZeRO 0-3 and the "
+            f"pipeline engine); set {setting}=warn"
+        )
+
+
+@contextlib.contextmanager
+def skipped_update(engine: Any) -> Iterator[None]:
+    """Within the block, the engine's optimizer step leaves parameters and optimizer state
+    unchanged (DeepSpeed's fp16-overflow skip path where the optimizer has one) and frees the
+    step's gradients; the learning-rate scheduler still steps once, so the rate stays a function
+    of the step number.
+
+    Raises:
+        RuntimeError: the optimizer did not take the skip path (a DeepSpeed change).
+    """
+    patches = _skip_patches(engine.optimizer)
+    assert patches is not None, "check_skip_supported refuses this engine at start"
+    values, skipped = patches
+    with _patched(engine.optimizer, values):
+        yield
+    if not skipped():
+        raise RuntimeError(
+            f"DeepSpeed's {type(engine.optimizer).__name__} did not take its skip path: the "
+            f"supervisor cannot skip updates with this DeepSpeed version"
+        )
+    if not engine.was_step_applied() and engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()  # the engine steps it only for applied updates
