@@ -9,6 +9,7 @@ driver is :mod:`launcher.ray_driver`: Ray Data prepares what is missing, Ray Tra
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import sys
 from typing import Any
@@ -18,6 +19,7 @@ import click
 from launcher import preflight
 from launcher.preflight import user_errors
 from trainer.config import KilnConfig
+from trainer.health import FAULT_ENV
 from trainer.storage import is_relative_path
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -207,6 +209,8 @@ def submit(
     ]  # fmt: skip
     if workdir is not None:
         entrypoint += ["--workdir", workdir]
+    # a rehearsal of the health supervisor (trainer.health) reaches the job's workers too
+    faults = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
     try:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -217,7 +221,7 @@ def submit(
         ) from None
     job_id = client.submit_job(
         entrypoint=shlex.join(entrypoint),
-        runtime_env={"env_vars": {CONFIG_ENV: cfg.to_yaml(), "PYTHONUNBUFFERED": "1"}},
+        runtime_env={"env_vars": {CONFIG_ENV: cfg.to_yaml(), "PYTHONUNBUFFERED": "1", **faults}},
         metadata={"kiln_run_dir": cfg.run_dir, "kiln_config": str(config)},
     )
     click.echo(f"submitted Ray job {job_id} (run folder {cfg.run_dir} on the cluster)")

@@ -38,7 +38,13 @@ import yaml
 from launcher import preflight
 from trainer.callbacks import Callback
 from trainer.config import KilnConfig, config_from_dict, load_config
-from trainer.errors import USER_ERRORS, describe_failures, read_failures, record_failure
+from trainer.errors import (
+    USER_ERRORS,
+    TrainingDivergedError,
+    describe_failures,
+    read_failures,
+    record_failure,
+)
 from trainer.storage import RunFolder, is_relative_path
 
 if TYPE_CHECKING:
@@ -108,6 +114,11 @@ def train_worker(config: dict[str, Any]) -> None:
     except Exception as e:  # recorded for the driver, which shows it once if Ray gives up
         rank = ray.train.get_context().get_world_rank()
         record_failure(e, rank=rank, log_dir=RunFolder(cfg.run_dir).local / "logs")
+        if isinstance(e, TrainingDivergedError):
+            # every rank stops at the same step (the supervisor's decision is collective) and
+            # saved: a restart by Ray would train on past the step the user asked to stop at.
+            # The workers end normally and the driver reports the record.
+            return
         raise
 
 
@@ -181,6 +192,8 @@ def run(
 
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+        TrainingDivergedError: the health supervisor stopped the run (``health.on_*: stop``);
+            its message is the ranks' records.
         ConfigError: a batch that does not divide, a data source that matches nothing, a
             resume on changed settings not accepted.
         ValueError, FileNotFoundError: the data cannot be prepared (the message says why).
@@ -223,7 +236,11 @@ def run(
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
+    started = time.time() - 2
     trainer.fit()  # raises TrainingFailedError past max_failures
+    failures = read_failures(folder.local / "logs", since=started)
+    if stopped := [f for f in failures if f["type"] == TrainingDivergedError.__name__]:
+        raise TrainingDivergedError(describe_failures(stopped))  # the supervisor's stop
     step = folder.latest_step() or 0  # a finished run's workers deleted a URL's mirror
     print(f"training ended at step {step} of {cfg.train.max_steps}; run folder {cfg.run_dir}")
     return step

@@ -270,6 +270,29 @@ def test_submit_refuses_a_bad_config_before_submitting(ray_cluster, prepared_dat
     assert "global_batch_size" in result.stderr and "submitted" not in result.stdout
 
 
+def test_a_health_stop_ends_the_job_without_a_restart(ray_cluster, prepared_data, tmp_path):
+    """health.on_spike=stop under Ray: the workers save and stop at the spike, and Ray does not
+    restart the group (which would train on past the step the user asked to stop at); the job
+    fails with the supervisor's message, once."""
+    config = train_config(
+        tmp_path,
+        prepared_data,
+        train__max_steps=STEPS,
+        checkpoint__save_every=SAVE_EVERY,
+        health__window=3,
+        health__on_spike="stop",
+    )
+    result = kiln(
+        *_submit(config, ray_cluster), extra_env={"KILN_FAULT": "spike@rank1:step5:x1000"}
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-6000:]
+    assert out.count("Started training worker group of size 2") == 1, out[-6000:]
+    assert "loss spike at step 5" in out and "(on ranks 0, 1)" in out, out[-6000:]
+    assert read_trainer_state(latest_checkpoint(tmp_path / "run"))["step"] == 5
+    assert "Traceback" not in out.split("Error:")[-1], out[-6000:]
+
+
 def test_killed_worker_is_restarted_and_the_run_resumes(
     ray_cluster, prepared_data, local_reference, tmp_path
 ):

@@ -50,7 +50,8 @@ CACHE_ENV = "KILN_CACHE"
 STATE_FILE = "trainer_state.json"  # in a checkpoint: what makes it complete
 URL_FILE = ".kiln-url"  # in a mirror: the URL it mirrors (for `kiln cache list`)
 RESTARTED = "restarted"  # `--restart` moves a run's history into restarted-<time>/
-HISTORY = ("checkpoints", "metrics.jsonl", "sample_ids", "logs", "hf")  # what --restart moves
+# what --restart moves
+HISTORY = ("checkpoints", "metrics.jsonl", "health.jsonl", "sample_ids", "logs", "hf")
 
 
 def is_url(run_dir: str | Path) -> bool:
@@ -239,9 +240,9 @@ class RunStorage:
         """Make the mirror resume where the URL is (one process per node, before training).
 
         Fetches the checkpoint ``latest`` names (checked against its manifest:
-        :meth:`fetch_checkpoint`), ``metrics.jsonl`` and ``sample_ids/``, and points the
-        mirror's ``latest`` at it; with no ``latest`` at the URL the mirror gets none either (the
-        run starts afresh). Returns the tag, or None.
+        :meth:`fetch_checkpoint`), ``metrics.jsonl``, ``health.jsonl`` and ``sample_ids/``, and
+        points the mirror's ``latest`` at it; with no ``latest`` at the URL the mirror gets none
+        either (the run starts afresh). Returns the tag, or None.
 
         Raises:
             FileNotFoundError: the checkpoint is damaged at the URL (:meth:`fetch_checkpoint`).
@@ -255,15 +256,16 @@ class RunStorage:
             self.fetch_checkpoint(tag, checksums=checksums)
             (root / "latest").write_text(tag)
         self.download_file("metrics.jsonl")
+        self.download_file("health.jsonl")
         self.download("sample_ids", self.local / "sample_ids")
         return tag
 
     def push_run_files(self, rank: int) -> None:
         """Upload this rank's run files: ``sample_ids/rank<r>.jsonl``; rank 0 also
-        ``metrics.jsonl`` and ``config.yaml``."""
+        ``metrics.jsonl``, ``health.jsonl`` and ``config.yaml``."""
         files = [self.local / "sample_ids" / f"rank{rank}.jsonl"]
         if rank == 0:
-            files += [self.local / "metrics.jsonl", self.local / "config.yaml"]
+            files += [self.local / n for n in ("metrics.jsonl", "health.jsonl", "config.yaml")]
         self.upload([f for f in files if f.is_file()], self.local, "")
 
     def prune(self, keep_last: int) -> None:
@@ -381,7 +383,7 @@ class RunFolder:
     mirror (:class:`RunStorage`). Everything that reads or writes a run folder asks this object;
     nothing else needs to know which of the two it is. Layout (the same in a mirror)::
 
-        config.yaml  metrics.jsonl  sample_ids/rank<r>.jsonl  hf/step-N/  wandb/
+        config.yaml  metrics.jsonl  health.jsonl  sample_ids/rank<r>.jsonl  hf/step-N/  wandb/
         checkpoints/step-N/ (complete: holds trainer_state.json)  checkpoints/.tmp-step-N/
         checkpoints/latest  (names the newest complete checkpoint)
 
