@@ -27,7 +27,9 @@ Estimates compared, per rank (CPU run: device memory is host memory):
 Runs (``--runs``, comma-separated; each one at a time, several minutes for the large ones):
 
 * ``1b``: the ``1b`` preset, ZeRO-3, 2 processes, fp32, micro batch 1, 128 tokens, 5 steps;
-* ``125m``: the same layout for the ``125m`` preset (a size that fits whatever the build does);
+* ``125m``, ``debug``: the same layout for the ``125m`` preset (a size that fits whatever the
+  build does), the same with 2 blocks (``125m-2l``, under 3 GiB for both ranks: mostly the
+  embedding tables) and the ``debug`` preset (the runtime alone: Python, torch, DeepSpeed, gloo);
 * ``largest``, ``largest-nvme``: a decoder of the ``1b`` width with ``--largest-layers`` blocks,
   ZeRO-3 on 2 processes, 3 steps, without and with NVMe offload of parameters and optimizer
   states to ``--nvme-path`` (refused with the fix where DeepSpeed's aio op cannot be built);
@@ -103,7 +105,13 @@ def runs(args) -> dict[str, Run]:
         f"parallel.nvme_path={args.nvme_path}",
     )
     return {
+        "debug": Run("debug", base_overrides("llama", "debug", 3, 128), steps=5),
         "125m": Run("125m", base_overrides("llama", "125m", 3, 128), steps=5),
+        "125m-2l": Run(
+            "125m x2 layers",
+            (*base_overrides("llama", "125m", 3, 128), "model.num_hidden_layers=2"),
+            steps=5,
+        ),
         "1b": Run("1b", base_overrides("llama", "1b", 3, 128), steps=5),
         "largest": Run(f"1b-width x{args.largest_layers} layers", largest),
         "largest-nvme": Run(f"1b-width x{nvme_layers} layers, NVMe", largest_nvme, nvme=True),

@@ -39,9 +39,9 @@ DS_PARAM_SWAP_BUFFER_SIZE = 100_000_000  # offload_param.buffer_size, elements (
 DS_OPTIMIZER_SWAP_BUFFERS = 4  # offload_optimizer.buffer_count (NVMe)
 # Resident memory of one training process before any model tensor: the Python interpreter,
 # torch, DeepSpeed (with its CPU ops) and gloo, measured here (bench/memory.py, `debug` preset,
-# 2 processes, ZeRO-3: 0.55-0.6 GiB per rank). On a GPU the CUDA context adds ~0.5 GiB of device
-# memory, which this does not count.
-RUNTIME_BYTES = 0.6 * 2**30
+# 2 processes, ZeRO-3: 0.59-0.60 GiB peak per rank with ~0.09 GiB of model tensors and
+# activations). On a GPU the CUDA context adds ~0.5 GiB of device memory, not counted here.
+RUNTIME_BYTES = 0.5 * 2**30
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,9 @@ def memory_estimate(
     gradients); ZeRO 1-2, one reduce bucket (fp32 under ZeRO-1, which accumulates in fp32) and
     one all-gather bucket; ZeRO-3, the reduce bucket, the gathered parameters (up to
     ``stage3_max_live_parameters``, never more than the model), the persistent small tensors
-    (at most 3 norm-sized vectors per block, whole on every rank) and the optimizer step's fp32
-    copy of one sub-group's gradients (``_prepare_fp32_grad_for_sub_group``).
+    (at most 3 norm-sized vectors per block, whole on every rank), autograd's full-size gradient
+    of the largest tensor before it is reduced, and the optimizer step's fp32 copy of one
+    sub-group's gradients (``_prepare_fp32_grad_for_sub_group``).
 
     Offload (``offload_device``): optimizer states, with their fp32 gradient partition, and/or
     ZeRO-3 weight partitions move to host memory (``host_offload``), or with ``nvme`` to disk
@@ -286,7 +287,11 @@ def memory_estimate(
         if settings.stage3_param_persistence_threshold < shape.d_model:
             persistent = 0
         step_copy = 0.0 if p.offload_optimizer else 4 * min(settings.sub_group_size, psi / nd)
-        buffers = (settings.reduce_bucket_size + gathered + persistent) * e + step_copy
+        # autograd's full-size gradient of the largest gathered tensor, before DeepSpeed's hook
+        # copies it into the reduce bucket
+        full_grad = shape.largest_tensor
+        buffers = (settings.reduce_bucket_size + gathered + persistent + full_grad) * e
+        buffers += step_copy
 
     host_offload = host_swap = nvme = 0.0
     offloaded_optim = optim + 4 * psi / pp / nd if p.offload_optimizer else 0.0  # + fp32 grads
