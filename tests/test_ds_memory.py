@@ -219,3 +219,34 @@ def test_dry_run_report_shows_buffers_settings_and_host_memory():
     assert "host memory per node" in text
     assert "sub_group_size=1,000 (set)" in text
     assert f"reduce_bucket_size={768**2:,} (derived)" in text
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel.zero_stage=1"],
+        ["parallel.zero_stage=2", "parallel.offload_optimizer=true"],
+        ["parallel.zero_stage=3", "parallel.offload_params=true"],
+        [*NVME, "parallel.nvme_path=/local/nvme"],
+    ],
+)
+def test_deepspeed_parses_the_zero_section(overrides):
+    """DeepSpeed's own config model (unknown keys forbidden) reads back what Kiln wrote."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    cfg = cfg_with("model.name=125m", *overrides)
+    zero = deepspeed_config(cfg, batch_plan(cfg, 2), on_gpu=False)["zero_optimization"]
+    parsed = DeepSpeedZeroConfig(**zero)
+    settings = ds_memory_settings(cfg)
+    assert parsed.reduce_bucket_size == settings.reduce_bucket_size
+    if cfg.parallel.zero_stage == 3:
+        assert parsed.max_live_parameters == settings.stage3_max_live_parameters
+        assert parsed.prefetch_bucket_size == settings.stage3_prefetch_bucket_size
+        assert parsed.param_persistence_threshold == settings.stage3_param_persistence_threshold
+        assert parsed.sub_group_size == settings.sub_group_size
+    else:
+        assert parsed.allgather_bucket_size == settings.allgather_bucket_size
+    if cfg.parallel.offload_device == "nvme":
+        assert parsed.offload_param.buffer_size == settings.param_swap_buffer_size
+        assert parsed.offload_param.max_in_cpu == settings.stage3_max_live_parameters
+        assert str(parsed.offload_optimizer.nvme_path) == "/local/nvme"
