@@ -32,7 +32,9 @@ Runs (``--runs``, comma-separated; each one at a time, several minutes for the l
   embedding tables) and the ``debug`` preset (the runtime alone: Python, torch, DeepSpeed, gloo);
 * ``largest``, ``largest-nvme``: a decoder of the ``1b`` width with ``--largest-layers`` blocks,
   ZeRO-3 on 2 processes, 3 steps, without and with NVMe offload of parameters and optimizer
-  states to ``--nvme-path`` (refused with the fix where DeepSpeed's aio op cannot be built);
+  states to ``--nvme-path`` (refused with the fix where DeepSpeed's aio op cannot be built).
+  ``--largest-layers 0`` (the default) takes the most blocks whose planned host memory for the
+  node fits in ``--host-share`` of this machine's memory (:func:`largest_layers`);
 * ``t5-large``, ``t5-large-pipe``: T5 ``large`` under ZeRO-3 and under a 2-stage pipeline
   (ZeRO-1, 2 micro-batches), 2 processes, 3 steps;
 * ``plan``: estimates only: the ``7b`` and ``13b`` presets on one 8-GPU node (bf16, micro batch
@@ -90,6 +92,31 @@ def base_overrides(family: str, preset: str, stage: int, seq_len: int) -> tuple[
     )
 
 
+def largest_layers(nvme: bool, budget: float, nvme_path: str = "/tmp/kiln-nvme") -> int:
+    """The most blocks a decoder of the ``1b`` width may have, under ZeRO-3 on 2 CPU processes
+    (fp32, micro batch 1, 128 tokens, optionally with NVMe offload), for the planner's host
+    memory of the node to stay within ``budget`` bytes."""
+    layers = 1
+    while layers < 4096:
+        overrides = [
+            *base_overrides("llama", "1b", 3, 128),
+            f"model.num_hidden_layers={layers + 1}",
+        ]
+        if nvme:
+            overrides += [*NVME_OVERRIDES, f"parallel.nvme_path={nvme_path}"]
+        if estimate(overrides, 2)[1].host_per_node > budget:
+            break
+        layers += 1
+    return layers
+
+
+NVME_OVERRIDES = (
+    "parallel.offload_params=true",
+    "parallel.offload_optimizer=true",
+    "parallel.offload_device=nvme",
+)
+
+
 def runs(args) -> dict[str, Run]:
     largest = (
         *base_overrides("llama", "1b", 3, 128),
@@ -99,9 +126,7 @@ def runs(args) -> dict[str, Run]:
     largest_nvme = (
         *base_overrides("llama", "1b", 3, 128),
         f"model.num_hidden_layers={nvme_layers}",
-        "parallel.offload_params=true",
-        "parallel.offload_optimizer=true",
-        "parallel.offload_device=nvme",
+        *NVME_OVERRIDES,
         f"parallel.nvme_path={args.nvme_path}",
     )
     return {
@@ -364,12 +389,23 @@ def main(argv=None) -> None:
         default="plan,125m,1b",
         help="comma-separated: plan,"
         + ",".join(
-            runs(argparse.Namespace(largest_layers=0, largest_nvme_layers=0, nvme_path="x"))
+            runs(argparse.Namespace(largest_layers=1, largest_nvme_layers=1, nvme_path="x"))
         ),
     )
-    p.add_argument("--largest-layers", type=int, default=20, help="blocks of the 'largest' run")
     p.add_argument(
-        "--largest-nvme-layers", type=int, default=0, help="blocks of 'largest-nvme' (0: same)"
+        "--largest-layers", type=int, default=0, help="blocks of 'largest' (0: the planner's)"
+    )
+    p.add_argument(
+        "--largest-nvme-layers",
+        type=int,
+        default=0,
+        help="blocks of 'largest-nvme' (0: the planner's)",
+    )
+    p.add_argument(
+        "--host-share",
+        type=float,
+        default=0.8,
+        help="share of this machine's memory the planner may fill when picking the largest",
     )
     p.add_argument("--nvme-path", default="/tmp/kiln-nvme", help="swap folder for NVMe runs")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -380,8 +416,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
-    table = runs(args)
     names = [n for n in args.runs.split(",") if n]
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if "largest" in names and not args.largest_layers:
+        args.largest_layers = largest_layers(False, args.host_share * total)
+    if "largest-nvme" in names and not args.largest_nvme_layers:
+        args.largest_nvme_layers = largest_layers(True, args.host_share * total, args.nvme_path)
+    table = runs(args)
     unknown = [n for n in names if n != "plan" and n not in table]
     if unknown:
         p.error(f"unknown runs {unknown}; choose from plan, {', '.join(table)}")
