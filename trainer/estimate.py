@@ -35,7 +35,6 @@ def flops_per_token(cfg: KilnConfig) -> float:
 # elements: what a run gets for each knob Kiln neither derives nor is given.
 DS_ALLREDUCE_BUCKET = 500_000_000  # ZeRO-0's gradient all-reduce bucket (engine.py)
 DS_PARAM_SWAP_BUFFERS = 5  # offload_param.buffer_count (NVMe)
-DS_PARAM_SWAP_BUFFER_SIZE = 100_000_000  # offload_param.buffer_size, elements (NVMe)
 DS_OPTIMIZER_SWAP_BUFFERS = 4  # offload_optimizer.buffer_count (NVMe)
 # Resident memory of one training process before any model tensor: the Python interpreter,
 # torch, DeepSpeed (with its CPU ops) and gloo, measured here (bench/memory.py, `debug` preset,
@@ -120,8 +119,9 @@ def ds_memory_settings(cfg: KilnConfig) -> DsMemorySettings:
       mean block, the largest tensor)``: the block being computed and the next one (prefetch),
       and never less than the embedding table, which ZeRO-3 gathers whole. The same size bounds
       the fp32 gradient copy the optimizer step makes per sub-group;
-    * ``offload_param.buffer_size`` (NVMe) at least the largest tensor (DeepSpeed refuses a
-      smaller one).
+    * ``offload_param.buffer_size`` (NVMe) the largest tensor (DeepSpeed refuses a smaller one;
+      its default, 1e8 elements, costs 5 pinned buffers of 0.4 GB in fp32 on a smaller model),
+      and ``offload_param.max_in_cpu`` the live window above.
 
     The trade-off: larger values mean fewer, larger collectives (faster on fast links) and more
     memory; smaller ones the reverse. The settings depend on the model only (and each knob's
@@ -144,7 +144,7 @@ def ds_memory_settings(cfg: KilnConfig) -> DsMemorySettings:
     given = tuple(k for k in derived if getattr(p, k) is not None)
     values = {k: getattr(p, k) if k in given else v for k, v in derived.items()}
     values["allgather_bucket_size"] += values["allgather_bucket_size"] % 2  # DeepSpeed: even
-    swap = max(DS_PARAM_SWAP_BUFFER_SIZE, shape.largest_tensor)
+    swap = shape.largest_tensor  # DeepSpeed's 1e8 default would cost 5 x 0.4 GB in fp32
     return DsMemorySettings(**values, param_swap_buffer_size=swap, given=given)
 
 
@@ -228,7 +228,8 @@ def memory_estimate(
     of the largest tensor before it is reduced, and the optimizer step's fp32 copy of one
     sub-group's gradients (``_prepare_fp32_grad_for_sub_group``).
 
-    Offload (``offload_device``): optimizer states, with their fp32 gradient partition, and/or
+    Offload (``offload_device``): optimizer states, with their fp32 gradient partition (which
+    leaves the device under ZeRO 2-3), and/or
     ZeRO-3 weight partitions move to host memory (``host_offload``), or with ``nvme`` to disk
     (``nvme``), where host memory keeps DeepSpeed's swap buffers: 4 optimizer sub-groups of
     fp32 (``offload_optimizer.buffer_count``), and 5 parameter buffers (``offload_param``) plus
@@ -297,6 +298,8 @@ def memory_estimate(
     offloaded_optim = optim + 4 * psi / pp / nd if p.offload_optimizer else 0.0  # + fp32 grads
     if p.offload_optimizer:
         optim = 0.0
+        if p.zero_stage >= 2:  # the gradient partition lives with the optimizer (on the host)
+            grads = 0.0
     offloaded_weights = weights if p.offload_params else 0.0
     if p.offload_params:
         weights = 0.0
