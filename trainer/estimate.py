@@ -115,10 +115,12 @@ def ds_memory_settings(cfg: KilnConfig) -> DsMemorySettings:
       ``stage3_param_persistence_threshold = 10 d_model``: the rules of Hugging Face
       ``transformers``' DeepSpeed integration for ``"auto"`` (integrations/deepspeed.py,
       ``trainer_config_process``), which DeepSpeed's ZeRO-3 tutorial cites;
-    * ``stage3_max_live_parameters = stage3_max_reuse_distance = sub_group_size = max(2 x the
-      mean block, the largest tensor)``: the block being computed and the next one (prefetch),
-      and never less than the embedding table, which ZeRO-3 gathers whole. The same size bounds
-      the fp32 gradient copy the optimizer step makes per sub-group;
+    * ``stage3_max_live_parameters = stage3_max_reuse_distance = max(2 x the mean block, the
+      largest tensor)``: the block being computed and the next one (prefetch), and never less
+      than the embedding table, which ZeRO-3 gathers whole;
+    * ``sub_group_size`` = the mean block: the optimizer steps a rank's partition one sub-group
+      at a time, and each sub-group costs an fp32 copy of its gradients and torch AdamW's
+      temporaries (3 x 4 bytes per element; 1.4 GB at DeepSpeed's 1e9 default on a 1B model);
     * ``offload_param.buffer_size`` (NVMe) the largest tensor (DeepSpeed refuses a smaller one;
       its default, 1e8 elements, costs 5 pinned buffers of 0.4 GB in fp32 on a smaller model),
       and ``offload_param.max_in_cpu`` the live window above.
@@ -138,7 +140,7 @@ def ds_memory_settings(cfg: KilnConfig) -> DsMemorySettings:
         "stage3_max_live_parameters": window,
         "stage3_max_reuse_distance": window,
         "stage3_param_persistence_threshold": 10 * d,
-        "sub_group_size": window,
+        "sub_group_size": shape.block_parameters,
     }
     p = cfg.parallel
     given = tuple(k for k in derived if getattr(p, k) is not None)
@@ -226,7 +228,10 @@ def memory_estimate(
     ``stage3_max_live_parameters``, never more than the model), the persistent small tensors
     (at most 3 norm-sized vectors per block, whole on every rank), autograd's full-size gradient
     of the largest tensor before it is reduced, and the optimizer step's fp32 copy of one
-    sub-group's gradients (``_prepare_fp32_grad_for_sub_group``).
+    sub-group's gradients (``_prepare_fp32_grad_for_sub_group``). Torch's AdamW (Kiln's optimizer
+    except on a GPU with offload, where DeepSpeed's fused CPUAdam steps) adds two fp32
+    temporaries of the tensor it steps (``_single_tensor_adamw``'s ``denom``): a parameter under
+    ZeRO-0, the rank's flat partition under ZeRO 1-2, one sub-group under ZeRO-3.
 
     Offload (``offload_device``): optimizer states, with their fp32 gradient partition (which
     leaves the device under ZeRO 2-3), and/or
@@ -293,6 +298,14 @@ def memory_estimate(
         full_grad = shape.largest_tensor
         buffers = (settings.reduce_bucket_size + gathered + persistent + full_grad) * e
         buffers += step_copy
+    if not (on_gpu and p.offload_optimizer):  # torch's AdamW (a GPU with offload: CPUAdam, fused)
+        # `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`: two fp32 temporaries
+        # of the tensor being stepped: a parameter (ZeRO-0), the rank's flat partition (ZeRO
+        # 1-2), one sub-group (ZeRO-3)
+        unit = {0: shape.largest_tensor, 1: psi / pp / nd, 2: psi / pp / nd}.get(
+            p.zero_stage, min(settings.sub_group_size, psi / nd)
+        )
+        buffers += 2 * 4 * unit
 
     host_offload = host_swap = nvme = 0.0
     offloaded_optim = optim + 4 * psi / pp / nd if p.offload_optimizer else 0.0  # + fp32 grads
