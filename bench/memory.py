@@ -45,7 +45,7 @@ The allocator: workers inherit the environment. With glibc's default (a dynamic 
 threshold), memory freed after the whole model is built on every rank (today's construction)
 stays in the process's heap, so RSS exceeds what the live tensors need; measured here on the
 ``125m`` run: 2.60 GiB per rank by default, 1.98 GiB with ``MALLOC_MMAP_THRESHOLD_=131072``
-(freed large blocks go back to the system) against an estimate of 1.97 GiB. Run both ways to
+(freed large blocks go back to the system) against an estimate of 1.96 GiB. Run both ways to
 tell the planner's accounting from the allocator's retention.
 
 Heavy runs on a shared machine: wrap the command in ``flock /tmp/kiln-heavy.lock``.
