@@ -58,10 +58,11 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="print the plan (config, sizes, memory) and exit")
 @click.option("--sample-prompt", default="The", help="prompt of the final sample ('' for none)")
 @click.option("--accept-changes", is_flag=True, help=preflight.ACCEPT_CHANGES_HELP)
+@click.option("--restart", is_flag=True, help=preflight.RESTART_HELP)
 @click.option("--verbose", is_flag=True, help="show torchrun's and wandb's own output too")
 def train(
     config, overrides, nproc, nnodes, node_rank, master_addr, master_port, dry_run, sample_prompt,
-    accept_changes, verbose,
+    accept_changes, restart, verbose,
 ):  # fmt: skip
     """Train (or resume) the run described by CONFIG [OVERRIDES...].
 
@@ -69,7 +70,9 @@ def train(
     with torchrun. On a run folder that already has a checkpoint, resumes from the newest
     complete one (whatever `checkpoints/latest` says); a resume whose model shape, data,
     tokenizer, seq_len, schedule or objective differ from the checkpoint's is refused unless
-    --accept-changes. SIGTERM / SIGUSR1 / Ctrl-C make the workers finish the step, save and exit.
+    --accept-changes. Training from step 0 in a folder that holds checkpoints takes --restart,
+    which first moves the old run's files into restarted-<time>/ in the folder. SIGTERM /
+    SIGUSR1 / Ctrl-C make the workers finish the step, save and exit.
     """
     extra = []
     if nproc is not None:
@@ -85,14 +88,16 @@ def train(
             import torch
 
             cuda = torch.cuda.is_available()
-        plan = preflight.check(cfg, [world_size], cuda_available=cuda)
+        plan = preflight.check(cfg, [world_size], cuda_available=cuda, restart=restart)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
         from launcher.report import plan_report
 
         with user_errors():
-            click.echo(plan_report(cfg, plan.batch, preflight.resume_plan(cfg)))
+            resume = preflight.resume_plan(cfg, restart=restart)
+            resume.check(accept_changes=True, batches=plan.batches)  # the report shows changes
+            click.echo(plan_report(cfg, plan.batch, resume))
         return
 
     from launcher.local import run_workers, torchrun_command
@@ -100,7 +105,9 @@ def train(
 
     with user_errors():
         preflight.prepare(cfg)
-        resume = preflight.check_resume(cfg, accept_changes=accept_changes)
+        resume = preflight.check_resume(
+            cfg, accept_changes=accept_changes, batches=plan.batches, restart=restart
+        )
     # A URL run folder: the workers use a local mirror of it and upload (trainer.storage).
     folder = RunFolder(cfg.run_dir)
     run_dir = folder.prepare(cfg.to_yaml())
@@ -252,14 +259,14 @@ def checkpoint_group() -> None:
 @click.argument("run_dir", type=RUN_DIR)
 @click.option("--step", type=int, default=None, help="checkpoint step (default: latest)")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="a .safetensors file")
-def checkpoint_consolidate(run_dir, step, out):
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file")
+def checkpoint_consolidate(run_dir, step, out, overwrite):
     """Write the plain model's fp32 state dict of a checkpoint from any layout (ZeRO 0-3 shards,
-    pipeline stages) to one safetensors file, in one CPU process. Keys are those of
-    `LlamaForCausalLM` / `T5ForConditionalGeneration` (the family's `hf` adapter maps them to
-    Hugging Face's)."""
-    from safetensors.torch import save_file
-
-    from trainer.checkpoint import load_model_weights
+    pipeline stages) to one safetensors file, in one CPU process holding one tensor at a time.
+    Keys are those of `LlamaForCausalLM` / `T5ForConditionalGeneration` (the family's `hf`
+    adapter maps them to Hugging Face's). The file is written under a temporary name and renamed
+    when complete."""
+    from trainer.consolidate import consolidate
     from trainer.storage import RunFolder
 
     out_path = Path(out)
@@ -267,20 +274,20 @@ def checkpoint_consolidate(run_dir, step, out):
         raise click.UsageError(f"--out {out} must name a .safetensors file")
     if out_path.resolve().is_relative_to(RunFolder(run_dir).local.resolve() / "checkpoints"):
         raise click.UsageError(f"--out {out} is inside the run's checkpoints; write it elsewhere")
+    if out_path.exists() and not overwrite:
+        raise click.UsageError(f"--out {out} exists; choose another --out or pass --overwrite")
+    partial = out_path.with_name(f".tmp-{out_path.name}")
     try:
         ckpt = RunFolder(run_dir).checkpoint(step)
-        weights = load_model_weights(ckpt)
+        tensors, n = consolidate(ckpt, partial)  # one tensor in memory at a time
     except (FileNotFoundError, ValueError) as e:
+        partial.unlink(missing_ok=True)
         raise click.ClickException(str(e)) from None
-    seen: set[int] = set()
-    tensors = {}
-    for k, v in weights.items():  # safetensors refuses shared storage: tied weights are copied
-        tensors[k] = v.contiguous().clone() if v.data_ptr() in seen else v.contiguous()
-        seen.add(v.data_ptr())
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out, metadata={"checkpoint": str(ckpt)})
-    n = sum(v.numel() for v in tensors.values())
-    click.echo(f"wrote {out}: {len(tensors)} tensors, {n:,} parameters from {ckpt}")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out_path)
+    click.echo(f"wrote {out}: {tensors} tensors, {n:,} parameters from {ckpt}")
 
 
 @cli.command(context_settings={"show_default": True})

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 ACCEPT_CHANGES_HELP = (
     "resume although the model shape, data, tokenizer, seq_len, schedule or objective differ "
     "from those the newest checkpoint was trained with"
+)
+RESTART_HELP = (
+    "train from step 0 in a run folder that holds checkpoints: its checkpoints, metrics, logs "
+    "and published folders are first moved into restarted-<time>/ inside it (nothing is deleted)"
 )
 
 
@@ -98,6 +102,7 @@ def check(
     *,
     cuda_available: bool | None,
     paths: bool = True,
+    restart: bool = False,
 ) -> RunPlan:
     """Every check the config allows before anything is prepared or started.
 
@@ -108,13 +113,20 @@ def check(
             check (``--dry-run`` on a machine other than the cluster's).
         paths: check data sources and the run folder URL from here (False when the paths
             name storage of a cluster this machine does not mount).
+        restart: the run is to start over (``--restart``), which needs a run folder path.
 
     Raises:
         ConfigError: a batch plan that does not divide, a missing source of an unprepared
-            dataset, a URL no installed filesystem opens, a precision the device lacks, NVMe
-            offload where DeepSpeed's async I/O op cannot be built (:func:`check_nvme_offload`).
+            dataset, a URL no installed filesystem opens, a precision the device lacks, a
+            restart of a URL run folder, NVMe offload where DeepSpeed's async I/O op cannot be
+            built (:func:`check_nvme_offload`).
     """
     batches = {n: batch_plan(cfg, n) for n in world_sizes}
+    if restart and RunFolder(cfg.run_dir).url is not None:
+        raise ConfigError(
+            f"--restart works on a run folder path; run_dir={cfg.run_dir!r} is a URL, whose "
+            "files an object store cannot move: give another run_dir to start over"
+        )
     if paths:
         check_paths(cfg)
     if cuda_available is not None:
@@ -228,6 +240,7 @@ class Resume:
     max_steps: int
     changes: tuple[str, ...]
     notes: tuple[str, ...]
+    state: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -236,11 +249,12 @@ class Resume:
     def describe(self) -> str:
         """One line: ``starts at step 0``, ``resumes from step-N`` or ``is finished``."""
         if self.tag is None:
-            return f"{self.location}: starts at step 0 of {self.max_steps}"
+            notes = "".join(f"\n  {n}" for n in self.notes)
+            return f"{self.location}: starts at step 0 of {self.max_steps}" + notes
         if self.finished:
             return (
                 f"{self.location}: finished ({self.tag}, train.max_steps={self.max_steps}); "
-                "raise train.max_steps to train on"
+                "raise train.max_steps to train on, or pass --restart to train again from step 0"
             )
         notes = "".join(f"\n  {n}" for n in self.notes)
         return (
@@ -248,35 +262,70 @@ class Resume:
             + notes
         )
 
-    def check(self, accept_changes: bool) -> None:
-        """Refuse to resume on settings other than those the checkpoint was trained with.
+    def check(self, accept_changes: bool, batches: dict[int, BatchPlan] | None = None) -> None:
+        """Refuse to resume on settings other than those the checkpoint was trained with, or on
+        a layout it cannot continue on.
+
+        Args:
+            accept_changes: resume although :attr:`changes` is not empty.
+            batches: the batch plan of each world size the run may take; each must continue
+                the checkpoint exactly: the same global batch (the data order is a function
+                of the samples consumed) and, for a pipeline checkpoint, the same stages on the
+                same number of processes (:func:`trainer.checkpoint.check_pipeline_layout`).
 
         Raises:
-            ConfigError: :attr:`changes` is not empty and ``accept_changes`` is False; the
-                message lists them and the three ways on.
+            ConfigError: :attr:`changes` is not empty and ``accept_changes`` is False (the
+                message lists them and the ways on), or a layout the checkpoint cannot resume
+                on (the message names the setting that would).
         """
-        if not self.changes or accept_changes:
+        if self.changes and not accept_changes:
+            lines = "".join(f"\n  {c}" for c in self.changes)
+            raise ConfigError(
+                f"{self.location} holds a run at {self.tag} trained with other settings than "
+                f"this config's:{lines}\nResume with the settings it was trained with (its "
+                f"config is checkpoints/{self.tag}/config.yaml in the run folder), pass "
+                "--accept-changes to continue this run with the new settings knowingly, "
+                "--restart to train from step 0 in this folder, or give another run_dir"
+            )
+        if self.state is None or not batches:
             return
-        lines = "".join(f"\n  {c}" for c in self.changes)
-        raise ConfigError(
-            f"{self.location} holds a run at {self.tag} trained with other settings than this "
-            f"config's:{lines}\nResume with the settings it was trained with (its config is "
-            f"checkpoints/{self.tag}/config.yaml in the run folder), start a new run with "
-            "another run_dir, or pass --accept-changes to continue this run with the new "
-            "settings knowingly"
-        )
+        from trainer.checkpoint import check_pipeline_layout  # deepspeed: a heavy import
+
+        saved = self.state
+        for world_size, plan in sorted(batches.items()):
+            consumed = int(saved.get("consumed_samples", self.step * plan.global_batch_size))
+            if consumed != self.step * plan.global_batch_size:
+                raise ConfigError(
+                    f"{self.location}: {self.tag} consumed {consumed} samples in {self.step} "
+                    f"steps, which a global batch of {plan.global_batch_size} cannot continue "
+                    f"exactly; resume with train.global_batch_size="
+                    f"{saved.get('global_batch_size', consumed // max(self.step, 1))}"
+                )
+            try:
+                check_pipeline_layout(saved, plan.pipeline_stages, world_size)
+            except ValueError as e:
+                raise ConfigError(f"{self.location}: {e}") from None
 
 
-def resume_plan(cfg: KilnConfig) -> Resume:
+def resume_plan(cfg: KilnConfig, *, restart: bool = False) -> Resume:
     """Where the run of ``cfg`` stands: its newest complete checkpoint (for a URL, the one the
     URL's ``latest`` names) and what differs from its fingerprint. Reads the tokenizer and the
-    manifests as they are now: call it after :func:`prepare` for a complete comparison.
+    manifests as they are now: call it after :func:`prepare` for a complete comparison. With
+    ``restart`` (``--dry-run --restart``), what a restart would do: start at step 0, after
+    moving the run's history aside (nothing is moved here).
 
     Raises:
         FileExistsError: the run folder holds checkpoints, none of them complete
             (:meth:`trainer.storage.RunFolder.resume_from`).
+        ValueError: ``restart`` on a URL run folder.
     """
     folder = RunFolder(cfg.run_dir)
+    if restart:
+        if folder.url is not None:
+            folder.set_aside()  # raises: a URL cannot be restarted in place
+        names = ", ".join(p.name for p in folder.history())
+        notes = (f"--restart first moves {names} into restarted-<time>/",) if names else ()
+        return Resume(folder.location, None, 0, cfg.train.max_steps, (), notes)
     if folder.url is None:
         tag, notes = folder.resume_from()  # sizes; the workers check the checksums too
     else:
@@ -287,18 +336,37 @@ def resume_plan(cfg: KilnConfig) -> Resume:
     state = folder.latest_state(tag)
     saved = state.get("fingerprint")  # checkpoints before fingerprints have none
     changes = differences(saved, run_fingerprint(cfg)) if saved else []
-    return Resume(folder.location, tag, int(state["step"]), max_steps, tuple(changes), tuple(notes))
+    step = int(state["step"])
+    return Resume(folder.location, tag, step, max_steps, tuple(changes), tuple(notes), state)
 
 
-def check_resume(cfg: KilnConfig, *, accept_changes: bool) -> Resume:
-    """:func:`resume_plan` refused unless its changes are accepted (:meth:`Resume.check`);
-    accepted changes are logged as warnings. Call it after :func:`prepare`.
+def check_resume(
+    cfg: KilnConfig,
+    *,
+    accept_changes: bool,
+    batches: dict[int, BatchPlan] | None = None,
+    restart: bool = False,
+) -> Resume:
+    """:func:`resume_plan` refused unless its changes are accepted and the run's layout can
+    continue its checkpoint (:meth:`Resume.check`); accepted changes are logged as warnings.
+    With ``restart``, the run folder's history is first moved aside
+    (:meth:`trainer.storage.RunFolder.set_aside`) and the run starts at step 0. Call it after
+    :func:`prepare`.
+
+    Args:
+        batches: :attr:`RunPlan.batches` (from :func:`check`); None skips the layout checks.
 
     Raises:
-        ConfigError: the run would resume on changed settings without ``accept_changes``.
+        ConfigError: the run would resume on changed settings without ``accept_changes``, or
+            on a global batch or pipeline layout its checkpoint cannot continue on.
+        ValueError: ``restart`` on a URL run folder.
     """
+    if restart:
+        folder = RunFolder(cfg.run_dir)
+        if (aside := folder.set_aside()) is not None:
+            logger.warning("--restart: moved the run's history into %s", aside)
     resume = resume_plan(cfg)
-    resume.check(accept_changes)
+    resume.check(accept_changes, batches)
     for change in resume.changes:
         logger.warning("warning: resuming %s with a changed setting: %s", resume.tag, change)
     return resume
@@ -306,6 +374,7 @@ def check_resume(cfg: KilnConfig, *, accept_changes: bool) -> Resume:
 
 __all__ = [
     "ACCEPT_CHANGES_HELP",
+    "RESTART_HELP",
     "ConfigError",
     "Resume",
     "RunPlan",

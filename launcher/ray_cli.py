@@ -135,6 +135,7 @@ def down(cluster_yaml, workers_only):
 )
 @click.option("--wait", is_flag=True, help="follow the job's logs to the end; fail if it fails")
 @click.option("--accept-changes", is_flag=True, help=preflight.ACCEPT_CHANGES_HELP)
+@click.option("--restart", is_flag=True, help=preflight.RESTART_HELP + " (by the job's driver)")
 def submit(
     config,
     overrides,
@@ -148,6 +149,7 @@ def submit(
     no_path_check,
     wait,
     accept_changes,
+    restart,
 ):
     """Train CONFIG [OVERRIDES...] as a Ray job on the cluster at --address.
 
@@ -187,6 +189,7 @@ def submit(
             worker_counts(workers),
             cuda_available=gpus_per_worker > 0,
             paths=not no_path_check,
+            restart=restart,
         )
 
     from ray.job_submission import JobSubmissionClient
@@ -200,6 +203,7 @@ def submit(
         "--max-failures", str(max_failures),
         "--resize-interval", str(resize_interval),
         *(["--accept-changes"] if accept_changes else []),
+        *(["--restart"] if restart else []),
     ]  # fmt: skip
     if workdir is not None:
         entrypoint += ["--workdir", workdir]

@@ -38,6 +38,7 @@ import yaml
 from launcher import preflight
 from trainer.callbacks import Callback
 from trainer.config import KilnConfig, config_from_dict, load_config
+from trainer.errors import USER_ERRORS, describe_failures, read_failures, record_failure
 from trainer.storage import RunFolder, is_relative_path
 
 if TYPE_CHECKING:
@@ -101,7 +102,13 @@ def train_worker(config: dict[str, Any]) -> None:
     # A node that is going away (a spot instance reclaimed, a drain) is announced through
     # ray.train.get_preemption_info (Ray Train V2; older Ray has none: nothing is polled).
     extra = [PreemptionCheckpointer()] if hasattr(ray.train, "get_preemption_info") else []
-    main.train(config_from_dict(yaml.safe_load(config["config"])), extra_callbacks=extra)
+    cfg = config_from_dict(yaml.safe_load(config["config"]))
+    try:
+        main.train(cfg, extra_callbacks=extra)
+    except Exception as e:  # recorded for the driver, which shows it once if Ray gives up
+        rank = ray.train.get_context().get_world_rank()
+        record_failure(e, rank=rank, log_dir=RunFolder(cfg.run_dir).local / "logs")
+        raise
 
 
 class PreemptionCheckpointer(Callback):
@@ -152,6 +159,7 @@ def run(
     resize_interval: float = 60.0,
     num_blocks: int | None = None,
     accept_changes: bool = False,
+    restart: bool = False,
 ) -> int:
     """Prepare the data (Ray Data) and train (Ray Train) on the cluster this process is in.
 
@@ -165,6 +173,8 @@ def run(
         num_blocks: Ray Data blocks per dataset (see :func:`launcher.ray_prepare.prepare_all_ray`).
         accept_changes: resume although the settings differ from the newest checkpoint's
             (:func:`launcher.preflight.check_resume`).
+        restart: train from step 0, after moving the run folder's history aside
+            (:meth:`trainer.storage.RunFolder.set_aside`).
 
     Returns:
         the step of the newest checkpoint at the end.
@@ -181,11 +191,15 @@ def run(
 
     from launcher.ray_prepare import prepare_all_ray
 
+    plan = preflight.check(
+        cfg, worker_counts(num_workers), cuda_available=gpus_per_worker > 0, restart=restart
+    )
     if not ray.is_initialized():
         ray.init()
-    preflight.check(cfg, worker_counts(num_workers), cuda_available=gpus_per_worker > 0)
     preflight.prepare(cfg, lambda c: prepare_all_ray(c, num_blocks=num_blocks))
-    preflight.check_resume(cfg, accept_changes=accept_changes)
+    preflight.check_resume(
+        cfg, accept_changes=accept_changes, batches=plan.batches, restart=restart
+    )
     # A URL run folder: every worker node uses a local mirror of it and uploads to it.
     folder = RunFolder(cfg.run_dir)
     folder.prepare(cfg.to_yaml())
@@ -228,25 +242,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-blocks", type=int)
     parser.add_argument("--workdir", help="relative config paths are resolved against this")
     parser.add_argument("--accept-changes", action="store_true", help=preflight.ACCEPT_CHANGES_HELP)
+    parser.add_argument("--restart", action="store_true", help=preflight.RESTART_HELP)
     args = parser.parse_args(argv)
-    if args.config is not None:
-        cfg = load_config(args.config)
-    elif CONFIG_ENV in os.environ:
-        cfg = config_from_dict(yaml.safe_load(os.environ[CONFIG_ENV]))
-    else:
+    if args.config is None and CONFIG_ENV not in os.environ:
         parser.error(f"give --config FILE or set {CONFIG_ENV} to the config YAML")
-    base = Path(os.path.expanduser(args.workdir)) if args.workdir else Path.cwd()
-    cfg = absolute_paths(cfg, base)
-    step = run(
-        cfg,
-        num_workers=parse_num_workers(args.num_workers),
-        gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker,
-        max_failures=args.max_failures,
-        resize_interval=args.resize_interval,
-        num_blocks=args.num_blocks,
-        accept_changes=args.accept_changes,
-    )
+    from ray.train import TrainingFailedError
+
+    started = time.time() - 2  # the failure records of this job's workers, not older ones
+    cfg = None
+    try:
+        if args.config is not None:
+            cfg = load_config(args.config)
+        else:
+            cfg = config_from_dict(yaml.safe_load(os.environ[CONFIG_ENV]))
+        base = Path(os.path.expanduser(args.workdir)) if args.workdir else Path.cwd()
+        cfg = absolute_paths(cfg, base)
+        step = run(
+            cfg,
+            num_workers=parse_num_workers(args.num_workers),
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            max_failures=args.max_failures,
+            resize_interval=args.resize_interval,
+            num_blocks=args.num_blocks,
+            accept_changes=args.accept_changes,
+            restart=args.restart,
+        )
+    except USER_ERRORS as e:  # a mistake in the config or the data: its message, no traceback
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except TrainingFailedError:  # each rank's failure once, from its record (train_worker)
+        failures = read_failures(RunFolder(cfg.run_dir).local / "logs", since=started)
+        if not failures:
+            raise
+        print(describe_failures(failures), file=sys.stderr)
+        sys.exit(1)
     if step < cfg.train.max_steps:
         print(f"the run stopped before train.max_steps={cfg.train.max_steps}", file=sys.stderr)
         sys.exit(1)

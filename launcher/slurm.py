@@ -38,6 +38,7 @@ import jinja2
 from launcher import preflight
 from launcher.preflight import user_errors
 from trainer.config import KilnConfig
+from trainer.errors import COLLECTED_ENV, describe_failures, read_failures
 from trainer.storage import RunFolder
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
@@ -201,6 +202,7 @@ def render_script(
         env_setup=opts.env_setup.read_text().rstrip("\n") if opts.env_setup else "",
         env_setup_path=opts.env_setup.resolve() if opts.env_setup else "",
         config_yaml=cfg.to_yaml(),
+        collected_env=COLLECTED_ENV,
     )
 
 
@@ -361,7 +363,8 @@ def slurm() -> None:
 @click.option("--job-name", help="job name (default kiln-<run folder name>)")
 @click.option("--dry-run", is_flag=True, help="print the job script (config included); no submit")
 @click.option("--accept-changes", is_flag=True, help=preflight.ACCEPT_CHANGES_HELP)
-def submit(config, overrides, dry_run, accept_changes, **options):
+@click.option("--restart", is_flag=True, help=preflight.RESTART_HELP)
+def submit(config, overrides, dry_run, accept_changes, restart, **options):
     """Submit the run of CONFIG [OVERRIDES...] as a Slurm job of N nodes.
 
     Validates the config first, prepares a missing tokenizer and data on this machine, writes the
@@ -388,7 +391,9 @@ def submit(config, overrides, dry_run, accept_changes, **options):
     python = "python" if opts.env_setup else sys.executable
     with user_errors():
         opts.validate()
-        plan = preflight.check(cfg, [opts.nodes * opts.nproc_per_node], cuda_available=gpus > 0)
+        plan = preflight.check(
+            cfg, [opts.nodes * opts.nproc_per_node], cuda_available=gpus > 0, restart=restart
+        )
         script = render_script(cfg, opts, workdir=Path.cwd(), python=python)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -417,11 +422,14 @@ def submit(config, overrides, dry_run, accept_changes, **options):
             )
     with user_errors():
         preflight.prepare(cfg)
-        preflight.check_resume(cfg, accept_changes=accept_changes)
+        preflight.check_resume(
+            cfg, accept_changes=accept_changes, batches=plan.batches, restart=restart
+        )
     if (step := _latest_step_or_exit(cfg.run_dir)) >= cfg.train.max_steps:
         click.echo(
             f"warning: {run_dir} is already at step {step} >= train.max_steps="
-            f"{cfg.train.max_steps}; the job will train nothing (raise train.max_steps)",
+            f"{cfg.train.max_steps}; the job will train nothing (raise train.max_steps, or "
+            "--restart to train again from step 0)",
             err=True,
         )
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
@@ -548,9 +556,13 @@ def node(config, nproc_per_node, nnodes, node_rank, master_addr, master_port):
 @click.option("--start-step", type=int, required=True)
 @click.option("--signal", "signal_name", type=click.Choice(["USR1", "TERM", "none"]), required=True)
 @click.option("--srun-exit-code", type=int, required=True)
-def after(config, start_step, signal_name, srun_exit_code):
-    """Finish, requeue or fail the job once srun returned (see :func:`after_run`)."""
+@click.option("--started", type=float, default=0.0, help="when srun started (Unix seconds)")
+def after(config, start_step, signal_name, srun_exit_code, started):
+    """Finish, requeue or fail the job once srun returned (see :func:`after_run`); a failed
+    run's ranks' errors are shown once, from their records in the run folder."""
     cfg = preflight.load(config)
+    if failures := read_failures(RunFolder(cfg.run_dir).local / "logs", since=started - 2):
+        click.echo(describe_failures(failures), err=True)
     outcome = after_run(
         step=_latest_step_or_exit(cfg.run_dir),
         start_step=start_step,

@@ -114,6 +114,12 @@ CASES = [
         ("file.txt",),
     ),
     Case(
+        "consolidate --out onto an existing file",
+        lambda r: (fake_run(r), fake_hf_folder(r)),
+        run_to("checkpoint consolidate", "published/model.safetensors"),
+        ("exists", "--overwrite"),
+    ),
+    Case(
         "consolidate --out into the run's checkpoints",
         _both,
         run_to("checkpoint consolidate", "run/checkpoints/w.safetensors"),
@@ -224,6 +230,12 @@ CASES += [
         says=("knows no protocol 'foo'", "s3://"),
     ),
     config_case(
+        "--restart of a run folder at a URL",
+        "run_dir=file:///tmp/kiln-test-url-run",
+        "--restart",
+        says=("--restart works on a run folder path", "give another run_dir"),
+    ),
+    config_case(
         "init_from a folder that does not exist",
         "model.init_from=/nonexistent/model",
         says=("is not a folder", "save_pretrained"),
@@ -318,6 +330,36 @@ def data_case(name: str, files: dict[str, bytes | str], says: tuple[str, ...], *
     return Case(name, setup, args, says)
 
 
+def prepare_into(data_root: str, run: str = "run") -> Callable[[Path], list[str]]:
+    """``kiln data prepare`` of a valid corpus into ``<root>/DATA_ROOT``, run_dir ``<root>/RUN``."""
+
+    def args(root: Path) -> list[str]:
+        (root / "exp.yaml").touch()
+        (root / "ok.txt").write_text("Some ordinary text.\n\n" * 100)
+        return [
+            "data", "prepare", str(root / "exp.yaml"), f"run_dir={root / run}",
+            f"data.root={root / data_root}",
+            f"data.datasets=[{{name: c, sources: [{{path: {root / 'ok.txt'}}}]}}]",
+        ]  # fmt: skip
+
+    return args
+
+
+CASES += [
+    Case(
+        "data prepare into the run folder",
+        fake_run,
+        prepare_into("run"),
+        ("data.root is", "which is the run folder", "separate folders"),
+    ),
+    Case(
+        "data prepare into a dataset folder that holds the run",
+        lambda r: fake_run(r / "c"),
+        prepare_into(".", run="c/run"),
+        ("dataset 'c' is", "which holds the run folder", "separate folders"),
+    ),
+]
+
 _LATIN1 = "Der Bär läuft über die Straße nach Köln. Café, naïve, Größe.\n\n" * 200
 _RANDOM = bytes((i * 7919 + 13) % 251 for i in range(20_000))
 CASES += [
@@ -384,10 +426,12 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(case, tmp_path):
 
 
 # -- a resume on other settings than the checkpoint's (fingerprints) ------------------------------
-def fingerprinted_run(root: Path, data_root: Path, **recorded) -> Path:
-    """A run folder whose checkpoints (steps 2 and 4) record the fingerprint of the test's
-    training config, with the entries of ``recorded`` (``"data.seq_len": 128``) standing for a
-    run trained on other settings. Returns the config."""
+def fingerprinted_run(root: Path, data_root: Path, layout: dict | None = None, **recorded) -> Path:
+    """A run folder whose checkpoints (steps 2 and 4, global batch 8, one process) record the
+    fingerprint of the test's training config, with the entries of ``recorded``
+    (``"data.seq_len": 128``) standing for a run trained on other settings and those of
+    ``layout`` (``world_size``, ``pipeline_stages``) for another layout. Returns the config."""
+    layout = layout or {}
     import json
 
     from tests.conftest import train_config
@@ -399,7 +443,8 @@ def fingerprinted_run(root: Path, data_root: Path, **recorded) -> Path:
     for step in (2, 4):
         ckpt = root / "run" / "checkpoints" / f"step-{step:08d}"
         ckpt.mkdir(parents=True)
-        state = {"step": step, "fingerprint": fingerprint}
+        state = {"step": step, "fingerprint": fingerprint, "consumed_samples": 8 * step}
+        state |= {"global_batch_size": 8, "world_size": 1, "zero_stage": 0, **layout}
         (ckpt / "trainer_state.json").write_text(json.dumps(state))
         (ckpt / "mp_rank_00_model_states.pt").write_bytes(bytes([step]) * 64)
     (root / "run" / "checkpoints" / "latest").write_text("step-00000004")
@@ -472,6 +517,35 @@ def test_accepted_changes_and_the_dry_run_report(prepared_data, tmp_path, caplog
     assert f"({8 * 12:,} samples of {n:,} train sequences)" in report.stdout
     finished = kiln_in_process("train", str(config), "train.max_steps=4", "--dry-run")
     assert "finished (step-00000004, train.max_steps=4)" in finished.stdout
+
+
+@pytest.mark.slow  # one `kiln train` launch
+def test_restart_moves_the_old_run_aside_and_trains_from_step_0(prepared_data, tmp_path, caplog):
+    """Starting over in a folder that holds checkpoints takes --restart, never a missing file:
+    the dry run says what would move; the restart moves the old run's checkpoints and metrics
+    into restarted-<time>/ byte for byte, then trains from step 0."""
+    config = fingerprinted_run(tmp_path, prepared_data)
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").write_text('{"step": 4, "loss": 9.0}\n')
+    before = tree_checksums(run)
+    plan = kiln_in_process("train", str(config), "--restart", "--dry-run")
+    assert "starts at step 0 of 6\n  --restart first moves checkpoints, metrics.jsonl" in (
+        plan.stdout
+    ), plan.stdout + plan.stderr
+    assert tree_checksums(run) == before  # a dry run moves nothing
+    result = kiln_in_process("train", str(config), "--restart", "--sample-prompt", "")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (aside,) = run.glob("restarted-*")
+    assert f"--restart: moved the run's history into {aside}" in caplog.text
+    assert tree_checksums(aside) == {k: v for k, v in before.items() if k != "config.yaml"}
+    import json
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == [
+        "step-00000003",
+        "step-00000006",
+    ]
 
 
 # -- failures inside the training processes ------------------------------------------------------
@@ -549,7 +623,17 @@ DAMAGE_CASES = {  # name: (damage(root, data), overrides, words the refusal hold
     "a run folder whose checkpoints are all damaged": (
         lambda root, data: _damage_all_checkpoints(root),
         [],
-        ("none of them complete", "unreadable trainer_state.json", "another run_dir"),
+        ("none of them complete", "unreadable trainer_state.json", "--restart", "another run_dir"),
+    ),
+    "a resume on another global batch": (
+        lambda root, data: None,
+        ["train.global_batch_size=4"],
+        ("consumed 32 samples in 4 steps", "resume with train.global_batch_size=8"),
+    ),
+    "a pipeline checkpoint resumed on one process": (
+        lambda root, data: None,
+        ["layout:pipeline"],
+        ("2 pipeline stage(s) on 2 processes", "parallel.pipeline_stages=2 on 2 processes"),
     ),
 }
 
@@ -565,7 +649,10 @@ def test_damaged_or_mismatched_data_and_runs_are_refused_before_training(
     root.mkdir()
     data = root / "data"
     shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns(".cache"))
-    config = fingerprinted_run(root, data)
+    pipeline = "layout:pipeline" in overrides
+    overrides = [o for o in overrides if o != "layout:pipeline"]
+    layout = {"pipeline_stages": 2, "world_size": 2} if pipeline else None
+    config = fingerprinted_run(root, data, layout)
     damage(root, data)
     before = tree_checksums(root)
     result = kiln_in_process("train", str(config), *overrides)

@@ -1,7 +1,7 @@
-"""Faults: every process of a run SIGKILLed at random moments (also while it saves), the newest
-checkpoint then damaged in one of several ways, and the run started again each time. The run
-must always resume from the newest intact checkpoint and end with the uninterrupted run's losses,
-every step logged once.
+"""Faults: every process of a run SIGKILLed at random moments (also while it saves, and while it
+publishes in the background), the newest checkpoint then damaged in one of several ways, and the
+run started again each time. The run must always resume from the newest intact checkpoint and end
+with the uninterrupted run's losses, every step logged once, and every publish made whole.
 
 ``KILN_FAULT_KILLS`` sets the number of kills (default 4 here: each costs a ``kiln train`` start,
 about 10 s on 2 cores; the closing note of issue 15 reports a run with 20).
@@ -106,6 +106,8 @@ def test_sigkill_at_random_moments_then_damage_always_resumes_exactly(prepared_d
     settings = dict(train__max_steps=MAX_STEPS, checkpoint__save_every=5, checkpoint__keep_last=3)
     (tmp_path / "reference").mkdir()
     reference = train_config(tmp_path / "reference", prepared_data, **settings)
+    # the run publishes every 20 steps in a background process, which the kills also hit
+    settings |= dict(checkpoint__publish_every=20, checkpoint__publish_at_end="true")
     done = kiln("train", str(reference), "--sample-prompt", "")
     assert done.returncode == 0, done.stdout + done.stderr
     want = step_losses(tmp_path / "reference" / "run")
@@ -114,7 +116,7 @@ def test_sigkill_at_random_moments_then_damage_always_resumes_exactly(prepared_d
     run = tmp_path / "run"
     rng = random.Random(0)
     log = tmp_path / "launches.log"
-    expected_resume, killed_at = None, []
+    expected_resume, killed_at, publishing = None, [], 0
     for i in range(kills):
         with open(log, "a") as out:
             out.write(f"\n=== launch {i}, expecting {expected_resume}\n")
@@ -134,13 +136,14 @@ def test_sigkill_at_random_moments_then_damage_always_resumes_exactly(prepared_d
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.06))
             killed_at.append(last_step(run, since=started))
+            publishing += publishes_running(proc)
             kill_tree(proc)
         text = log.read_text().rsplit("=== launch", 1)[1]
         assert "Traceback" not in text, text
         if expected_resume is not None:
             assert f"resuming from {expected_resume}" in text, text
         expected_resume = damage(run, DAMAGES[i % len(DAMAGES)])
-    print(f"killed at steps {killed_at}")  # -s shows them
+    print(f"killed at steps {killed_at}; {publishing} kills inside a publish")  # -s shows them
     assert all(0 < step < MAX_STEPS for step in killed_at), killed_at  # all during training
     final = kiln("train", str(config), "--sample-prompt", "")
     output = final.stdout + final.stderr
@@ -151,6 +154,30 @@ def test_sigkill_at_random_moments_then_damage_always_resumes_exactly(prepared_d
     got = step_losses(run)
     for step in range(1, MAX_STEPS + 1):
         assert got[step] == pytest.approx(want[step], abs=1e-6), (step, got[step], want[step])
+    # every publish was made, whole, whatever the kills interrupted; nothing half-written left
+    hf = run / "hf"
+    assert sorted(p.name for p in hf.iterdir() if p.is_dir()) == [
+        "step-00000020",
+        "step-00000040",
+        "step-00000060",
+    ], sorted(p.name for p in hf.iterdir())
+    for folder in hf.glob("step-*[0-9]"):
+        assert {"config.json", "model.safetensors", "README.md"} <= {
+            p.name for p in folder.iterdir()
+        }
+
+
+def publishes_running(proc: subprocess.Popen) -> int:
+    """How many `trainer.publish` processes run under ``proc`` now."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    running = 0
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            running += "trainer.publish" in " ".join(child.cmdline())
+    return running
 
 
 def test_a_full_disk_during_a_save_is_one_message_and_the_run_resumes(prepared_data, tmp_path):

@@ -1,8 +1,9 @@
 """`kiln publish` and the publishing callback: from a ZeRO-3 run on 2 processes and from a
 2-stage pipeline run of each family, the published folder loads offline with the `transformers`
 Auto classes, reproduces Kiln's logits and tokens, generates what `kiln generate` generates, and
-fine-tunes with the `transformers` `Trainer`; a folder that fails its check is never left
-behind; the Hub upload refuses early without a token and lists its files with --dry-run."""
+fine-tunes with the `transformers` `Trainer`; the streamed folder holds the files the whole model's
+`save_pretrained` wrote and passes the whole-model check; a folder that fails its check is never
+left behind; the Hub upload refuses early without a token and lists its files with --dry-run."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ import torch
 import transformers
 from conftest import kiln, kiln_in_process, train_config
 from distributed import run_distributed, train_runs
+from safetensors.torch import load_file
+from test_consolidate import whole_state_dict
 
+from model import build_model
 from model.generate import fill_in_spans
 from model.tokenizer import Tokenizer
 from trainer import publish as pub
+from trainer.checkpoint import latest_checkpoint, read_trainer_state
+from trainer.config import config_from_dict
 from trainer.inference import load_run
 
 PARITY_ATOL = 1e-4  # fp32, the issue's bound
@@ -152,15 +158,98 @@ def test_model_card_records_the_run(published, run_dirs):
     assert "span_corruption" in t5_card and "per target token" in t5_card
 
 
-def test_sharded_bf16_publish(run_dirs, tmp_path):
-    out = tmp_path / "bf16"
-    report = pub.publish(run_dirs["llama-zero3"], out, dtype="bf16", max_shard_size="200KB")
+def whole_model_folder(run: Path, out: Path, dtype: str, max_shard_size: str = "5GB"):
+    """What publishing wrote before it streamed, made here the simple way: the whole model
+    loaded from the whole checkpoint files, converted (`hf_model`) and written with
+    `save_pretrained`."""
+    ckpt = latest_checkpoint(run)
+    cfg = config_from_dict(read_trainer_state(ckpt)["config"]).derived.model
+    ours = build_model(cfg, seed=0).eval()
+    ours.load_state_dict(whole_state_dict(ckpt), strict=False)  # a tied head is listed once
+    pub.hf_model(ours, pub.DTYPES[dtype]).save_pretrained(out, max_shard_size=max_shard_size)
+    pub._fix_config_json(out, ours.config)
+    return ours
+
+
+def assert_same_weights_files(got: Path, want: Path, parameters: int) -> None:
+    """The same weight files, config and generation config: each safetensors file byte for byte
+    (the same tensors, names, dtypes and order), the same index."""
+    weights = ("config.json", "generation_config.json", "model.safetensors.index.json")
+    names = sorted(
+        p.name for p in want.iterdir() if p.suffix == ".safetensors" or p.name in weights
+    )
+    assert names == sorted(p.name for p in got.iterdir() if p.name in names)
+    for name in names:
+        if name.endswith(".safetensors"):
+            mine, theirs = load_file(got / name), load_file(want / name)
+            assert list(mine) == list(theirs)
+            assert all(
+                torch.equal(mine[k], v) and mine[k].dtype == v.dtype for k, v in theirs.items()
+            )
+            assert (got / name).read_bytes() == (want / name).read_bytes(), name
+            continue
+        a, b = json.loads((got / name).read_text()), json.loads((want / name).read_text())
+        if name == "model.safetensors.index.json":
+            assert a["weight_map"] == b["weight_map"]
+            assert a["metadata"]["total_size"] == b["metadata"]["total_size"]
+            assert a["metadata"]["total_parameters"] == parameters
+            continue
+        assert a == b, name
+
+
+def old_proof(folder: Path, ours, tok, dtype: str) -> float:
+    """The check publishing made before it streamed, on whole models: the folder loaded with
+    `from_pretrained` in fp32 against Kiln's model holding the rounded weights (and, below fp32,
+    loaded as config.json says against Kiln's model in that dtype). Returns the fp32 max |diff|."""
+    import copy
+
+    cfg = ours.config
+    batch = pub.check_batch(cfg, tok)
+    rounded = copy.deepcopy(ours)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(pub.DTYPES[dtype]).float())
+        reference = rounded(**batch).float()
+        scale = max(1.0, reference.abs().max().item())
+        loaded = pub.load_published(folder, cfg.model_type, torch.float32)
+        diff = (loaded(**batch).logits[..., : cfg.vocab_size] - reference).abs().max().item()
+        assert diff <= pub.FP32_TOLERANCE * scale
+        if dtype != "fp32":
+            loaded = pub.load_published(folder, cfg.model_type, "auto")
+            assert loaded.dtype == pub.DTYPES[dtype]
+            native = rounded.to(pub.DTYPES[dtype])(**batch).float()
+            got = loaded(**batch).logits[..., : cfg.vocab_size].float()
+            assert (got - native).abs().max().item() <= pub.DTYPE_TOLERANCE[dtype] * scale
+    return diff
+
+
+@pytest.mark.parametrize("key", SOURCES)
+def test_streaming_publish_writes_the_whole_models_files(published, run_dirs, key, tmp_path):
+    """The streamed folder (ZeRO-3 on 2 ranks, a 2-stage pipeline; both families) holds the
+    files publishing wrote from the whole model, and passes the whole-model proof."""
+    ours = whole_model_folder(run_dirs[key], tmp_path / "whole", "fp32")
+    n = sum(p.numel() for p in ours.parameters())
+    assert_same_weights_files(published[key], tmp_path / "whole", n)
+    tok = Tokenizer.load(published[key] / "tokenizer.model")
+    assert old_proof(published[key], ours, tok, "fp32") <= PARITY_ATOL
+
+
+@pytest.mark.parametrize(("key", "dtype"), [("llama-zero3", "bf16"), ("t5-pipe", "fp16")])
+def test_sharded_publish_below_fp32(run_dirs, key, dtype, tmp_path):
+    out = tmp_path / dtype
+    report = pub.publish(run_dirs[key], out, dtype=dtype, max_shard_size="200KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
     assert report.max_logit_diff_fp32 <= PARITY_ATOL
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
-    assert model.dtype == torch.bfloat16
+    ours = whole_model_folder(run_dirs[key], tmp_path / "whole", dtype, "200KB")
+    assert_same_weights_files(out, tmp_path / "whole", report.parameters)
+    tok = Tokenizer.load(out / "tokenizer.model")
+    diff = old_proof(out, ours, tok, dtype)
+    assert report.max_logit_diff_fp32 == pytest.approx(diff, abs=1e-5)
+    family = key.split("-")[0]
+    model = auto_class(family).from_pretrained(out, local_files_only=True)
+    assert model.dtype == pub.DTYPES[dtype]
 
 
 def test_a_folder_that_fails_its_check_is_not_left(run_dirs, tmp_path, monkeypatch):
@@ -168,10 +257,10 @@ def test_a_folder_that_fails_its_check_is_not_left(run_dirs, tmp_path, monkeypat
 
     real = hf.to_hf_state_dict
 
-    def swapped(sd, cfg):  # a key-map bug: queries and keys of layer 0 exchanged
+    def swapped(sd, cfg):  # a key-map bug: the gate and up projections of layer 0 exchanged
         out = dict(real(sd, cfg))
-        q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
-        out[q] = torch.cat([out[k], out[k]])[: out[q].shape[0]]
+        gate, up = "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"
+        out[gate], out[up] = out[up], out[gate]
         return out
 
     monkeypatch.setattr(hf, "to_hf_state_dict", swapped)

@@ -571,6 +571,24 @@ def test_every_size_of_an_elastic_range_must_divide_the_batch(prepared_data, tmp
         check_batches(cfg, (2, 4))
 
 
+def test_the_jobs_driver_shows_a_config_error_as_one_message(prepared_data, tmp_path, capsys):
+    """A config that cannot run on the cluster (the driver's pre-flight: 3 workers do not divide
+    a global batch of 8) ends the driver with one message in the job's log, no traceback,
+    before Ray is started."""
+    import ray
+
+    from launcher import ray_driver
+
+    config = train_config(tmp_path, prepared_data)
+    with pytest.raises(SystemExit) as exit_:
+        ray_driver.main(["--config", str(config), "--num-workers", "3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert err.startswith("Error: ") and "global_batch_size=8 is not divisible" in err, err
+    assert "Traceback" not in err
+    assert not ray.is_initialized()
+
+
 def test_relative_paths_are_resolved_in_the_workdir(tmp_path):
     from launcher.ray_driver import absolute_paths
 

@@ -124,7 +124,7 @@ def test_a_checkpoint_whose_files_differ_from_its_manifest_is_passed_over(tmp_pa
     (folder.checkpoint_dir(2) / STATE_FILE).write_text("")
     with pytest.raises(FileExistsError, match="none of them complete") as e:
         folder.resume_from()
-    assert "Starting over would overwrite them: move" in str(e.value)
+    assert "To train from step 0 in this folder pass --restart" in str(e.value)
 
 
 def test_prune_keeps_the_newest_complete_ones(run):

@@ -125,6 +125,36 @@ def test_two_node_job_matches_local_run(cluster, prepared_data, zero_runs, tmp_p
 
 @needs_slurm
 @pytest.mark.slow
+def test_a_failure_in_the_ranks_is_shown_once_in_the_job_log(cluster, prepared_data, tmp_path):
+    """Token ids beyond the vocabulary in an unchecked shard make both ranks (one per node) fail
+    in the embedding: the job fails, and its log shows the error once, from the ranks' records
+    (`kiln slurm after`), naming the ranks and the traceback file; the ranks print none of
+    their own."""
+    import shutil
+
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns(".cache"))
+    for shard in (data / "shakespeare" / "train").glob("shard-*.bin"):
+        ids = np.memmap(shard, dtype=np.uint16, mode="r+")
+        ids[:] = 60_000  # the vocabulary has 512 pieces
+        ids.flush()
+    config = train_config(tmp_path, data, data__verify_checksums="false", train__max_steps=2)
+    job_id = submit(config)
+    log = tmp_path / "run" / "slurm" / f"{job_id}.out"
+    info = wait_for_end(cluster, job_id, log)
+    text = tail(log, 100_000)
+    assert info["JobState"] == "FAILED", text
+    shown = re.findall(r"IndexError on (ranks? [0-9, ]+): index out of range", text)
+    assert len(shown) == 1 and shown[0] in ("ranks 0, 1", "rank 0", "rank 1"), text
+    assert text.count("index out of range") == 1, text
+    assert re.search(r"full traceback: \S+/run/logs/rank-[01]\.traceback\.txt", text), text
+    assert "kiln: training stopped at step 0 of 2 without a stop signal" in text
+
+
+@needs_slurm
+@pytest.mark.slow
 def test_pre_timeout_signal_checkpoints_requeues_and_completes(cluster, prepared_data, tmp_path):
     """USR1 to the job shell (what --signal=B:USR1@T sends before the time limit) mid-run: the
     ranks save, the job requeues itself, resumes from that checkpoint and finishes; every step is
@@ -279,6 +309,7 @@ def test_rendered_script_for_4_nodes_of_8_gpus(tmp_path):
     assert "KILN_PYTHON=${KILN_PYTHON:-/opt/venv/bin/python}" in script
     assert "NPROC_PER_NODE=${KILN_NPROC_PER_NODE:-8}" in script
     assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in script
+    assert "export KILN_COLLECTS_FAILURES=1" in script  # the ranks leave it to `slurm after`
     embedded = re.search(r"<<'KILN_CONFIG_EOF'\n(.*?)^KILN_CONFIG_EOF$", script, re.S | re.M)
     assert yaml.safe_load(embedded.group(1)) == cfg.model_dump(mode="json")
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

@@ -88,6 +88,30 @@ def test_pull_run_restores_a_deleted_mirror(tmp_path):
         storage.localize(url, step=6)
 
 
+def test_a_damaged_mirror_copy_is_fetched_again_and_a_damaged_url_copy_is_refused(tmp_path):
+    """The mirror's copy of the checkpoint `latest` names is checked against its manifest: a
+    flipped byte (same size, so a size check alone fetches nothing) is fetched again whole; a
+    checkpoint damaged at the URL itself is refused with what to do."""
+    url = f"file://{tmp_path / 'remote' / 'run'}"
+    local = save(url, 3)
+    shard = local / "mp_rank_00_model_states.pt"
+    want = shard.read_bytes()
+    shard.write_bytes(bytes([want[0] ^ 0xFF]) + want[1:])
+    store = storage.RunStorage(url)
+    assert store.pull_run() == "step-00000003"
+    assert shard.read_bytes() == want
+    remote = tmp_path / "remote" / "run" / "checkpoints" / "step-00000003" / shard.name
+    remote.write_bytes(bytes([want[0] ^ 0xFF]) + want[1:])
+    assert store.pull_run() == "step-00000003"  # the mirror's copy is intact: it is used
+    shutil.rmtree(storage.mirror_dir(url))
+    with pytest.raises(FileNotFoundError) as error:
+        store.pull_run()
+    message = str(error.value)
+    assert f"{shard.name} with another sha256 than its manifest's" in message
+    assert "the checkpoint at the URL is damaged" in message and "checkpoints/latest" in message
+    assert store.pull_run(checksums=False) == "step-00000003"  # sizes only: it passes
+
+
 def test_a_url_without_checkpoint_starts_afresh(tmp_path):
     url = f"file://{tmp_path / 'remote' / 'run'}"
     save(url, 3)

@@ -228,8 +228,26 @@ class Publisher(Callback):
         from trainer.checkpoint import tag_for
         from trainer.publish import start_publish
 
+        if any(s == step for s, _, _ in self.started):  # one publish per step and launch
+            return
         out = self.run_dir / "hf" / tag_for(step)
         self.started.append((step, out, start_publish(self.source, step, out, self.dtype)))
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Start again the publishes an earlier launch of the run was due to make but did not
+        finish (it was stopped or killed while they ran): each complete checkpoint still kept
+        at a publishing step whose ``hf/step-N`` folder does not exist (a publish writes it by
+        one rename, so it exists only complete)."""
+        from trainer.storage import STATE_FILE
+
+        for ckpt in sorted(self.run_dir.glob("checkpoints/step-*")):
+            if ckpt.name.endswith("-universal") or not (ckpt / STATE_FILE).is_file():
+                continue
+            step = int(ckpt.name.removeprefix("step-"))
+            end = step == trainer.cfg.train.max_steps
+            due = (self.every and step % self.every == 0) or (self.at_end and end)
+            if due and step <= trainer.step and not (self.run_dir / "hf" / ckpt.name).is_dir():
+                self._start(step)
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
         step = trainer.step

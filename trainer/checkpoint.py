@@ -261,24 +261,23 @@ def load_checkpoint(engine, ckpt: Path, *, rank: int, weight_decays: list[float]
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a checkpoint, on CPU, in one process.
 
-    ZeRO stage 0 keeps the whole module in ``mp_rank_00_model_states.pt``; stages 1-3 are
-    consolidated from the fp32 master partitions with DeepSpeed's ``zero_to_fp32``; pipeline
-    checkpoints from their per-layer files (:func:`trainer.pipeline.consolidate`).
+    Read tensor by tensor (:func:`trainer.consolidate.open_checkpoint`): ZeRO stage 0 from the
+    module in ``mp_rank_00_model_states.pt``, stages 1-3 from the fp32 master partitions of every
+    rank (the layout DeepSpeed's ``zero_to_fp32`` reads), pipeline checkpoints from their
+    per-layer files; so the peak is the model itself, not the files (a ZeRO-0 file also holds the
+    optimizer state). Shared parameters (a tied head) are one tensor under both keys.
+
+    Raises:
+        FileNotFoundError: a file the checkpoint's layout needs is missing.
+        ValueError: the files disagree with each other or are truncated.
     """
-    state = read_trainer_state(ckpt)
-    if state.get("pipeline_stages", 1) > 1:
-        from trainer.config import config_from_dict
-        from trainer.pipeline import consolidate
+    from trainer.consolidate import open_checkpoint
 
-        weights = consolidate(ckpt, config_from_dict(state["config"]).derived.model)
-        return {k: v.float() for k, v in weights.items()}
-    stage = state["zero_stage"]
-    if stage == 0:
-        path = ckpt / "mp_rank_00_model_states.pt"
-        states = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v.float() for k, v in states["module"].items()}
-    distributed.select_accelerator()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the caller's output
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    weights = open_checkpoint(ckpt)
+    read: dict[str, torch.Tensor] = {}
+    for key in weights.names():
+        source = weights.source(key)
+        if source not in read:
+            read[source] = weights.read(source)
+        read[key] = read[source]
+    return {key: read[key] for key in weights.names()}

@@ -662,6 +662,7 @@ def check_paths(cfg: KilnConfig) -> None:
         RunFolder(cfg.run_dir).check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_data_root(cfg)
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty; name at least one dataset with its sources")
     for i, ds in enumerate(cfg.data.datasets):
@@ -677,6 +678,31 @@ def check_paths(cfg: KilnConfig) -> None:
         if not ds.sources:
             raise ConfigError(
                 f"data.datasets[{i}] ({ds.name!r}) has no sources and is not prepared"
+            )
+
+
+def check_data_root(cfg: KilnConfig) -> None:
+    """Refuse a data root that is the run folder, or a dataset folder (which ``kiln data prepare
+    --force`` replaces) that is or holds it: what a command writes must never hold what another
+    owns.
+
+    Raises:
+        ConfigError: the message names both paths and the fix.
+    """
+    folder = RunFolder(cfg.run_dir)
+    if folder.url is not None:
+        return
+    run = folder.local.resolve()
+    owned = [("data.root", Path(cfg.data.root))]
+    owned += [(f"dataset {d.name!r}", cfg.dataset_dir(d.name)) for d in cfg.data.datasets]
+    for what, path in owned:
+        path = path.resolve()
+        if path == run or (what != "data.root" and path in run.parents):
+            raise ConfigError(
+                f"{what} is {path}, which {'is' if path == run else 'holds'} the run folder "
+                f"run_dir={cfg.run_dir!r}: preparing data there would mix the two (and `kiln "
+                "data prepare --force` replaces a dataset's folder); give run_dir and data.root "
+                "separate folders, e.g. runs/NAME and data/"
             )
 
 

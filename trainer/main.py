@@ -56,7 +56,12 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     folder = RunFolder(cfg.run_dir)
     run_dir = folder.local
     node_main = folder.node_main(world.rank, world.local_rank)
-    folder.start(cfg.to_yaml(), node_main=node_main, barrier=distributed.barrier)
+    folder.start(
+        cfg.to_yaml(),
+        node_main=node_main,
+        barrier=distributed.barrier,
+        checksums=cfg.checkpoint.verify_checksums,
+    )
     if folder.url is None:  # rank 0 checks the files (checksums: once, not on every rank)
         checksums = cfg.checkpoint.verify_checksums
         scanned = folder.resume_from(checksums=checksums) if world.is_main else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from model.family import Piece
 from model.registry import ModelConfig, spec
@@ -158,28 +158,3 @@ def build_pipeline(cfg: KilnConfig, model: nn.Module, loss_fn):
 def _partition_method(name: str) -> str:
     # "blocks": balance the transformer blocks only (DeepSpeed's type:<regex> method)
     return "type:" + "|".join(BLOCK_TYPES) if name == "blocks" else name
-
-
-def consolidate(ckpt_dir, cfg: ModelConfig) -> dict[str, Tensor]:
-    """The plain model's state dict from a pipeline checkpoint's ``layer_XX-model_states.pt``
-    files (any stage count; one CPU process).
-
-    Raises:
-        FileNotFoundError: a layer file is missing (not a complete pipeline checkpoint).
-    """
-    from pathlib import Path
-
-    ckpt_dir = Path(ckpt_dir)
-    layers: dict[int, dict[str, Tensor]] = {}
-    out = {}
-    for plain, (idx, key) in key_map(cfg).items():
-        if idx not in layers:
-            files = sorted(ckpt_dir.glob(f"layer_{idx:02d}-*model_states.pt"))
-            if not files:
-                raise FileNotFoundError(
-                    f"{ckpt_dir} has no layer_{idx:02d}-*model_states.pt: not a complete "
-                    f"pipeline checkpoint of this model"
-                )
-            layers[idx] = torch.load(files[0], map_location="cpu", weights_only=True)
-        out[plain] = layers[idx][key]
-    return out

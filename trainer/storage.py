@@ -49,6 +49,8 @@ from typing import Any
 CACHE_ENV = "KILN_CACHE"
 STATE_FILE = "trainer_state.json"  # in a checkpoint: what makes it complete
 URL_FILE = ".kiln-url"  # in a mirror: the URL it mirrors (for `kiln cache list`)
+RESTARTED = "restarted"  # `--restart` moves a run's history into restarted-<time>/
+HISTORY = ("checkpoints", "metrics.jsonl", "sample_ids", "logs", "hf")  # what --restart moves
 
 
 def is_url(run_dir: str | Path) -> bool:
@@ -206,26 +208,43 @@ class RunStorage:
             self.fs.rm(self.remote(rel), recursive=True)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def fetch_checkpoint(self, tag: str) -> Path:
-        """Download ``checkpoints/<tag>`` into the mirror (what is missing), returns it there.
+    def fetch_checkpoint(self, tag: str, *, checksums: bool = True) -> Path:
+        """Download ``checkpoints/<tag>`` into the mirror (what is missing or of another size)
+        and check it against its manifest (:func:`damage`: sizes, and sha256 with
+        ``checksums``); a copy that differs is fetched again whole, once. Returns it there.
 
         Raises:
-            FileNotFoundError: the URL holds no complete checkpoint ``tag``.
+            FileNotFoundError: the URL holds no complete checkpoint ``tag``, or its files differ
+                from its manifest at the URL too (the message says how to go on).
         """
         if not self.fs.isfile(self.remote(f"checkpoints/{tag}/{STATE_FILE}")):
             raise FileNotFoundError(f"{self.url}/checkpoints/{tag} is not a complete checkpoint")
         local = self.local / "checkpoints" / tag
         if local.is_dir() and not (local / STATE_FILE).is_file():
             shutil.rmtree(local)
-        self.download(f"checkpoints/{tag}", local)
-        return local
+        for _ in range(2):
+            self.download(f"checkpoints/{tag}", local)
+            files = json.loads((local / STATE_FILE).read_text()).get("files") or {}
+            problem = damage(local, files, checksums=checksums)
+            if problem is None:
+                return local
+            shutil.rmtree(local)  # a damaged mirror copy: fetch it all again
+        raise FileNotFoundError(
+            f"{self.url}/checkpoints/{tag}, which {self.url}/checkpoints/latest names, {problem}; "
+            f"the checkpoint at the URL is damaged: write the name of an older complete "
+            f"checkpoint (step-N) into {self.url}/checkpoints/latest to resume from it"
+        )
 
-    def pull_run(self) -> str | None:
+    def pull_run(self, *, checksums: bool = True) -> str | None:
         """Make the mirror resume where the URL is (one process per node, before training).
 
-        Fetches the checkpoint ``latest`` names, ``metrics.jsonl`` and ``sample_ids/``, and
-        points the mirror's ``latest`` at it; with no ``latest`` at the URL the mirror gets none
-        either (the run starts afresh). Returns the tag, or None.
+        Fetches the checkpoint ``latest`` names (checked against its manifest:
+        :meth:`fetch_checkpoint`), ``metrics.jsonl`` and ``sample_ids/``, and points the
+        mirror's ``latest`` at it; with no ``latest`` at the URL the mirror gets none either (the
+        run starts afresh). Returns the tag, or None.
+
+        Raises:
+            FileNotFoundError: the checkpoint is damaged at the URL (:meth:`fetch_checkpoint`).
         """
         tag = self.latest_tag()
         root = self.local / "checkpoints"
@@ -233,7 +252,7 @@ class RunStorage:
         if tag is None:
             (root / "latest").unlink(missing_ok=True)
         else:
-            self.fetch_checkpoint(tag)
+            self.fetch_checkpoint(tag, checksums=checksums)
             (root / "latest").write_text(tag)
         self.download_file("metrics.jsonl")
         self.download("sample_ids", self.local / "sample_ids")
@@ -511,11 +530,44 @@ class RunFolder:
         if tag is None and any(n.startswith("passed over") for n in notes):
             lines = "".join(f"\n  {n}" for n in notes)
             raise FileExistsError(
-                f"{self.location} holds checkpoints, none of them complete:{lines}\nStarting "
-                f"over would overwrite them: move {self.checkpoints} aside to train from step 0 "
-                "in this folder, or give another run_dir"
+                f"{self.location} holds checkpoints, none of them complete:{lines}\nTo train "
+                "from step 0 in this folder pass --restart (the run's history is moved into "
+                f"{RESTARTED}-<time>/ inside it, nothing is deleted), or give another run_dir"
             )
         return tag, notes
+
+    def history(self) -> list[Path]:
+        """What a run leaves in its folder besides ``config.yaml``: checkpoints, metrics, sample
+        ids, failure logs and published folders (:data:`HISTORY`), those present."""
+        return [self.local / name for name in HISTORY if (self.local / name).exists()]
+
+    def set_aside(self, now: float | None = None) -> Path | None:
+        """Move the run's history (:meth:`history`) into ``restarted-<UTC time>/`` inside the
+        run folder, so that a run started from step 0 overwrites nothing and the old one can
+        still be read (``kiln generate``/``publish`` on that folder). Offline wandb runs stay:
+        each run has its own id. Nothing is deleted.
+
+        Returns:
+            the folder it was moved into, None when there was nothing to move.
+
+        Raises:
+            ValueError: the run folder is a URL (object stores have no cheap move): give
+                another run_dir.
+        """
+        if self.url is not None:
+            raise ValueError(
+                f"--restart works on a run folder path; {self.url} is a URL, whose files an "
+                "object store cannot move: give another run_dir to start over"
+            )
+        moved = self.history()
+        if not moved:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+        aside = self.local / f"{RESTARTED}-{stamp}"
+        aside.mkdir()  # FileExistsError for two restarts in one second: nothing moved yet
+        for path in moved:
+            os.replace(path, aside / path.name)
+        return aside
 
     def latest_tag(self) -> str | None:
         """The newest complete checkpoint of the run (``step-N``), None if it has none: for a path
@@ -587,18 +639,30 @@ class RunFolder:
             self.store.write_text("config.yaml", config_yaml)
         return self.local
 
-    def start(self, config_yaml: str, *, node_main: bool, barrier: Callable[[], None]) -> None:
+    def start(
+        self,
+        config_yaml: str,
+        *,
+        node_main: bool,
+        barrier: Callable[[], None],
+        checksums: bool = True,
+    ) -> None:
         """Make this node's copy resume where the run is (every process of the world calls it,
         before it reads a checkpoint): for a URL the node's first process writes
         ``config.yaml`` into the mirror (also on nodes ``kiln`` never ran on) and fetches what
-        the URL's ``latest`` names, while the others wait in ``barrier``. A path is already
-        where the run is."""
+        the URL's ``latest`` names, checked against its manifest (sha256 with ``checksums``),
+        while the others wait in ``barrier``. A path is already where the run is.
+
+        Raises:
+            FileNotFoundError: the checkpoint is damaged at the URL
+                (:meth:`RunStorage.fetch_checkpoint`).
+        """
         if self.store is None:
             return
         if node_main:
             self.store.make_mirror()
             self.config_path.write_text(config_yaml)
-            self.store.pull_run()
+            self.store.pull_run(checksums=checksums)
         barrier()
 
     def remove_partial(self) -> list[Path]:
