@@ -118,7 +118,8 @@ def check(
     Raises:
         ConfigError: a batch plan that does not divide, a missing source of an unprepared
             dataset, a URL no installed filesystem opens, a precision the device lacks, a
-            restart of a URL run folder.
+            restart of a URL run folder, NVMe offload where DeepSpeed's async I/O op cannot be
+            built (:func:`check_nvme_offload`).
     """
     batches = {n: batch_plan(cfg, n) for n in world_sizes}
     if restart and RunFolder(cfg.run_dir).url is not None:
@@ -130,6 +131,7 @@ def check(
         check_paths(cfg)
     if cuda_available is not None:
         check_device(cfg.train, cuda_available=cuda_available)
+        check_nvme_offload(cfg)
     warnings = []
     if min(b.data_parallel_size for b in batches.values()) == 1 and cfg.parallel.zero_stage > 0:
         warnings.append(
@@ -149,6 +151,34 @@ def check(
             "emulated, several times slower than fp32; use train.precision=fp32 on this machine"
         )
     return RunPlan(batches, tuple(warnings))
+
+
+def check_nvme_offload(cfg: KilnConfig, builder: Any = None) -> None:
+    """Refuse ``parallel.offload_device=nvme`` where DeepSpeed's async I/O op cannot be built
+    (it swaps ZeRO-Infinity's tensors to ``parallel.nvme_path`` with libaio), before any process
+    starts rather than in every rank's engine build.
+
+    Args:
+        cfg: the resolved config; nothing is checked unless it offloads to NVMe.
+        builder: the op builder to ask (default DeepSpeed's ``AsyncIOBuilder()``), whose
+            ``is_compatible()`` compiles a libaio probe with this machine's compiler.
+
+    Raises:
+        ConfigError: the op cannot be built here; the message says what to install.
+    """
+    if cfg.parallel.offload_device != "nvme":
+        return
+    if builder is None:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        builder = AsyncIOBuilder()
+    if not builder.is_compatible(verbose=False):
+        raise ConfigError(
+            "parallel.offload_device=nvme needs DeepSpeed's async I/O op (async_io), which "
+            "cannot be built on this machine: libaio's headers and library are missing. "
+            "Install them (Debian/Ubuntu: apt-get install libaio-dev; RHEL/Rocky: dnf install "
+            "libaio-devel) and a C++ compiler, or use parallel.offload_device=cpu"
+        )
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -349,6 +379,7 @@ __all__ = [
     "Resume",
     "RunPlan",
     "check",
+    "check_nvme_offload",
     "check_resume",
     "load",
     "prepare",

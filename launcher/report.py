@@ -8,7 +8,7 @@ import json
 from launcher.preflight import Resume
 from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import MANIFEST_FILE
-from trainer.estimate import flops_per_token, memory_estimate
+from trainer.estimate import ds_memory_settings, flops_per_token, memory_estimate
 from trainer.objectives import describe
 
 
@@ -42,13 +42,64 @@ def run_status(cfg: KilnConfig, plan: BatchPlan, resume: Resume) -> list[str]:
     return lines
 
 
-def plan_report(cfg: KilnConfig, plan: BatchPlan, resume: Resume | None = None) -> str:
+def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]:
+    """The ``# memory`` lines of the dry-run: per rank on the device (model states,
+    activations, DeepSpeed's buffers) and in host memory (construction, offload, swap buffers,
+    the runtime), per node, and DeepSpeed's memory settings with where each came from
+    (:func:`trainer.estimate.memory_estimate`, :func:`trainer.estimate.ds_memory_settings`)."""
+    p = cfg.parallel
+    mem = memory_estimate(cfg, plan, on_gpu=on_gpu)
+    device = "GPU" if on_gpu else "CPU process (device memory is host memory)"
+    lines = [
+        f"# memory per rank (estimate; {device}; ZeRO stage {p.zero_stage}, "
+        f"{plan.pipeline_stages} pipeline stage(s), {cfg.train.precision}, "
+        f"{plan.data_parallel_size} data-parallel ranks)",
+        f"parameters:            {_gib(mem.parameters)}",
+        f"gradients:             {_gib(mem.gradients)}",
+        f"optimizer states:      {_gib(mem.optimizer_states)}",
+        f"activations:           {_gib(mem.activations)}"
+        + (" (checkpointed)" if cfg.train.activation_checkpointing else ""),
+        f"DeepSpeed buffers:     {_gib(mem.buffers)} (buckets, gathered ZeRO-3 parameters, "
+        "step copy)",
+        f"total on the device:   {_gib(mem.total)}",
+    ]
+    if mem.host_offload:
+        lines.append(
+            f"offloaded to host:     {_gib(mem.host_offload)}" + (" (pinned)" if on_gpu else "")
+        )
+    if mem.nvme:
+        lines.append(f"offloaded to NVMe:     {_gib(mem.nvme)} in {p.nvme_path}")
+    if mem.host_swap:
+        lines.append(f"NVMe swap buffers:     {_gib(mem.host_swap)} of host memory")
+    lines += [
+        f"construction:          {_gib(mem.construction)} (the model as this rank builds it)",
+        f"runtime:               {_gib(mem.runtime)} (Python, torch, DeepSpeed)",
+        f"host memory per rank:  {_gib(mem.host_per_rank)} (peak)",
+        f"host memory per node:  {_gib(mem.host_per_node)} ({mem.ranks_per_node} ranks)",
+    ]
+    settings = ds_memory_settings(cfg)
+    zero = settings.zero_config(p.zero_stage)
+    if zero:
+        lines.append("DeepSpeed memory settings (elements; override in parallel.<name>):")
+        lines += [
+            f"  {k}={v:,} ({'set' if k in settings.given else 'derived'})" for k, v in zero.items()
+        ]
+    return lines
+
+
+def plan_report(
+    cfg: KilnConfig, plan: BatchPlan, resume: Resume | None = None, *, on_gpu: bool | None = None
+) -> str:
     """The dry-run report of ``cfg`` under ``plan``, with the ``# run`` section when ``resume``
-    is given (:func:`launcher.preflight.resume_plan`)."""
+    is given (:func:`launcher.preflight.resume_plan`). Memory is planned for GPUs when
+    ``on_gpu`` (default: whether this machine has CUDA), else for CPU processes."""
     m = cfg.derived.model
-    mem = memory_estimate(cfg, plan)
     n = m.num_parameters()
     world = plan.pipeline_stages * plan.data_parallel_size
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
     lines = [
         "# resolved config",
         cfg.to_yaml().rstrip(),
@@ -69,18 +120,8 @@ def plan_report(cfg: KilnConfig, plan: BatchPlan, resume: Resume | None = None) 
         f"tokens in the run:     {plan.tokens_per_step * cfg.train.max_steps:,} "
         f"({cfg.train.max_steps} steps)",
         "",
-        f"# memory per device (estimate; ZeRO stage {cfg.parallel.zero_stage}, "
-        f"{plan.pipeline_stages} pipeline stage(s), "
-        f"{cfg.train.precision}, {plan.data_parallel_size} data-parallel ranks)",
-        f"parameters:            {_gib(mem.parameters)}",
-        f"gradients:             {_gib(mem.gradients)}",
-        f"optimizer states:      {_gib(mem.optimizer_states)}",
-        f"activations:           {_gib(mem.activations)}"
-        + (" (checkpointed)" if cfg.train.activation_checkpointing else ""),
-        f"total:                 {_gib(mem.total)}",
+        *memory_lines(cfg, plan, on_gpu=on_gpu),
     ]
-    if mem.cpu_offloaded:
-        lines.append(f"offloaded to CPU:      {_gib(mem.cpu_offloaded)}")
     if resume is not None:
         lines += ["", *run_status(cfg, plan, resume)]
     return "\n".join(lines)

@@ -139,10 +139,12 @@ def test_memory_estimate_follows_zero_stages(yaml_file):
         estimates.append(memory_estimate(cfg, batch_plan(cfg, world_size=4)))
     psi = cfg.derived.model.num_parameters()
     assert estimates[0].optimizer_states == 8 * psi  # fp32 Adam moments
-    assert estimates[1].optimizer_states == 8 * psi / 4
+    # ZeRO 1-2 also keep an fp32 master copy of the rank's partition (DeepSpeed clones it)
+    assert estimates[1].optimizer_states == (8 + 4) * psi / 4
     assert estimates[1].gradients == 4 * psi and estimates[2].gradients == 4 * psi / 4
     assert estimates[2].parameters == 4 * psi and estimates[3].parameters == 4 * psi / 4
-    assert [e.total for e in estimates] == sorted((e.total for e in estimates), reverse=True)
+    states = [e.parameters + e.gradients + e.optimizer_states for e in estimates]
+    assert states == sorted(states, reverse=True)  # (buffers can outweigh it on a tiny model)
 
 
 def test_cli_refuses_bad_config_before_launch(yaml_file):

@@ -175,8 +175,57 @@ class ParallelConfig(_Section):
         description="how layers are split over the stages: balance parameters, layer count, or "
         "transformer blocks",
     )
-    offload_optimizer: bool = Field(False, description="optimizer state in CPU memory")
-    offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3 only)")
+    offload_optimizer: bool = Field(
+        False, description="optimizer state (and its step) off the device, to offload_device"
+    )
+    offload_params: bool = Field(
+        False, description="parameters off the device, to offload_device (ZeRO-3 only)"
+    )
+    offload_device: Literal["cpu", "nvme"] = Field(
+        "cpu",
+        description="where offload_optimizer / offload_params put their tensors: host memory, "
+        "or files under nvme_path (ZeRO-Infinity; ZeRO-3 only, needs DeepSpeed's async I/O op: "
+        "libaio-dev)",
+    )
+    nvme_path: str | None = Field(
+        None,
+        description="folder on a fast local disk for offload_device=nvme (a swap folder per rank "
+        "is made in it)",
+    )
+    # DeepSpeed's memory knobs, in elements (DeepSpeed's names and units); None: derived from the
+    # model and the device by trainer.estimate.ds_memory_settings (see the README's "Memory").
+    reduce_bucket_size: PositiveInt | None = Field(
+        None,
+        description="gradient elements reduced at a time; one buffer of it lives on the device "
+        "(larger: fewer, faster collectives; smaller: less memory)",
+    )
+    allgather_bucket_size: PositiveInt | None = Field(
+        None,
+        description="ZeRO 1-2: updated parameter elements all-gathered at a time after a step",
+    )
+    stage3_prefetch_bucket_size: NonNegativeInt | None = Field(
+        None,
+        description="ZeRO-3: parameter elements fetched ahead of use (overlap vs memory)",
+    )
+    stage3_max_live_parameters: PositiveInt | None = Field(
+        None,
+        description="ZeRO-3: gathered parameter elements held at once before release",
+    )
+    stage3_max_reuse_distance: NonNegativeInt | None = Field(
+        None,
+        description="ZeRO-3: keep a gathered parameter if it is used again within this many "
+        "elements (saves a re-gather, costs memory)",
+    )
+    stage3_param_persistence_threshold: NonNegativeInt | None = Field(
+        None,
+        description="ZeRO-3: parameters of at most this many elements stay whole on every rank "
+        "(fewer tiny collectives, a little memory)",
+    )
+    sub_group_size: PositiveInt | None = Field(
+        None,
+        description="ZeRO-3: parameter elements the optimizer steps at once (the fp32 gradient "
+        "copy of the step, and the NVMe swap unit, are this big)",
+    )
 
 
 class CausalLMObjective(_Section):
@@ -351,6 +400,7 @@ class KilnConfig(_Section):
                 f"parallel.offload_params=true needs parallel.zero_stage=3 "
                 f"(got {p.zero_stage}); set parallel.zero_stage=3 or offload_params=false"
             )
+        self._offload_rules()
         if p.pipeline_stages > 1 and p.zero_stage > 1:
             raise ConfigError(
                 f"parallel.pipeline_stages={p.pipeline_stages} cannot run with parallel.zero_stage="
@@ -394,6 +444,30 @@ class KilnConfig(_Section):
         if len(set(names)) != len(names):
             raise ConfigError(f"data.datasets names must be unique, got {names}")
         return self
+
+    def _offload_rules(self) -> None:
+        p = self.parallel
+        if p.offload_device == "nvme":
+            if not (p.offload_optimizer or p.offload_params):
+                raise ConfigError(
+                    "parallel.offload_device=nvme offloads nothing: set "
+                    "parallel.offload_params=true and/or parallel.offload_optimizer=true"
+                )
+            if p.zero_stage != 3:
+                raise ConfigError(
+                    f"parallel.offload_device=nvme needs parallel.zero_stage=3 (got "
+                    f"{p.zero_stage}): DeepSpeed swaps to NVMe only under ZeRO-3 (ZeRO-Infinity)"
+                )
+            if not p.nvme_path:
+                raise ConfigError(
+                    "parallel.offload_device=nvme needs parallel.nvme_path: a folder on a fast "
+                    "local disk, e.g. parallel.nvme_path=/local_nvme/kiln"
+                )
+        elif p.nvme_path is not None:
+            raise ConfigError(
+                f"parallel.nvme_path={p.nvme_path!r} does nothing with parallel.offload_device="
+                f"{p.offload_device}; set parallel.offload_device=nvme or drop nvme_path"
+            )
 
     def _objective_rules(self) -> None:
         m, obj = self.model, self.objective

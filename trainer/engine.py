@@ -41,16 +41,34 @@ def lr_lambda(t: TrainConfig):
 def deepspeed_config(
     cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool, load_universal: bool = False
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run (see deepspeed.ai/docs/config-json)."""
+    """The DeepSpeed JSON config for this run (see deepspeed.ai/docs/config-json).
+
+    ZeRO's bucket, prefetch and live-parameter sizes come from
+    :func:`trainer.estimate.ds_memory_settings` (derived from the model, or as set in
+    ``parallel``), so the run allocates what ``--dry-run`` planned. Offload goes to
+    ``parallel.offload_device``: host memory (pinned on a GPU), or with ``nvme`` to swap files
+    under ``parallel.nvme_path`` (ZeRO-Infinity; the pre-flight's
+    :func:`launcher.preflight.check_nvme_offload` refuses it where DeepSpeed's aio op cannot be
+    built).
+    """
+    from trainer.estimate import ds_memory_settings
+
     t, p = cfg.train, cfg.parallel
     # torch's AdamW needs no compiled op; DeepSpeed's CPUAdam is much faster when the optimizer
     # is offloaded from a GPU, so it is used there (it builds on first use).
     cpu_adam = on_gpu and p.offload_optimizer
-    zero: dict[str, Any] = {"stage": p.zero_stage}
+    settings = ds_memory_settings(cfg)
+    zero: dict[str, Any] = {"stage": p.zero_stage, **settings.zero_config(p.zero_stage)}
+    offload: dict[str, Any] = {"device": p.offload_device, "pin_memory": on_gpu}
+    if p.offload_device == "nvme":
+        offload["nvme_path"] = p.nvme_path
     if p.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+        zero["offload_optimizer"] = dict(offload)
     if p.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+        zero["offload_param"] = dict(offload)
+        if p.offload_device == "nvme":
+            zero["offload_param"]["buffer_size"] = settings.param_swap_buffer_size
+            zero["offload_param"]["max_in_cpu"] = settings.stage3_max_live_parameters
     ds: dict[str, Any] = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -83,6 +101,16 @@ def deepspeed_config(
     }
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
+    if p.offload_device == "nvme":
+        # DeepSpeed's async I/O defaults (deepspeed.ai/docs/config-json/#asynchronous-io), spelled
+        # out so the run's config shows them.
+        ds["aio"] = {
+            "block_size": 1048576,
+            "queue_depth": 8,
+            "intra_op_parallelism": 1,
+            "single_submit": False,
+            "overlap_events": True,
+        }
     return ds
 
 

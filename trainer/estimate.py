@@ -6,6 +6,7 @@ loop and ``bench/throughput.py``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -30,29 +31,218 @@ def flops_per_token(cfg: KilnConfig) -> float:
     return spec(d.model).flops_per_sequence(d.model, model_lengths(d.objectives, seq_len)) / seq_len
 
 
+# DeepSpeed's ZeRO defaults (deepspeed/runtime/zero/config.py and offload_config.py, 0.19), in
+# elements: what a run gets for each knob Kiln neither derives nor is given.
+DS_ALLREDUCE_BUCKET = 500_000_000  # ZeRO-0's gradient all-reduce bucket (engine.py)
+DS_PARAM_SWAP_BUFFERS = 5  # offload_param.buffer_count (NVMe)
+DS_OPTIMIZER_SWAP_BUFFERS = 4  # offload_optimizer.buffer_count (NVMe)
+# Resident memory of one training process before any model tensor: the Python interpreter,
+# torch, DeepSpeed (with its CPU ops) and gloo, measured here (bench/memory.py, `debug` preset,
+# 2 processes, ZeRO-3: 0.59-0.60 GiB peak per rank with ~0.09 GiB of model tensors and
+# activations). On a GPU the CUDA context adds ~0.5 GiB of device memory, not counted here.
+RUNTIME_BYTES = 0.5 * 2**30
+
+
+@dataclass(frozen=True)
+class DsMemorySettings:
+    """DeepSpeed's ZeRO memory knobs of one run, in elements (DeepSpeed's names and units), and
+    which of them the config set (the rest are derived, :func:`ds_memory_settings`)."""
+
+    reduce_bucket_size: int
+    allgather_bucket_size: int
+    stage3_prefetch_bucket_size: int
+    stage3_max_live_parameters: int
+    stage3_max_reuse_distance: int
+    stage3_param_persistence_threshold: int
+    sub_group_size: int
+    param_swap_buffer_size: int  # offload_param.buffer_size (NVMe): the largest tensor fits
+    given: tuple[str, ...] = ()
+
+    def zero_config(self, stage: int) -> dict[str, int]:
+        """The ``zero_optimization`` keys DeepSpeed reads at ZeRO ``stage`` (0-3)."""
+        if stage == 0:
+            return {}
+        keys = {"reduce_bucket_size": self.reduce_bucket_size}
+        if stage in (1, 2):
+            keys["allgather_bucket_size"] = self.allgather_bucket_size
+        if stage == 3:
+            keys.update(
+                stage3_prefetch_bucket_size=self.stage3_prefetch_bucket_size,
+                stage3_max_live_parameters=self.stage3_max_live_parameters,
+                stage3_max_reuse_distance=self.stage3_max_reuse_distance,
+                stage3_param_persistence_threshold=self.stage3_param_persistence_threshold,
+                sub_group_size=self.sub_group_size,
+            )
+        return keys
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the memory settings and the planner need, in elements: ``d_model``, the
+    largest single tensor (the embedding table, vocab x d_model), the mean transformer block's
+    parameters, and the blocks."""
+
+    parameters: int
+    d_model: int
+    largest_tensor: int
+    block_parameters: int
+    num_blocks: int
+
+
+def model_shape(cfg: KilnConfig) -> ModelShape:
+    """:class:`ModelShape` of ``cfg``'s model from its family spec, without building it. The mean
+    block is the parameters outside the embedding table(s) over the blocks (T5's decoder blocks,
+    with cross-attention, are ~1.3x its encoder blocks)."""
+    m = cfg.derived.model
+    lengths = model_lengths(cfg.derived.objectives, cfg.data.seq_len)
+    d = spec(m).activation_stacks(m, lengths)[0].d_model
+    psi = m.num_parameters()
+    table = int(m.vocab_size or 0) * d
+    tables = table * (1 if m.tie_word_embeddings else 2)
+    blocks = m.num_blocks
+    return ModelShape(psi, d, table, max(1, (psi - tables) // blocks), blocks)
+
+
+def ds_memory_settings(cfg: KilnConfig) -> DsMemorySettings:
+    """DeepSpeed's ZeRO bucket, prefetch and live-parameter sizes for ``cfg``'s model, in
+    elements; a value set in ``parallel`` wins over the derived one.
+
+    Derived (DeepSpeed's defaults are sized for a 1B+ model on a large GPU: 5e8-element buckets
+    are 2 GB each in fp32, and 1e9 live parameters keep a whole 1B model gathered on every rank):
+
+    * ``reduce_bucket_size = allgather_bucket_size = d_model**2``,
+      ``stage3_prefetch_bucket_size = 0.9 d_model**2``,
+      ``stage3_param_persistence_threshold = 10 d_model``: the rules of Hugging Face
+      ``transformers``' DeepSpeed integration for ``"auto"`` (integrations/deepspeed.py,
+      ``trainer_config_process``), which DeepSpeed's ZeRO-3 tutorial cites;
+    * ``stage3_max_live_parameters = stage3_max_reuse_distance = max(2 x the mean block, the
+      largest tensor)``: the block being computed and the next one (prefetch), and never less
+      than the embedding table, which ZeRO-3 gathers whole;
+    * ``sub_group_size`` = the mean block: the optimizer steps a rank's partition one sub-group
+      at a time, and each sub-group costs an fp32 copy of its gradients and torch AdamW's
+      temporaries (3 x 4 bytes per element; 1.4 GB at DeepSpeed's 1e9 default on a 1B model);
+    * ``offload_param.buffer_size`` (NVMe) the largest tensor (DeepSpeed refuses a smaller one;
+      its default, 1e8 elements, costs 5 pinned buffers of 0.4 GB in fp32 on a smaller model),
+      and ``offload_param.max_in_cpu`` the live window above.
+
+    The trade-off: larger values mean fewer, larger collectives (faster on fast links) and more
+    memory; smaller ones the reverse. The settings depend on the model only (and each knob's
+    override), not on the device's free memory, so that every rank derives the same sizes: ZeRO
+    reduces gradients bucket by bucket, and ranks with different buckets would not match.
+    """
+    shape = model_shape(cfg)
+    d = shape.d_model
+    window = max(2 * shape.block_parameters, shape.largest_tensor)
+    derived = {
+        "reduce_bucket_size": d * d,
+        "allgather_bucket_size": d * d,
+        "stage3_prefetch_bucket_size": int(0.9 * d * d),
+        "stage3_max_live_parameters": window,
+        "stage3_max_reuse_distance": window,
+        "stage3_param_persistence_threshold": 10 * d,
+        "sub_group_size": shape.block_parameters,
+    }
+    p = cfg.parallel
+    given = tuple(k for k in derived if getattr(p, k) is not None)
+    values = {k: getattr(p, k) if k in given else v for k, v in derived.items()}
+    values["allgather_bucket_size"] += values["allgather_bucket_size"] % 2  # DeepSpeed: even
+    swap = shape.largest_tensor  # DeepSpeed's 1e8 default would cost 5 x 0.4 GB in fp32
+    return DsMemorySettings(**values, param_swap_buffer_size=swap, given=given)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device of one training process."""
+    """Memory of one training process (rank), in bytes, and of one node.
+
+    Device memory: ``parameters``, ``gradients``, ``optimizer_states`` (fp32 master weights where
+    DeepSpeed keeps them, Adam's two moments), ``activations`` and ``buffers`` (DeepSpeed's:
+    gradient buckets, gathered ZeRO-3 parameters, the optimizer step's gradient copy); their sum
+    is :attr:`total`. Host memory: ``host_offload`` (offloaded states, pinned on a GPU),
+    ``host_swap`` (pinned NVMe swap buffers and parameters kept in host memory under NVMe
+    offload), ``construction`` (the model as each rank builds it, before DeepSpeed takes it),
+    ``runtime`` (Python, torch, DeepSpeed). ``nvme`` is the bytes a rank writes to disk.
+    ``ranks_per_node`` processes share a node; ``device_is_host`` is True on a CPU run, where
+    "device" memory is host memory too.
+    """
 
     parameters: float
     gradients: float
     optimizer_states: float
     activations: float
-    cpu_offloaded: float  # bytes moved to host memory by offload
+    buffers: float = 0.0
+    host_offload: float = 0.0
+    host_swap: float = 0.0
+    construction: float = 0.0
+    runtime: float = RUNTIME_BYTES
+    nvme: float = 0.0
+    ranks_per_node: int = 1
+    device_is_host: bool = True
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer_states + self.activations
+        """Device bytes per rank: model states + activations + DeepSpeed's buffers."""
+        return (
+            self.parameters + self.gradients + self.optimizer_states + self.activations
+        ) + self.buffers
+
+    @property
+    def cpu_offloaded(self) -> float:
+        """Bytes per rank moved off the device to host memory or disk by offload."""
+        return self.host_offload + self.nvme
+
+    @property
+    def host_per_rank(self) -> float:
+        """Peak host bytes of one process: the runtime plus the larger of construction and the
+        training state in host memory (on a CPU run the device's share is host memory too; the
+        model built for construction is what DeepSpeed then partitions, so the two peaks do not
+        add up)."""
+        training = self.host_offload + self.host_swap
+        if self.device_is_host:
+            training += self.total
+        return self.runtime + max(self.construction, training)
+
+    @property
+    def host_per_node(self) -> float:
+        """Peak host bytes of one node: :attr:`host_per_rank` x ranks per node."""
+        return self.host_per_rank * self.ranks_per_node
 
 
-def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
-    """Estimate device memory per data-parallel rank under the chosen ZeRO stage.
+def memory_estimate(
+    cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool = False, nodes: int | None = None
+) -> MemoryEstimate:
+    """Estimate memory per rank (device and host) and per node under the chosen layout.
 
-    Model states follow the ZeRO paper (Rajbhandari et al. 2020, Sec. 3 and 5): with Psi
+    Model states follow the ZeRO paper (Rajbhandari et al. 2020, Sec. 3 and 5) as DeepSpeed
+    0.19 allocates them (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py): with Psi
     parameters, fp32 training keeps 4 Psi bytes of weights, 4 Psi of gradients and 8 Psi of Adam
     moments; mixed precision keeps 2 Psi + 2 Psi and 12 Psi of optimizer state (fp32 master
     weights, momentum, variance). Stage 1 partitions the optimizer states over the N_d
-    data-parallel ranks, stage 2 also the gradients, stage 3 also the weights.
+    data-parallel ranks, stage 2 also the gradients, stage 3 also the weights. ZeRO 1-2 keep an
+    fp32 master copy of each rank's partition in fp32 training too (``weights_partition =
+    ... .clone()``); ZeRO-3 shares it with the weights when both are fp32.
+
+    DeepSpeed's buffers (``buffers``, elements from :func:`ds_memory_settings` times the element
+    size e of the weights): ZeRO-0 with N_d > 1, the all-reduce bucket (5e8 elements or the
+    gradients); ZeRO 1-2, one reduce bucket (fp32 under ZeRO-1, which accumulates in fp32) and
+    one all-gather bucket; ZeRO-3, the reduce bucket, the gathered parameters (up to
+    ``stage3_max_live_parameters``, never more than the model), the persistent small tensors
+    (at most 3 norm-sized vectors per block, whole on every rank), autograd's full-size gradient
+    of the largest tensor before it is reduced, and the optimizer step's fp32 copy of one
+    sub-group's gradients (``_prepare_fp32_grad_for_sub_group``). Torch's AdamW (Kiln's optimizer
+    except on a GPU with offload, where DeepSpeed's fused CPUAdam steps) adds two fp32
+    temporaries of the tensor it steps (``_single_tensor_adamw``'s ``denom``): a parameter under
+    ZeRO-0, the rank's flat partition under ZeRO 1-2, one sub-group under ZeRO-3.
+
+    Offload (``offload_device``): optimizer states, with their fp32 gradient partition (which
+    leaves the device under ZeRO 2-3), and/or
+    ZeRO-3 weight partitions move to host memory (``host_offload``), or with ``nvme`` to disk
+    (``nvme``), where host memory keeps DeepSpeed's swap buffers: 4 optimizer sub-groups of
+    fp32 (``offload_optimizer.buffer_count``), and 5 parameter buffers (``offload_param``) plus
+    the parameter elements kept in host memory (``max_in_cpu``, set to the live window).
+
+    Construction: each rank builds what it holds: under ZeRO-3 its 1/N_d share of the fp32
+    weights (``deepspeed.zero.Init``) plus the largest tensor being initialised whole; a
+    pipeline stage its 1/P of the model; otherwise the whole fp32 model.
 
     Activations per layer follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
     Large Transformer Models", eq. 1): ``s b h (34 + 5 a s / h)`` bytes at 2 bytes per value; the
@@ -64,14 +254,25 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
     With P pipeline stages a stage holds 1/P of the model states and, under DeepSpeed's 1F1B
     schedule, the activations of up to min(P, micro-batches) micro-batches of its layers (the
     first stage's worst case). The fp32 logits and their gradient (``2 * 4 s b V`` bytes) are
-    added on top. Fragmentation, communication buffers and the CUDA context are not included.
+    added on top. Fragmentation and the CUDA context are not included.
+
+    Args:
+        cfg: the resolved config.
+        plan: its batch plan (:func:`trainer.config.batch_plan`).
+        on_gpu: the ranks train on GPUs (device and host memory differ); False: on CPUs.
+        nodes: nodes the ranks are spread over; None: ``launch.nnodes``.
     """
     m, p = cfg.derived.model, cfg.parallel
-    psi = float(m.num_parameters())
+    shape = model_shape(cfg)
+    settings = ds_memory_settings(cfg)
+    psi = float(shape.parameters)
     mixed = cfg.train.precision != "fp32"
+    e = BYTES[cfg.train.precision]
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
     nd = plan.data_parallel_size
     pp = plan.pipeline_stages  # a stage holds ~1/P of the layers
+    if p.zero_stage in (1, 2) and not mixed:
+        optim_bytes += 4  # DeepSpeed's fp32 master partition, a copy even in fp32 training
     weights, grads, optim = (psi / pp * b for b in (weight_bytes, grad_bytes, optim_bytes))
     if p.zero_stage >= 1:
         optim /= nd
@@ -79,15 +280,53 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
         grads /= nd
     if p.zero_stage >= 3:
         weights /= nd
-    offloaded = 0.0
-    if p.offload_optimizer:
-        offloaded += optim
-        optim = 0.0
-    if p.offload_params:
-        offloaded += weights
-        weights = 0.0
 
-    b, scale = plan.micro_batch_size, BYTES[cfg.train.precision] / 2
+    buffers = 0.0
+    if p.zero_stage == 0 and nd > 1:
+        buffers = min(DS_ALLREDUCE_BUCKET, psi / pp) * e
+    elif p.zero_stage in (1, 2):
+        reduce_e = 4 if p.zero_stage == 1 else e
+        buffers = settings.reduce_bucket_size * reduce_e + settings.allgather_bucket_size * e
+    elif p.zero_stage == 3:
+        gathered = min(psi, settings.stage3_max_live_parameters + shape.largest_tensor)
+        persistent = 3 * shape.num_blocks * shape.d_model  # norm vectors under the threshold
+        if settings.stage3_param_persistence_threshold < shape.d_model:
+            persistent = 0
+        step_copy = 0.0 if p.offload_optimizer else 4 * min(settings.sub_group_size, psi / nd)
+        # autograd's full-size gradient of the largest gathered tensor, before DeepSpeed's hook
+        # copies it into the reduce bucket
+        full_grad = shape.largest_tensor
+        buffers = (settings.reduce_bucket_size + gathered + persistent + full_grad) * e
+        buffers += step_copy
+    if not (on_gpu and p.offload_optimizer):  # torch's AdamW (a GPU with offload: CPUAdam, fused)
+        # `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`: two fp32 temporaries
+        # of the tensor being stepped: a parameter (ZeRO-0), the rank's flat partition (ZeRO
+        # 1-2), one sub-group (ZeRO-3)
+        unit = {0: shape.largest_tensor, 1: psi / pp / nd, 2: psi / pp / nd}.get(
+            p.zero_stage, min(settings.sub_group_size, psi / nd)
+        )
+        buffers += 2 * 4 * unit
+
+    host_offload = host_swap = nvme = 0.0
+    offloaded_optim = optim + 4 * psi / pp / nd if p.offload_optimizer else 0.0  # + fp32 grads
+    if p.offload_optimizer:
+        optim = 0.0
+        if p.zero_stage >= 2:  # the gradient partition lives with the optimizer (on the host)
+            grads = 0.0
+    offloaded_weights = weights if p.offload_params else 0.0
+    if p.offload_params:
+        weights = 0.0
+    if p.offload_device == "nvme":
+        nvme = offloaded_optim + offloaded_weights
+        if p.offload_optimizer:
+            host_swap += DS_OPTIMIZER_SWAP_BUFFERS * min(settings.sub_group_size, psi / nd) * 4
+        if p.offload_params:
+            host_swap += DS_PARAM_SWAP_BUFFERS * settings.param_swap_buffer_size * e
+            host_swap += min(settings.stage3_max_live_parameters, psi / nd) * e  # max_in_cpu
+    else:
+        host_offload = offloaded_optim + offloaded_weights
+
+    b, scale = plan.micro_batch_size, e / 2
     stacks = spec(m).activation_stacks(m, model_lengths(cfg.derived.objectives, cfg.data.seq_len))
     layers = 0.0
     for stack in stacks:
@@ -100,7 +339,26 @@ def memory_estimate(cfg: KilnConfig, plan: BatchPlan) -> MemoryEstimate:
     logits = 2 * 4 * stacks[-1].seq_len * b * float(m.vocab_size or 0)
     if pp > 1:  # 1F1B: the first stage keeps up to P micro-batches of its 1/P of the layers
         layers *= min(pp, plan.gradient_accumulation_steps) / pp
-    return MemoryEstimate(weights, grads, optim, layers + logits, offloaded)
+
+    if p.zero_stage == 3 and pp == 1:
+        construction = 4 * (psi / nd + shape.largest_tensor)
+    else:
+        construction = 4 * psi / pp
+    world = pp * nd
+    nodes = nodes or cfg.launch.nnodes
+    return MemoryEstimate(
+        parameters=weights,
+        gradients=grads,
+        optimizer_states=optim,
+        activations=layers + logits,
+        buffers=buffers,
+        host_offload=host_offload,
+        host_swap=host_swap,
+        construction=construction,
+        nvme=nvme,
+        ranks_per_node=max(1, math.ceil(world / nodes)),
+        device_is_host=not on_gpu,
+    )
 
 
 # Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets, by precision.

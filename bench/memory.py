@@ -1,0 +1,464 @@
+"""Peak resident memory per rank of real multi-process Kiln runs, beside the ``--dry-run`` plan.
+
+For each run it makes, it prints per rank: the peak resident set size (RSS) at construction
+(model built and wrapped in the DeepSpeed engine), during the first optimizer step and over the
+steady-state steps after it, beside the planner's estimate
+(:func:`trainer.estimate.memory_estimate`, what ``kiln train --dry-run`` shows), and the time
+from launch to the end of the first step.
+
+How: every run is a fresh ``python -m torch.distributed.run --nproc_per_node N bench/memory.py
+--worker ...`` job, as ``kiln train`` starts one: each rank builds the model
+(``model.build_model``), wraps it (``trainer.engine.build_engine``, the DeepSpeed config of
+``trainer.engine.deepspeed_config``) and steps it with ``trainer.loop.Trainer.train_step`` on
+synthetic token batches (``bench/throughput.py``'s ``SyntheticTokens``). Each rank appends its
+pid and a line per phase change, with a timestamp, to a marks file; this process samples every
+rank's RSS (``VmRSS`` of ``/proc/<pid>/status``) every 50 ms and files each sample under the
+rank's current phase. At the end each rank adds its own ``getrusage`` peak (``ru_maxrss``),
+which catches spikes between samples. A rank killed by the kernel's OOM killer shows as
+``killed`` with the phase it died in and the last RSS seen.
+
+Estimates compared, per rank (CPU run: device memory is host memory):
+
+* construction: ``runtime + construction`` (the model as the layout builds it; the target
+  design: under ZeRO-3 each rank's 1/N share, ``deepspeed.zero.Init``);
+* first step / steady: ``runtime + model states + activations + DeepSpeed buffers``
+  (:attr:`trainer.estimate.MemoryEstimate.host_per_rank`).
+
+Runs (``--runs``, comma-separated; each one at a time, several minutes for the large ones):
+
+* ``1b``: the ``1b`` preset, ZeRO-3, 2 processes, fp32, micro batch 1, 128 tokens, 5 steps;
+* ``125m``, ``debug``: the same layout for the ``125m`` preset (a size that fits whatever the
+  build does), the same with 2 blocks (``125m-2l``, under 3 GiB for both ranks: mostly the
+  embedding tables) and the ``debug`` preset (the runtime alone: Python, torch, DeepSpeed, gloo);
+* ``largest``, ``largest-nvme``: a decoder of the ``1b`` width with ``--largest-layers`` blocks,
+  ZeRO-3 on 2 processes, 3 steps, without and with NVMe offload of parameters and optimizer
+  states to ``--nvme-path`` (refused with the fix where DeepSpeed's aio op cannot be built).
+  ``--largest-layers 0`` (the default) takes the most blocks whose planned host memory for the
+  node fits in ``--host-share`` of this machine's memory (:func:`largest_layers`);
+* ``t5-large``, ``t5-large-pipe``: T5 ``large`` under ZeRO-3 and under a 2-stage pipeline
+  (ZeRO-1, 2 micro-batches), 2 processes, 3 steps;
+* ``plan``: estimates only: the ``7b`` and ``13b`` presets on one 8-GPU node (bf16, micro batch
+  1, 2048 tokens) under ZeRO-3 and under a 4-stage pipeline x 2 data-parallel (ZeRO-1, 8
+  micro-batches): device and host memory per rank, host memory per node.
+
+The allocator: workers inherit the environment. With glibc's default (a dynamic mmap
+threshold), memory freed after the whole model is built on every rank (today's construction)
+stays in the process's heap, so RSS exceeds what the live tensors need; measured here on the
+``125m`` run: 2.60 GiB per rank by default, 1.98 GiB with ``MALLOC_MMAP_THRESHOLD_=131072``
+(freed large blocks go back to the system) against an estimate of 1.96 GiB. Run both ways to
+tell the planner's accounting from the allocator's retention.
+
+Heavy runs on a shared machine: wrap the command in ``flock /tmp/kiln-heavy.lock``.
+
+    python bench/memory.py --runs plan,125m
+    MALLOC_MMAP_THRESHOLD_=131072 python bench/memory.py --runs 125m
+    flock /tmp/kiln-heavy.lock python bench/memory.py --runs 1b --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_S = 0.05
+JOB_TIMEOUT_S = 3600
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured configuration: a model preset and ``key=value`` overrides, on ``nproc``
+    processes for ``steps`` optimizer steps."""
+
+    name: str
+    overrides: tuple[str, ...]
+    nproc: int = 2
+    steps: int = 3
+    nvme: bool = False
+    notes: str = ""
+    extra: tuple[str, ...] = field(default=())
+
+
+def base_overrides(family: str, preset: str, stage: int, seq_len: int) -> tuple[str, ...]:
+    return (
+        f"model.model_type={family}",
+        f"model.name={preset}",
+        "tokenizer.vocab_size=32000",
+        f"data.seq_len={seq_len}",
+        "train.micro_batch_size=1",
+        "train.precision=fp32",
+        f"parallel.zero_stage={stage}",
+    )
+
+
+def largest_layers(nvme: bool, budget: float, nvme_path: str = "/tmp/kiln-nvme") -> int:
+    """The most blocks a decoder of the ``1b`` width may have, under ZeRO-3 on 2 CPU processes
+    (fp32, micro batch 1, 128 tokens, optionally with NVMe offload), for the planner's host
+    memory of the node to stay within ``budget`` bytes."""
+    layers = 1
+    while layers < 4096:
+        overrides = [
+            *base_overrides("llama", "1b", 3, 128),
+            f"model.num_hidden_layers={layers + 1}",
+        ]
+        if nvme:
+            overrides += [*NVME_OVERRIDES, f"parallel.nvme_path={nvme_path}"]
+        if estimate(overrides, 2)[1].host_per_node > budget:
+            break
+        layers += 1
+    return layers
+
+
+NVME_OVERRIDES = (
+    "parallel.offload_params=true",
+    "parallel.offload_optimizer=true",
+    "parallel.offload_device=nvme",
+)
+
+
+def runs(args) -> dict[str, Run]:
+    largest = (
+        *base_overrides("llama", "1b", 3, 128),
+        f"model.num_hidden_layers={args.largest_layers}",
+    )
+    nvme_layers = args.largest_nvme_layers or args.largest_layers
+    largest_nvme = (
+        *base_overrides("llama", "1b", 3, 128),
+        f"model.num_hidden_layers={nvme_layers}",
+        *NVME_OVERRIDES,
+        f"parallel.nvme_path={args.nvme_path}",
+    )
+    return {
+        "debug": Run("debug", base_overrides("llama", "debug", 3, 128), steps=5),
+        "125m": Run("125m", base_overrides("llama", "125m", 3, 128), steps=5),
+        "125m-2l": Run(
+            "125m x2 layers",
+            (*base_overrides("llama", "125m", 3, 128), "model.num_hidden_layers=2"),
+            steps=5,
+        ),
+        "1b": Run("1b", base_overrides("llama", "1b", 3, 128), steps=5),
+        "largest": Run(f"1b-width x{args.largest_layers} layers", largest),
+        "largest-nvme": Run(f"1b-width x{nvme_layers} layers, NVMe", largest_nvme, nvme=True),
+        "t5-large": Run("t5 large ZeRO-3", base_overrides("t5", "large", 3, 128)),
+        "t5-large-pipe": Run(
+            "t5 large 2-stage pipeline",
+            (
+                *base_overrides("t5", "large", 1, 128),
+                "parallel.pipeline_stages=2",
+                "train.gradient_accumulation_steps=2",
+            ),
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker: one rank
+
+
+def worker(args) -> None:
+    """One rank: mark phases in ``<marks>.rank<R>`` while building and stepping."""
+    rank = int(os.environ["RANK"])
+    marks = Path(f"{args.marks}.rank{rank}").open("a", buffering=1)  # noqa: SIM115 (whole run)
+
+    def mark(phase: str) -> None:
+        marks.write(f"{phase} {time.time():.3f}\n")
+
+    marks.write(f"pid {os.getpid()}\n")
+    mark("start")
+    from trainer import distributed
+
+    world = distributed.init_distributed()
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import SyntheticTokens
+
+    from model import build_model
+    from trainer.config import batch_plan, load_config
+    from trainer.engine import build_engine
+    from trainer.loop import Trainer
+
+    try:
+        cfg = load_config(None, args.overrides)
+        plan = batch_plan(cfg, world.world_size)
+        data = SyntheticTokens(cfg, plan.seq_len, plan.global_batch_size * args.steps)
+        distributed.barrier()
+        mark("construct")
+        model = build_model(cfg.derived.model, seed=cfg.train.seed)
+        engine = build_engine(cfg, model, plan)
+        del model
+        ones = np.ones(cfg.derived.model.vocab_size)  # token bytes: only evaluate() reads them
+        trainer = Trainer(cfg, engine, plan, world, data, token_bytes=ones, peak_flops=1.0)
+        distributed.barrier()
+        mark("first_step")
+        trainer.train_step()
+        mark("steady")
+        for _ in range(args.steps - 1):
+            trainer.train_step()
+        distributed.barrier()
+        mark("done")
+        marks.write(f"maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}\n")
+    finally:
+        distributed.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent: launch, sample, report
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` in bytes, None once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def read_marks(path: Path) -> tuple[int | None, list[tuple[str, float]], int | None]:
+    """(pid, [(phase, time)], ru_maxrss bytes) of one rank's marks file."""
+    pid, phases, maxrss = None, [], None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "pid":
+                pid = int(value)
+            elif key == "maxrss":
+                maxrss = int(value)
+            elif value:
+                phases.append((key, float(value)))
+    return pid, phases, maxrss
+
+
+def measure(run: Run, tmp: Path) -> dict:
+    """Launch ``run`` under torchrun and sample its ranks; returns the per-rank figures."""
+    marks = tmp / f"marks-{abs(hash(run.name))}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={run.nproc}", str(Path(__file__).resolve()), "--worker"]
+    cmd += [f"--marks={marks}", f"--steps={run.steps}", "--", *run.overrides]
+    log = marks.with_suffix(".log")
+    peaks: list[dict[str, int]] = [{} for _ in range(run.nproc)]
+    last_rss = [0] * run.nproc
+    started = time.time()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if time.time() - started > JOB_TIMEOUT_S:
+                proc.terminate()
+                proc.wait()
+                break
+            for r in range(run.nproc):
+                pid, phases, _ = read_marks(Path(f"{marks}.rank{r}"))
+                if pid is None or not phases:
+                    continue
+                rss = rss_bytes(pid)
+                if rss is None:
+                    continue
+                phase = phases[-1][0]
+                last_rss[r] = rss
+                peaks[r][phase] = max(peaks[r].get(phase, 0), rss)
+            time.sleep(SAMPLE_S)
+    result = {"exit": proc.returncode, "ranks": []}
+    for r in range(run.nproc):
+        _, phases, maxrss = read_marks(Path(f"{marks}.rank{r}"))
+        times = dict(phases)
+        p = peaks[r]
+        rank = {
+            "construction": max(p.get("start", 0), p.get("construct", 0)),
+            "first_step": p.get("first_step"),
+            "steady": max(p.get("steady", 0), p.get("done", 0)) or None,
+            "maxrss": maxrss,
+            "last_phase": phases[-1][0] if phases else None,
+            "last_rss": last_rss[r],
+            "time_to_first_step_s": times["steady"] - started if "steady" in times else None,
+        }
+        result["ranks"].append(rank)
+    if proc.returncode != 0:
+        result["log_tail"] = log.read_text()[-2500:]
+    return result
+
+
+def estimate(run_overrides, world: int, *, on_gpu: bool = False, nodes: int = 1):
+    from trainer.config import batch_plan, load_config
+    from trainer.estimate import memory_estimate
+
+    cfg = load_config(None, list(run_overrides))
+    plan = batch_plan(cfg, world)
+    return cfg, memory_estimate(cfg, plan, on_gpu=on_gpu, nodes=nodes)
+
+
+def gib(n: float | None) -> str:
+    return "       -" if n is None else f"{n / GIB:8.2f}"
+
+
+def report(run: Run, result: dict) -> list[str]:
+    cfg, est = estimate(run.overrides, run.nproc)
+    psi = cfg.derived.model.num_parameters()
+    steady_est = est.host_per_rank
+    construct_est = est.runtime + est.construction
+    lines = [
+        f"\n## {run.name}: {psi / 1e6:.0f}M parameters, ZeRO-{cfg.parallel.zero_stage}, "
+        f"{cfg.parallel.pipeline_stages} stage(s), {run.nproc} processes, "
+        f"{cfg.train.precision}, micro batch {cfg.train.micro_batch_size}, "
+        f"{cfg.data.seq_len} tokens, {run.steps} steps",
+        f"estimate per rank (GiB): construction {construct_est / GIB:.2f} (runtime "
+        f"{est.runtime / GIB:.2f} + build {est.construction / GIB:.2f}); training "
+        f"{steady_est / GIB:.2f} = runtime + parameters {est.parameters / GIB:.2f} + gradients "
+        f"{est.gradients / GIB:.2f} + optimizer {est.optimizer_states / GIB:.2f} + activations "
+        f"{est.activations / GIB:.2f} + DeepSpeed buffers {est.buffers / GIB:.2f}"
+        + (f" + host swap {est.host_swap / GIB:.2f}" if est.host_swap else "")
+        + (f"; NVMe {est.nvme / GIB:.2f}" if est.nvme else ""),
+    ]
+    if "refused" in result:
+        return [*lines, f"refused before start: {result['refused']}"]
+    lines.append(
+        "rank  construction  first step    steady   ru_maxrss  est. steady  measured/est  "
+        "first step after"
+    )
+    for r, rank in enumerate(result["ranks"]):
+        steady = rank["steady"] or rank["first_step"]
+        ratio = f"{max(steady or 0, rank['maxrss'] or 0) / steady_est:11.2f}x" if steady else "-"
+        t = rank["time_to_first_step_s"]
+        lines.append(
+            f"{r:4}  {gib(rank['construction'])}      {gib(rank['first_step'])}  "
+            f"{gib(rank['steady'])}   {gib(rank['maxrss'])}     {gib(steady_est)}  {ratio:>12}  "
+            + (f"{t:6.1f} s" if t is not None else "-")
+        )
+    if result["exit"] != 0:
+        died = [
+            f"rank {r}: last seen in {rank['last_phase']} at {gib(rank['last_rss']).strip()} GiB"
+            for r, rank in enumerate(result["ranks"])
+        ]
+        tail = result.get("log_tail", "")
+        kind = "killed by SIGKILL (the OOM killer)" if "SIGKILL" in tail else "failed"
+        lines.append(f"{kind}: torchrun exit {result['exit']}; " + "; ".join(died))
+        if kind == "failed":
+            lines.append(tail[-1500:])
+    return lines
+
+
+def plan_lines() -> list[str]:
+    """The planner's figures for the 7b and 13b presets on one 8-GPU node (no run)."""
+    lines = [
+        "\n## plan only: one node of 8 GPUs, bf16, micro batch 1, 2048 tokens "
+        "(GiB per rank; host per node)",
+        "preset  layout                 device  (states + activations + buffers)   host/rank  "
+        "host/node  construction/rank",
+    ]
+    for preset in ("7b", "13b"):
+        base = (
+            f"model.name={preset}",
+            "tokenizer.vocab_size=32000",
+            "data.seq_len=2048",
+            "train.micro_batch_size=1",
+            "train.precision=bf16",
+            "launch.nproc_per_node=8",
+        )
+        layouts = {
+            "ZeRO-3 x8": ("parallel.zero_stage=3",),
+            "ZeRO-3 x8 + offload": (
+                "parallel.zero_stage=3",
+                "parallel.offload_optimizer=true",
+                "parallel.offload_params=true",
+            ),
+            "4 stages x 2 ZeRO-1": (
+                "parallel.zero_stage=1",
+                "parallel.pipeline_stages=4",
+                "train.gradient_accumulation_steps=8",
+            ),
+        }
+        for layout, extra in layouts.items():
+            _, est = estimate((*base, *extra), 8, on_gpu=True)
+            states = est.parameters + est.gradients + est.optimizer_states
+            lines.append(
+                f"{preset:6}  {layout:20}  {gib(est.total)}  ({states / GIB:.2f} + "
+                f"{est.activations / GIB:.2f} + {est.buffers / GIB:.2f})"
+                f"{'':>14}{gib(est.host_per_rank)}  {gib(est.host_per_node)}  "
+                f"{gib(est.construction)}"
+            )
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--runs",
+        default="plan,125m,1b",
+        help="comma-separated: plan,"
+        + ",".join(
+            runs(argparse.Namespace(largest_layers=1, largest_nvme_layers=1, nvme_path="x"))
+        ),
+    )
+    p.add_argument(
+        "--largest-layers", type=int, default=0, help="blocks of 'largest' (0: the planner's)"
+    )
+    p.add_argument(
+        "--largest-nvme-layers",
+        type=int,
+        default=0,
+        help="blocks of 'largest-nvme' (0: the planner's)",
+    )
+    p.add_argument(
+        "--host-share",
+        type=float,
+        default=0.8,
+        help="share of this machine's memory the planner may fill when picking the largest",
+    )
+    p.add_argument("--nvme-path", default="/tmp/kiln-nvme", help="swap folder for NVMe runs")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--marks", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    names = [n for n in args.runs.split(",") if n]
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if "largest" in names and not args.largest_layers:
+        args.largest_layers = largest_layers(False, args.host_share * total)
+    if "largest-nvme" in names and not args.largest_nvme_layers:
+        args.largest_nvme_layers = largest_layers(True, args.host_share * total, args.nvme_path)
+    table = runs(args)
+    unknown = [n for n in names if n != "plan" and n not in table]
+    if unknown:
+        p.error(f"unknown runs {unknown}; choose from plan, {', '.join(table)}")
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            if name == "plan":
+                print("\n".join(plan_lines()), flush=True)
+                continue
+            run = table[name]
+            result = {}
+            if run.nvme:
+                from launcher.preflight import check_nvme_offload
+                from trainer.config import load_config
+                from trainer.errors import ConfigError
+
+                try:
+                    check_nvme_offload(load_config(None, list(run.overrides)))
+                    Path(args.nvme_path).mkdir(parents=True, exist_ok=True)
+                except ConfigError as e:
+                    result = {"refused": str(e)}
+            if not result:
+                result = measure(run, Path(tmp))
+            figures[name] = result
+            print("\n".join(report(run, result)), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

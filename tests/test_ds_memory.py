@@ -1,0 +1,257 @@
+"""DeepSpeed's memory settings (derived, overridable, reaching the engine), NVMe offload's
+pre-flight and config rules, and the planner counting DeepSpeed's buffers and host memory."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from launcher.cli import cli
+from launcher.preflight import check_nvme_offload
+from launcher.report import plan_report
+from tests.distributed import run_distributed
+from trainer.config import ConfigError, batch_plan, load_config
+from trainer.engine import deepspeed_config
+from trainer.estimate import ds_memory_settings, memory_estimate, model_shape
+
+NVME = [
+    "parallel.zero_stage=3",
+    "parallel.offload_params=true",
+    "parallel.offload_optimizer=true",
+    "parallel.offload_device=nvme",
+]
+
+
+def cfg_with(*overrides):
+    return load_config(None, ["tokenizer.vocab_size=512", *overrides])
+
+
+def aio_buildable() -> bool:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible(verbose=False)
+
+
+def test_derived_settings_follow_the_model_and_reach_deepspeeds_config():
+    cfg = cfg_with("model.name=125m", "parallel.zero_stage=3")
+    shape = model_shape(cfg)
+    assert shape.d_model == 768 and shape.largest_tensor == 512 * 768
+    zero = deepspeed_config(cfg, batch_plan(cfg, 2), on_gpu=False)["zero_optimization"]
+    window = 2 * shape.block_parameters  # two blocks outweigh the 512 x 768 table
+    assert zero["reduce_bucket_size"] == 768**2
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 768**2)
+    assert zero["stage3_param_persistence_threshold"] == 10 * 768
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == window
+    assert zero["sub_group_size"] == shape.block_parameters
+    assert 10e6 < window < 20e6  # a 125m block is ~7M parameters: far below DeepSpeed's 1e9
+    zero2 = deepspeed_config(cfg_with("parallel.zero_stage=2"), batch_plan(cfg, 2), on_gpu=False)
+    keys = set(zero2["zero_optimization"])
+    assert {"reduce_bucket_size", "allgather_bucket_size"} <= keys
+    assert not any(k.startswith("stage3_") for k in keys)  # DeepSpeed ignores them below 3
+
+
+def test_an_override_wins_over_the_derived_setting():
+    cfg = cfg_with(
+        "parallel.zero_stage=3",
+        "parallel.stage3_max_live_parameters=123456",
+        "parallel.reduce_bucket_size=5000",
+    )
+    settings = ds_memory_settings(cfg)
+    assert settings.given == ("reduce_bucket_size", "stage3_max_live_parameters")
+    zero = deepspeed_config(cfg, batch_plan(cfg, 2), on_gpu=False)["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == 123456 and zero["reduce_bucket_size"] == 5000
+    assert (
+        zero["stage3_max_reuse_distance"]
+        == ds_memory_settings(cfg_with()).stage3_max_reuse_distance
+    )
+    with pytest.raises(ConfigError, match="reduce_bucket_size"):
+        cfg_with("parallel.reduce_bucket_size=0")
+
+
+def _engine_settings(overrides):
+    from model import build_model
+    from trainer.engine import build_engine
+
+    cfg = cfg_with(*overrides)
+    engine = build_engine(cfg, build_model(cfg.derived.model, seed=0), batch_plan(cfg, 1))
+    return {
+        "reduce_bucket_size": engine.optimizer.reduce_bucket_size,
+        "prefetch": engine.zero_prefetch_bucket_size(),
+        "max_live": engine.zero_max_live_parameters(),
+        "persistence": engine.zero_param_persistence_threshold(),
+        "sub_group_size": engine.zero_sub_group_size(),
+    }
+
+
+def test_the_settings_reach_deepspeeds_zero3_optimizer():
+    overrides = ["parallel.zero_stage=3", "parallel.stage3_max_live_parameters=777777"]
+    (got,) = run_distributed(_engine_settings, 1, overrides)
+    want = ds_memory_settings(cfg_with(*overrides))
+    assert got == {
+        "reduce_bucket_size": want.reduce_bucket_size,
+        "prefetch": want.stage3_prefetch_bucket_size,
+        "max_live": 777777,
+        "persistence": want.stage3_param_persistence_threshold,
+        "sub_group_size": want.sub_group_size,
+    }
+
+
+def test_old_offload_booleans_keep_offloading_to_host_memory():
+    cfg = cfg_with("parallel.zero_stage=3", "parallel.offload_optimizer=true")
+    zero = deepspeed_config(cfg, batch_plan(cfg, 2), on_gpu=True)["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "offload_param" not in zero
+
+
+def test_nvme_offload_reaches_deepspeed_with_its_path():
+    cfg = cfg_with(*NVME, "parallel.nvme_path=/local/nvme")
+    ds = deepspeed_config(cfg, batch_plan(cfg, 2), on_gpu=True)
+    zero = ds["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "nvme"
+    assert zero["offload_optimizer"]["nvme_path"] == "/local/nvme"
+    assert zero["offload_param"]["device"] == "nvme"
+    assert zero["offload_param"]["buffer_size"] >= model_shape(cfg).largest_tensor
+    assert "aio" in ds
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (NVME, "needs parallel.nvme_path"),
+        (
+            ["parallel.offload_device=nvme", "parallel.nvme_path=/x"],
+            "offloads nothing: set parallel.offload_params=true",
+        ),
+        (
+            [
+                "parallel.zero_stage=2",
+                "parallel.offload_optimizer=true",
+                "parallel.offload_device=nvme",
+                "parallel.nvme_path=/x",
+            ],
+            "needs parallel.zero_stage=3",
+        ),
+        (["parallel.nvme_path=/x"], "does nothing with parallel.offload_device=cpu"),
+        (["parallel.offload_device=disk"], "offload_device='disk' is not allowed"),
+    ],
+)
+def test_nvme_config_rules(overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        cfg_with(*overrides)
+
+
+def test_nvme_refused_where_deepspeeds_aio_op_cannot_be_built(tmp_path):
+    cfg = cfg_with(*NVME, f"parallel.nvme_path={tmp_path}")
+    if aio_buildable():  # this machine has libaio-dev: the real check lets it through
+        check_nvme_offload(cfg)
+    else:
+        with pytest.raises(ConfigError, match="apt-get install libaio-dev"):
+            check_nvme_offload(cfg)
+    check_nvme_offload(cfg_with())  # nothing to check without NVMe offload
+
+    class Unbuildable:
+        def is_compatible(self, verbose=False):
+            return False
+
+    with pytest.raises(ConfigError, match="offload_device=nvme needs DeepSpeed's async I/O"):
+        check_nvme_offload(cfg, Unbuildable())
+
+
+@pytest.mark.skipif(aio_buildable(), reason="libaio-dev is installed: nvme is not refused here")
+def test_kiln_train_refuses_nvme_before_any_process_starts(tmp_path):
+    config = tmp_path / "nvme.yaml"
+    config.write_text(f"data:\n  datasets: [{{name: d, sources: [{{path: {__file__}}}]}}]\n")
+    args = ["train", str(config), *NVME, f"parallel.nvme_path={tmp_path}"]
+    result = CliRunner().invoke(cli, [*args, f"run_dir={tmp_path / 'run'}", "--nproc", "2"])
+    assert result.exit_code == 1
+    assert "libaio-dev" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_estimate_counts_deepspeeds_buffers():
+    base = ["model.name=125m", "parallel.zero_stage=3", "data.seq_len=128"]
+    cfg = cfg_with(*base)
+    plan = batch_plan(cfg, 2)
+    est = memory_estimate(cfg, plan)
+    shape, settings = model_shape(cfg), ds_memory_settings(cfg)
+    gathered = settings.stage3_max_live_parameters + shape.largest_tensor
+    step_copy = settings.sub_group_size  # fp32 gradient copy of one optimizer sub-group
+    adam_temps = 2 * settings.sub_group_size  # torch AdamW's denom, per sub-group
+    persistent = 3 * shape.num_blocks * shape.d_model
+    full_grad = shape.largest_tensor  # autograd's gradient of the gathered table, unreduced
+    want = 4 * (settings.reduce_bucket_size + gathered + persistent + full_grad + step_copy)
+    want += 4 * adam_temps
+    assert est.buffers == pytest.approx(want)
+    assert est.total == pytest.approx(
+        est.parameters + est.gradients + est.optimizer_states + est.activations + want
+    )
+    bigger = memory_estimate(cfg_with(*base, "parallel.reduce_bucket_size=100000000"), plan)
+    assert bigger.buffers - est.buffers == pytest.approx(4 * (1e8 - settings.reduce_bucket_size))
+    # DeepSpeed's own defaults would plan 5e8-element buckets and 1e9 live parameters
+    defaults = cfg_with(
+        *base,
+        "parallel.reduce_bucket_size=500000000",
+        "parallel.stage3_max_live_parameters=1000000000",
+    )
+    assert memory_estimate(defaults, plan).buffers > 2 * 2**30 > est.buffers
+
+
+def test_the_estimate_counts_host_memory_per_node():
+    gpu = cfg_with("model.name=125m", "parallel.zero_stage=3", "launch.nproc_per_node=8")
+    plan = batch_plan(gpu, 8)
+    on_device = memory_estimate(gpu, plan, on_gpu=True)
+    assert on_device.ranks_per_node == 8 and on_device.host_offload == 0
+    assert on_device.host_per_node == pytest.approx(8 * on_device.host_per_rank)
+    offload = cfg_with(
+        "model.name=125m",
+        "parallel.zero_stage=3",
+        "parallel.offload_optimizer=true",
+        "parallel.offload_params=true",
+    )
+    est = memory_estimate(offload, plan, on_gpu=True)
+    psi = model_shape(offload).parameters
+    assert est.optimizer_states == est.parameters == est.gradients == 0  # all on the host
+    assert est.host_offload == pytest.approx((8 + 4 + 4) * psi / 8)  # moments, fp32 grads, weights
+    assert est.host_per_rank > on_device.host_per_rank
+    nvme = memory_estimate(cfg_with(*NVME, "parallel.nvme_path=/x"), batch_plan(gpu, 2))
+    assert nvme.host_offload == 0 and nvme.nvme > 0 and nvme.host_swap > 0
+
+
+def test_dry_run_report_shows_buffers_settings_and_host_memory():
+    cfg = cfg_with("model.name=125m", "parallel.zero_stage=3", "parallel.sub_group_size=1000")
+    text = plan_report(cfg, batch_plan(cfg, 2))
+    assert "DeepSpeed buffers:" in text
+    assert "host memory per node" in text
+    assert "sub_group_size=1,000 (set)" in text
+    assert f"reduce_bucket_size={768**2:,} (derived)" in text
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel.zero_stage=1"],
+        ["parallel.zero_stage=2", "parallel.offload_optimizer=true"],
+        ["parallel.zero_stage=3", "parallel.offload_params=true"],
+        [*NVME, "parallel.nvme_path=/local/nvme"],
+    ],
+)
+def test_deepspeed_parses_the_zero_section(overrides):
+    """DeepSpeed's own config model (unknown keys forbidden) reads back what Kiln wrote."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    cfg = cfg_with("model.name=125m", *overrides)
+    zero = deepspeed_config(cfg, batch_plan(cfg, 2), on_gpu=False)["zero_optimization"]
+    parsed = DeepSpeedZeroConfig(**zero)
+    settings = ds_memory_settings(cfg)
+    assert parsed.reduce_bucket_size == settings.reduce_bucket_size
+    if cfg.parallel.zero_stage == 3:
+        assert parsed.max_live_parameters == settings.stage3_max_live_parameters
+        assert parsed.prefetch_bucket_size == settings.stage3_prefetch_bucket_size
+        assert parsed.param_persistence_threshold == settings.stage3_param_persistence_threshold
+        assert parsed.sub_group_size == settings.sub_group_size
+    else:
+        assert parsed.allgather_bucket_size == settings.allgather_bucket_size
+    if cfg.parallel.offload_device == "nvme":
+        assert parsed.offload_param.buffer_size == settings.param_swap_buffer_size
+        assert parsed.offload_param.max_in_cpu == settings.stage3_max_live_parameters
+        assert str(parsed.offload_optimizer.nvme_path) == "/local/nvme"
