@@ -31,13 +31,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainer import distributed, storage
 from trainer.errors import StorageFullError
 from trainer.storage import RunFolder
+
+if TYPE_CHECKING:
+    from trainer.config import KilnConfig
 
 STATE_FILE = storage.STATE_FILE
 tag_for = storage.checkpoint_tag
@@ -173,12 +176,36 @@ def remove_partial(run_dir: str | Path) -> list[Path]:
     return RunFolder(run_dir).remove_partial()
 
 
-def needs_universal(state: dict[str, Any], zero_stage: int, world_size: int) -> bool:
-    """ZeRO stages 1-3 partition optimizer state by data-parallel rank; loading it on another
-    number of ranks goes through DeepSpeed's universal checkpoint format."""
+def needs_universal(
+    state: dict[str, Any], zero_stage: int, world_size: int, sub_group_size: int | None = None
+) -> bool:
+    """ZeRO stages 1-3 partition optimizer state by data-parallel rank (ZeRO-3 also by
+    sub-group of ``sub_group_size`` elements); loading it on another number of ranks, stage or
+    sub-group size goes through DeepSpeed's universal checkpoint format."""
+    saved_groups = int(state.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE))
+    other_groups = zero_stage == 3 and sub_group_size is not None and sub_group_size != saved_groups
     return state["zero_stage"] >= 1 and (
-        state["world_size"] != world_size or state["zero_stage"] != zero_stage
+        state["world_size"] != world_size or state["zero_stage"] != zero_stage or other_groups
     )
+
+
+DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default, which Kiln used before deriving
+
+
+def keep_sub_groups(cfg: KilnConfig, state: dict[str, Any]) -> KilnConfig:
+    """``cfg`` resuming ``state``'s ZeRO-3 checkpoint with the ``sub_group_size`` it was saved
+    with (recorded in the state; DeepSpeed's default for checkpoints that predate the record),
+    unless ``parallel.sub_group_size`` is set: ZeRO-3 stores the optimizer state one sub-group
+    of a rank's partition at a time, so a checkpoint loads exactly only into the same
+    sub-groups (another size set knowingly goes through the universal format:
+    :func:`needs_universal`). Other stages have no sub-groups: ``cfg`` is returned as it is."""
+    if state.get("zero_stage") != 3 or cfg.parallel.zero_stage != 3:
+        return cfg
+    if cfg.parallel.sub_group_size is not None:
+        return cfg
+    saved = int(state.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE))
+    parallel = cfg.parallel.model_copy(update={"sub_group_size": saved})
+    return cfg.model_copy(update={"parallel": parallel})
 
 
 def check_pipeline_layout(state: dict[str, Any], pipeline_stages: int, world_size: int) -> None:

@@ -29,7 +29,7 @@ from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import TrainData
 from trainer.distributed import World
 from trainer.engine import group_weight_decays
-from trainer.estimate import flops_per_token
+from trainer.estimate import ds_memory_settings, flops_per_token
 from trainer.fingerprint import run_fingerprint
 from trainer.objectives import IGNORE_INDEX, token_loss
 from trainer.storage import RunFolder
@@ -343,6 +343,7 @@ class Trainer:
             "zero_stage": self.cfg.parallel.zero_stage,
             "pipeline_stages": self.plan.pipeline_stages,
             "global_batch_size": self.plan.global_batch_size,
+            "sub_group_size": ds_memory_settings(self.cfg).sub_group_size,  # ZeRO-3's layout
             "hardware": distributed.hardware(self.world),
             "config": self.cfg.model_dump(mode="json"),
             "fingerprint": self.fingerprint,

@@ -78,7 +78,10 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     if ckpt is not None:
         state = checkpoint.read_trainer_state(ckpt)
         checkpoint.check_pipeline_layout(state, plan.pipeline_stages, world.world_size)
-        if checkpoint.needs_universal(state, cfg.parallel.zero_stage, world.world_size):
+        cfg = checkpoint.keep_sub_groups(cfg, state)  # ZeRO-3's optimizer state is per sub-group
+        if checkpoint.needs_universal(
+            state, cfg.parallel.zero_stage, world.world_size, cfg.parallel.sub_group_size
+        ):
             if node_main:  # every node converts its own copy when the mirrors are per node
                 if world.is_main:
                     print(
