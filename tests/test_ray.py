@@ -288,7 +288,8 @@ def test_a_health_stop_ends_the_job_without_a_restart(ray_cluster, prepared_data
     out = result.stdout + result.stderr
     assert result.returncode != 0, out[-6000:]
     assert out.count("Started training worker group of size 2") == 1, out[-6000:]
-    assert "loss spike at step 5" in out and "(on ranks 0, 1)" in out, out[-6000:]
+    assert "training stopped at step 5: loss spike" in out, out[-6000:]
+    assert "with health.on_spike=stop" in out and "(on ranks 0, 1)" in out, out[-6000:]
     assert read_trainer_state(latest_checkpoint(tmp_path / "run"))["step"] == 5
     assert "Traceback" not in out.split("Error:")[-1], out[-6000:]
 
