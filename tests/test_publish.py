@@ -375,3 +375,30 @@ def test_finetune_published_t5_with_transformers_trainer(published, tmp_path):
     collator = transformers.DataCollatorForSeq2Seq(tok, model=model)
     before, after = _finetune(model, tok, data, collator, tmp_path)
     assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "says"),
+    [
+        ({}, "2 processes, ZeRO stage 3"),
+        (
+            {"offload_optimizer": True},
+            "2 processes, ZeRO stage 3, optimizer states offloaded to CPU memory",
+        ),
+        (
+            {"offload_optimizer": True, "offload_params": True, "offload_device": "nvme",
+             "nvme_path": "/local/nvme"},
+            "2 processes, ZeRO stage 3, optimizer states and parameters offloaded to NVMe",
+        ),
+    ],
+)  # fmt: skip
+def test_model_card_names_where_the_run_offloaded(parallel, says):
+    from trainer.config import load_config
+    from trainer.model_card import _training_rows
+
+    overrides = ["parallel.zero_stage=3", *(f"parallel.{k}={v}" for k, v in parallel.items())]
+    cfg = load_config(None, overrides)
+    state = {"world_size": 2, "zero_stage": 3, "step": 1, "tokens_seen": 8, "global_batch_size": 2}
+    layout = dict(_training_rows(cfg, state))["parallel layout"]
+    assert layout == says, layout
+    assert ("offloaded" in layout) == bool(parallel), layout

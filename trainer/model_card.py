@@ -78,8 +78,14 @@ def _training_rows(cfg, state: dict[str, Any]) -> list[tuple[str, str]]:
     layout = f"{state['world_size']} processes, ZeRO stage {state['zero_stage']}"
     if state.get("pipeline_stages", 1) > 1:
         layout += f", {state['pipeline_stages']} pipeline stages"
-    if p.offload_optimizer or p.offload_params:
-        layout += ", CPU offload"
+    offloaded = [
+        n
+        for n, on in (("optimizer states", p.offload_optimizer), ("parameters", p.offload_params))
+        if on
+    ]
+    if offloaded:
+        where = "NVMe" if p.offload_device == "nvme" else "CPU memory"
+        layout += f", {' and '.join(offloaded)} offloaded to {where}"
     return [
         ("steps", f"{state['step']:,}"),
         ("tokens seen", f"{state['tokens_seen']:,}"),
