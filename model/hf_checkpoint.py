@@ -87,6 +87,24 @@ def _weight_map(path: Path) -> dict[str, str]:
     return index["weight_map"]
 
 
+def _present_weight_files(path: Path) -> list[Path]:
+    """:func:`weight_files` of ``path``, every one of them present.
+
+    Raises:
+        FileNotFoundError: no weights in ``path``, or a shard the index names is missing.
+    """
+    files = weight_files(path)
+    if not files:
+        raise FileNotFoundError(
+            f"{path} holds no {WEIGHTS_FILE} or {INDEX_FILE}; save the model with "
+            f"`save_pretrained` (safetensors) first"
+        )
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{path / INDEX_FILE} names shard {file.name}, missing")
+    return files
+
+
 def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
     """The weights of the Hugging Face checkpoint in ``path`` as Kiln's fp32 state dict of
     ``cfg``, loadable with ``load_state_dict(strict=True)`` (a tied head is the embedding tensor).
@@ -100,17 +118,10 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
             ``cfg`` (both lists in the message).
     """
     path = Path(path)
-    files = weight_files(path)
-    if not files:
-        raise FileNotFoundError(
-            f"{path} holds no {WEIGHTS_FILE} or {INDEX_FILE}; save the model with "
-            f"`save_pretrained` (safetensors) first"
-        )
+    files = _present_weight_files(path)
     weight_map = _weight_map(path) if (path / INDEX_FILE).is_file() else None
     sd: dict[str, Tensor] = {}
     for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"{path / INDEX_FILE} names shard {file.name}, missing")
         with safe_open(str(file), framework="pt") as f:
             keys = f.keys()
             if weight_map is not None:
@@ -143,15 +154,7 @@ class HFWeightReader:
 
     def __init__(self, path: str | Path, cfg: ModelConfig) -> None:
         path = Path(path)
-        files = weight_files(path)
-        if not files:
-            raise FileNotFoundError(
-                f"{path} holds no {WEIGHTS_FILE} or {INDEX_FILE}; save the model with "
-                f"`save_pretrained` (safetensors) first"
-            )
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{path / INDEX_FILE} names shard {file.name}, missing")
+        files = _present_weight_files(path)
         if (path / INDEX_FILE).is_file():
             self._file = {k: path / shard for k, shard in _weight_map(path).items()}
         else:
