@@ -46,17 +46,16 @@ def ray_cluster(tmp_path_factory):
     `ray start --block` runs in a session of its own; killing its process group stops the
     cluster's processes without touching any other Ray on the machine."""
     temp = tmp_path_factory.mktemp("ray")
-    ports = {
-        "port": free_port(),
-        "dashboard-port": free_port(),
-        "node-manager-port": free_port(),
-        "object-manager-port": free_port(),
-        "ray-client-server-port": free_port(),
-        "dashboard-agent-listen-port": free_port(),
-        "dashboard-agent-grpc-port": free_port(),
-        "runtime-env-agent-port": free_port(),
-        "metrics-export-port": free_port(),
-    }
+    names = (
+        "port", "dashboard-port", "node-manager-port", "object-manager-port",
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port",
+    )  # fmt: skip
+    chosen: list[int] = []
+    while len(chosen) < len(names):  # free_port releases its port: two calls may get the same
+        if (port := free_port()) not in chosen:
+            chosen.append(port)
+    ports = dict(zip(names, chosen, strict=True))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run this venv's python
     env["RAY_DEDUP_LOGS"] = "0"
