@@ -120,9 +120,7 @@ def test_supervisor_disabled_decides_nothing():
     assert _supervisor(enabled="false").decide(1, [math.nan] * 2, [True] * 2, None) == ("none", [])
 
 
-def test_health_config_refuses_rollback_and_unskippable_grad_norm():
-    with pytest.raises(ConfigError, match=r"health.on_spike=rollback is not built yet"):
-        load_config(None, ["health.on_spike=rollback"])
+def test_health_config_refuses_an_unskippable_grad_norm():
     with pytest.raises(ConfigError, match="on_grad_norm_spike"):
         load_config(None, ["health.on_grad_norm_spike=skip_step"])
     cfg = load_config(None, []).health

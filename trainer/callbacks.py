@@ -38,6 +38,11 @@ class Callback:
         """After a step the health supervisor found unhealthy (:mod:`trainer.health`), once per
         event, before the step's on_step_end, on every rank."""
 
+    def on_rollback(self, trainer: Trainer) -> None:
+        """After the health supervisor rolled the run back (:meth:`Trainer.roll_back
+        <trainer.loop.Trainer.roll_back>`) to the checkpoint of ``trainer.step``, on every rank:
+        the steps after it will be trained again."""
+
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
@@ -90,6 +95,10 @@ class ConsoleProgress(Callback):
             f"val_ppl {metrics['val_ppl']:.2f} val_bpb {metrics['val_bpb']:.4f}"
         )
 
+    def on_rollback(self, trainer: Trainer) -> None:
+        self.bar.n = trainer.step
+        self.bar.refresh()
+
     def on_train_end(self, trainer: Trainer) -> None:
         self.bar.close()
 
@@ -127,6 +136,8 @@ class JsonlLogger(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         drop_records_after(self.path, trainer.step)
+
+    on_rollback = on_train_start  # the steps rolled back from are trained again
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -214,6 +225,7 @@ class HealthLog(Callback):
         done = {
             "warn": "training goes on",
             "skip_step": "the update was skipped",
+            "rollback": f"rolled back to step {event.rollback_to}",
             "stop": "stopping",
         }[event.action]
         print(
@@ -247,6 +259,8 @@ class SampleIdLogger(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         drop_records_after(self.path, trainer.step)
+
+    on_rollback = on_train_start  # the steps rolled back from are trained again
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
         with open(self.path, "a") as f:

@@ -4,9 +4,12 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step-00000100/            one complete checkpoint
         mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed shards (by rank)
-        trainer_state.json    step, consumed samples (data cursor), tokens, wandb id, world size,
-                              the run's fingerprint (trainer.fingerprint) and the manifest of
-                              the other files (``files``: bytes and sha256 of each), written last
+        trainer_state.json    step, consumed samples (data cursor, in logical indices), tokens,
+                              wandb id, world size, the health supervisor's windows, the global
+                              sample indices excluded by rollbacks (``excluded_samples``), the
+                              rollbacks made and the learning-rate cool-down (trainer.loop), the
+                              run's fingerprint (trainer.fingerprint) and the manifest of the
+                              other files (``files``: bytes and sha256 of each), written last
         rng_state_rank{r}.pt  RNG states of every rank
         config.yaml           the resolved config of the run
         tokenizer.model, tokenizer_meta.json

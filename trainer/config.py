@@ -308,10 +308,10 @@ class HealthConfig(_Section):
         6.0,
         description="a spike is above median + spike_threshold x 1.4826 x MAD of the window",
     )
-    on_nonfinite: Literal["warn", "skip_step", "stop"] = Field(
+    on_nonfinite: Literal["warn", "skip_step", "rollback", "stop"] = Field(
         "skip_step", description="action on a NaN or infinite loss on any rank"
     )
-    on_spike: Literal["warn", "skip_step", "stop"] = Field(
+    on_spike: Literal["warn", "skip_step", "rollback", "stop"] = Field(
         "warn", description="action on a loss spike"
     )
     on_grad_norm_spike: Literal["warn", "stop"] = Field(
@@ -319,17 +319,27 @@ class HealthConfig(_Section):
         description="action on a non-finite or spiking gradient norm (known after the update, "
         "so it cannot be skipped)",
     )
+    max_rollbacks: PositiveInt = Field(
+        3,
+        description="rollbacks allowed within rollback_window steps; one more divergence saves "
+        "and ends the run with a report",
+    )
+    rollback_window: PositiveInt = Field(
+        1000, description="steps (by step number) over which max_rollbacks counts rollbacks"
+    )
+    rollback_lr_scale: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0,
+        description="learning-rate factor for the rollback_cooldown_steps steps after a "
+        "rollback (1: no cool-down)",
+    )
+    rollback_cooldown_steps: NonNegativeInt = Field(
+        0, description="steps after a rollback trained at rollback_lr_scale x the scheduled rate"
+    )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _not_built_yet(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in ("on_nonfinite", "on_spike", "on_grad_norm_spike"):
-                if data.get(key) == "rollback":
-                    raise ValueError(
-                        f"health.{key}=rollback is not built yet; use warn, skip_step or stop"
-                    )
-        return data
+    @property
+    def rolls_back(self) -> bool:
+        """Whether an action of this section is ``rollback``."""
+        return self.enabled and "rollback" in (self.on_nonfinite, self.on_spike)
 
 
 class LaunchConfig(_Section):
@@ -443,7 +453,32 @@ class KilnConfig(_Section):
         names = [d.name for d in self.data.datasets]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.datasets names must be unique, got {names}")
+        self._rollback_rules()
         return self
+
+    def _rollback_rules(self) -> None:
+        """``health.*=rollback`` needs a checkpoint saved before the last step to go back to,
+        and the plain engine (the pipeline engine is not reloaded in a running process)."""
+        h = self.health
+        if not h.rolls_back:
+            return
+        setting = next(
+            f"health.{k}" for k in ("on_nonfinite", "on_spike") if getattr(h, k) == "rollback"
+        )
+        c, t = self.checkpoint, self.train
+        if c.save_every >= t.max_steps:
+            raise ConfigError(
+                f"{setting}=rollback goes back to the newest checkpoint, but checkpoint."
+                f"save_every={c.save_every} with train.max_steps={t.max_steps} saves none before "
+                f"the last step; save more often (checkpoint.save_every < {t.max_steps}) or use "
+                f"{setting}=skip_step"
+            )
+        if self.parallel.pipeline_stages > 1:
+            raise ConfigError(
+                f"{setting}=rollback is not supported with parallel.pipeline_stages="
+                f"{self.parallel.pipeline_stages} (the pipeline engine is not reloaded in a "
+                f"running process); use {setting}=skip_step or stop"
+            )
 
     def _offload_rules(self) -> None:
         p = self.parallel

@@ -31,11 +31,28 @@ update too, saves, and ends the run with :class:`~trainer.errors.TrainingDiverge
 checkpoint holds the state before the bad step and resumes after its data). The windows are
 saved in every checkpoint, so a resumed run detects as an uninterrupted one would.
 
+``rollback`` (:meth:`trainer.loop.Trainer.roll_back`) skips the update too, then the running
+processes reload the newest complete (and, with ``checkpoint.verify_checksums``, verified)
+checkpoint of the run folder, leave the step's global sample indices out of the data order from
+then on (:func:`trainer.data.dataset.skip_excluded`: the steps between the checkpoint and the bad
+step read the same samples again, the bad step and those after it read the next ones) and go
+on; for ``health.rollback_cooldown_steps`` steps after the checkpoint the learning rate is
+``health.rollback_lr_scale`` times the scheduled one. This is the remedy PaLM used by hand
+(Chowdhery et al. 2022, section 5.1: restart about 100 steps before a spike and skip 200-500
+batches) done in-process, skipping only the offending step's samples. The exclusions, the
+rollbacks made and the cool-down are run state, saved in every checkpoint. A divergence while
+``health.max_rollbacks`` rollbacks were already made at steps within ``health.rollback_window``
+of it is not rolled back: the run saves and ends with :class:`~trainer.errors.TrainingDivergedError`
+naming the steps (:func:`rollback_cap_error`). Before the run's first checkpoint there is nothing
+to go back to: the step is skipped instead (the event's action says ``skip_step``).
+
 Fault injection (for tests and rehearsals; off unless set): ``KILN_FAULT`` holds
 comma-separated faults ``KIND@rankR:stepS[:xF]``: ``nan@rank1:step4`` makes rank 1's loss NaN at
 step 4, ``spike@rank0:step5:x1000`` multiplies rank 0's loss (and with it its gradients) by 1000
 at step 5. Steps count from 1, as in metrics.jsonl. Under the pipeline engine only the last
-stages compute a loss, so a fault for a rank of another stage does nothing.
+stages compute a loss, so a fault for a rank of another stage does nothing. A fault fires the
+first time a process reaches its step: the steps a rollback trains again do not repeat it (a
+transient fault, or bad data the rollback left out); a resumed process counts afresh.
 """
 
 from __future__ import annotations
@@ -61,7 +78,7 @@ if TYPE_CHECKING:
 FAULT_ENV = "KILN_FAULT"
 MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): MAD * this estimates sigma for normal data
 MIN_RELATIVE_MAD = 1e-3
-SEVERITY = {"warn": 0, "skip_step": 1, "stop": 2}
+SEVERITY = {"warn": 0, "skip_step": 1, "rollback": 2, "stop": 3}
 SETTING = {  # the config field that chose each kind's action
     "nonfinite_loss": "health.on_nonfinite",
     "loss_spike": "health.on_spike",
@@ -142,8 +159,9 @@ class HealthEvent:
         threshold: the spike threshold it was compared with (None for non-finite values).
         ranks: the global ranks whose value was non-finite or above the threshold (all ranks
             for a gradient norm, which is global).
-        action: what the run did: ``warn``, ``skip_step`` or ``stop``.
+        action: what the run did: ``warn``, ``skip_step``, ``rollback`` or ``stop``.
         sample_ids: sample ids the named ranks trained on at that step (filled by the recorder).
+        rollback_to: for ``rollback``, the step of the checkpoint the run went back to.
     """
 
     step: int
@@ -153,6 +171,7 @@ class HealthEvent:
     ranks: list[int]
     action: str
     sample_ids: list[int] = field(default_factory=list)
+    rollback_to: int | None = None
 
     def record(self) -> dict[str, Any]:
         """The event as a JSON-ready dict."""
@@ -206,8 +225,8 @@ class Supervisor:
             prev_grad_norm: the gradient norm of step ``step - 1`` if that update was applied.
 
         Returns:
-            ``("none" | "warn" | "skip_step" | "stop", events)``; the loss enters the window
-            only if the update is applied, the gradient norm when it was.
+            ``("none" | "warn" | "skip_step" | "rollback" | "stop", events)``; the loss enters
+            the window only if the update is applied, the gradient norm when it was.
         """
         if not self.cfg.enabled:
             return "none", []
@@ -257,6 +276,25 @@ def stop_error(events: list[HealthEvent], step: int, report: Path) -> TrainingDi
         f"{threshold}, ranks {e.ranks}) with {SETTING[e.kind]}=stop; the update of step {step} "
         f"was not applied and the run is saved at step {step}; the events are in {report}. "
         f"Resuming with the same command goes on after this step's data"
+    )
+
+
+def rollback_cap_error(
+    events: list[HealthEvent], rollbacks: list[dict[str, int]], cfg: HealthConfig, report: Path
+) -> TrainingDivergedError:
+    """The error a run ends with when a divergence finds ``health.max_rollbacks`` rollbacks
+    already made within ``health.rollback_window`` steps: ``events`` (their action set to
+    ``stop``) are the step's, ``rollbacks`` (``{"step", "to_step"}``) those counted."""
+    e = next(e for e in events if e.action == "stop")
+    threshold = f", threshold {e.threshold:.6g}" if e.threshold is not None else ""
+    earlier = "; ".join(f"step {r['step']} (rolled back to step {r['to_step']})" for r in rollbacks)
+    return TrainingDivergedError(
+        f"training keeps diverging: step {e.step}: {e.kind.replace('_', ' ')} (value "
+        f"{e.value:.6g}{threshold}, ranks {e.ranks}) after {len(rollbacks)} rollback(s) within "
+        f"health.rollback_window={cfg.rollback_window} steps: {earlier}. health.max_rollbacks="
+        f"{cfg.max_rollbacks} is reached: the update of step {e.step} was not applied and the "
+        f"run is saved at step {e.step}; the events and their sample ids are in {report}. Look "
+        f"at those samples (or lower train.lr), then resume with the same command"
     )
 
 

@@ -1,12 +1,16 @@
 """The training loop: ``train_step``, ``evaluate``, ``save``, ``load``, ``fit``.
 
-Data order is a pure function of the global sample index: optimizer step ``s`` consumes the
-global indices ``[s * G, (s + 1) * G)`` (G = global batch size), and micro-step ``m`` of
-data-parallel rank ``r`` reads ``s * G + m * (b * n) + r * b + [0, b)`` (b = micro batch size,
-n = data-parallel size). With pipeline stages the micro-steps of a step are DeepSpeed's
-micro-batches (``engine.train_batch``), and the stages of one data-parallel replica read the same
-indices. The checkpoint stores the cursor, so a resume, on any number of processes, neither skips
-nor repeats a sample.
+Data order is a pure function of the logical sample index and the run's exclusions: optimizer
+step ``s`` (0-based) consumes the logical indices ``[s * G, (s + 1) * G)`` (G = global batch
+size), and micro-step ``m`` of data-parallel rank ``r`` reads ``s * G + m * (b * n) + r * b +
+[0, b)`` (b = micro batch size, n = data-parallel size). Logical index ``i`` reads the ``i``-th
+global sample index not excluded (:func:`trainer.data.dataset.skip_excluded`; with no exclusions,
+global index ``i``), which the sampler maps to a sequence. Exclusions are the global indices of
+steps the health supervisor rolled back from (:meth:`Trainer.roll_back`). With pipeline stages
+the micro-steps of a step are DeepSpeed's micro-batches (``engine.train_batch``), and the stages
+of one data-parallel replica read the same indices. The checkpoint stores the cursor (logical
+samples consumed) and the exclusions, so a resume, on any number of processes, neither skips nor
+repeats a sample.
 """
 
 from __future__ import annotations
@@ -101,11 +105,15 @@ class Trainer:
         self.health_events: list[health.HealthEvent] = []  # of the last step
         self.health_stop: Exception | None = None  # set when an action was `stop`
         self._skip_update = False  # the agreed action of this step skips its update
+        self._roll_back = False  # the agreed action of this step is `rollback`
+        self.rollbacks: list[dict[str, int]] = []  # {"step", "to_step"} of each rollback made
+        self.lr_cooldown_until = 0  # steps up to this one train at health.rollback_lr_scale
+        self._reached = 0  # the furthest step this process trained: faults fire once
         self._step_loss: torch.Tensor | None = None  # this rank's mean loss of the step
         self._prev_grad_norm: Any = None  # the last applied update's norm (None: skipped)
         if cfg.health.enabled:
             for name in ("on_nonfinite", "on_spike", "on_grad_norm_spike"):  # stop skips too
-                if getattr(cfg.health, name) in ("skip_step", "stop"):
+                if getattr(cfg.health, name) in ("skip_step", "rollback", "stop"):
                     health.check_skip_supported(engine, f"health.{name}")
         # DeepSpeed calls _take_model_step once per optimizer step, after the last backward of
         # the step and before the update, with the pipeline engine too (inside train_batch):
@@ -114,7 +122,7 @@ class Trainer:
         engine._take_model_step = self._supervised_model_step
         if self.pipelined and self.faults:
             loss_fn = engine.module.loss_fn
-            engine.module.loss_fn = lambda *a: self.faults.apply(loss_fn(*a), self.step + 1)
+            engine.module.loss_fn = lambda *a: self.faults.apply(loss_fn(*a), self._fault_step())
 
     # -- signals ------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -170,7 +178,8 @@ class Trainer:
             [h > 0 for h in flags[3 + n :]],
             None if flags[2] == -1.0 else flags[2],
         )
-        self._skip_update = action in ("skip_step", "stop")
+        self._skip_update = action in ("skip_step", "rollback", "stop")
+        self._roll_back = action == "rollback"  # fit rolls back once the step is over
         if action == "stop":  # after this step is saved (Checkpointer), fit raises
             self.stopping = True
             report = self.run_folder.local / "health.jsonl"
@@ -197,11 +206,23 @@ class Trainer:
     # -- steps ----------------------------------------------------------------------------------
     def micro_batch_indices(self, step: int, micro: int, dp_rank: int | None = None) -> np.ndarray:
         """Global sample indices (micro_batch_size,) int64 of micro-step ``micro`` of step
-        ``step`` (0-based) on data-parallel rank ``dp_rank`` (default: this rank's)."""
+        ``step`` (0-based) on data-parallel rank ``dp_rank`` (default: this rank's): the
+        logical indices of the module docstring with the run's exclusions left out."""
         p, r = self.plan, self.dp_rank if dp_rank is None else dp_rank
         start = step * p.global_batch_size + micro * p.micro_batch_size * p.data_parallel_size
         start += r * p.micro_batch_size
-        return np.arange(start, start + p.micro_batch_size, dtype=np.int64)
+        return self.data.global_indices(np.arange(start, start + p.micro_batch_size))
+
+    def step_global_indices(self, step: int) -> np.ndarray:
+        """The global sample indices (global_batch_size,) int64, sorted, that all ranks read at
+        ``step`` (1-based)."""
+        g = self.plan.global_batch_size
+        return self.data.global_indices(np.arange((step - 1) * g, step * g))
+
+    def _fault_step(self) -> int:
+        """The step (1-based) the fault injector is asked about: this step the first time the
+        process reaches it, else 0 (no fault: a step a rollback trains again)."""
+        return self.step + 1 if self.step + 1 > self._reached else 0
 
     def step_sample_ids(self, step: int, ranks: list[int]) -> list[int]:
         """The sample ids (``dataset_idx * 2**40 + seq_idx``, as the batches carry them) that the
@@ -229,6 +250,8 @@ class Trainer:
         Returns this rank's mean loss over its micro-batches (a device tensor: no host sync).
         """
         self.engine.train()
+        if self.cfg.health.rolls_back:
+            self._apply_lr_cooldown()
         self.last_lr = self.engine.get_lr()[0]  # the rate this step uses
         if self.pipelined:
             return self._pipeline_train_step()
@@ -240,7 +263,7 @@ class Trainer:
             logits = self.engine(**self._to_device(batch.inputs))
             loss = token_loss(logits, batch.labels.to(self.world.device))
             if self.faults:
-                loss = self.faults.apply(loss, self.step + 1)
+                loss = self.faults.apply(loss, self._fault_step())
             self.engine.backward(loss)
             total += loss.detach()
             if micro == self.plan.gradient_accumulation_steps - 1:
@@ -255,6 +278,7 @@ class Trainer:
 
     def _advance(self) -> None:
         self.step += 1
+        self._reached = max(self._reached, self.step)
         self.consumed_samples += self.plan.global_batch_size
         self.tokens_seen += self.plan.tokens_per_step
 
@@ -348,6 +372,9 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
             "fingerprint": self.fingerprint,
             "health": self.supervisor.state(),
+            "excluded_samples": self.data.excluded.tolist(),  # global indices left out
+            "rollbacks": self.rollbacks,
+            "lr_cooldown_until": self.lr_cooldown_until,
         }
 
     def save(self) -> Path:
@@ -363,7 +390,13 @@ class Trainer:
         )
 
     def load(self, ckpt: Path) -> None:
-        """Resume from ``ckpt``: engine shards, optimizer, scheduler, RNG, data cursor."""
+        """Resume from ``ckpt``: engine shards, optimizer, scheduler, RNG, data cursor (logical
+        samples consumed: ``step`` x the global batch), excluded samples, rollbacks made.
+
+        Raises:
+            ValueError: the checkpoint's cursor is not a whole number of this run's global
+                batches (the message names the batch to resume with).
+        """
         state = checkpoint.load_checkpoint(
             self.engine,
             ckpt,
@@ -375,6 +408,9 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.wandb_run_id = state["wandb_run_id"]
         self.supervisor.load_state(state.get("health", {}))  # absent before the supervisor
+        self.data.excluded = np.unique(np.asarray(state.get("excluded_samples", []), np.int64))
+        self.rollbacks = list(state.get("rollbacks", []))
+        self.lr_cooldown_until = int(state.get("lr_cooldown_until", 0))
         if self.consumed_samples != self.step * self.plan.global_batch_size:
             raise ValueError(
                 f"{ckpt} consumed {self.consumed_samples} samples in {self.step} steps, which a "
@@ -401,6 +437,12 @@ class Trainer:
         while self.step < t.max_steps:
             window_loss += self.train_step()
             window_steps += 1
+            if self._roll_back and self._rolled_back():
+                window_loss.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+                if self.stopping:  # a signal with the step: the run is at a saved checkpoint
+                    break
+                continue
             for event in self.health_events:
                 self._call("on_health_event", event)
             metrics = None
@@ -420,6 +462,101 @@ class Trainer:
         self._call("on_train_end")
         if self.health_stop is not None:
             raise self.health_stop
+
+    # -- rollback -----------------------------------------------------------------------------
+    def _rolled_back(self) -> bool:
+        """The step just trained was agreed ``rollback``: roll back (events recorded first,
+        with the step rolled back to), or when the cap is reached turn it into ``stop`` (the
+        rest of fit saves and raises), or with no checkpoint yet into ``skip_step``. Returns
+        whether it rolled back. Every rank calls it at the same step (collectives inside)."""
+        self._roll_back = False
+        h, step = self.cfg.health, self.step
+        rolling = [e for e in self.health_events if e.action == "rollback"]
+        recent = [r for r in self.rollbacks if r["step"] > step - h.rollback_window]
+        if len(recent) >= h.max_rollbacks:
+            for e in rolling:
+                e.action = "stop"
+            self.stopping = True
+            report = self.run_folder.local / "health.jsonl"
+            self.health_stop = health.rollback_cap_error(self.health_events, recent, h, report)
+            return False
+        ckpt = self._newest_checkpoint()
+        if ckpt is None:  # before the first save: nothing to go back to
+            if self.world.is_main:
+                print(f"health: step {step}: no checkpoint to roll back to yet; skipping the step")
+            for e in rolling:
+                e.action = "skip_step"
+            return False
+        to_step = checkpoint.read_trainer_state(ckpt)["step"]
+        for e in rolling:
+            e.rollback_to = to_step
+        for event in self.health_events:  # named with this step's samples, before exclusion
+            self._call("on_health_event", event)
+        self.roll_back(ckpt)
+        return True
+
+    def _newest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint of the run folder (checksums verified with
+        ``checkpoint.verify_checksums``; rank 0 checks, every rank gets its answer), the
+        universal conversion of it when it was written on another layout; None if none."""
+        folder = self.run_folder
+        if folder.url is None:
+            checksums = self.cfg.checkpoint.verify_checksums
+            tag = folder.scan(checksums=checksums)[0] if self.world.is_main else None
+            tag = distributed.broadcast_object(tag)
+            ckpt = None if tag is None else folder.checkpoints / tag
+        else:  # this node's mirror, which holds what the run saved since it started
+            ckpt = folder.latest_checkpoint()
+        if ckpt is None:
+            return None
+        state = checkpoint.read_trainer_state(ckpt)
+        p = self.cfg.parallel
+        universal = checkpoint.needs_universal(
+            state, p.zero_stage, self.world.world_size, p.sub_group_size
+        )
+        if universal:  # the checkpoint this process resumed from on another layout
+            if folder.node_main(self.world.rank, self.world.local_rank):
+                checkpoint.convert_to_universal(ckpt)
+            distributed.barrier()
+            ckpt = ckpt.with_name(ckpt.name + "-universal")
+        # DeepSpeed reads this flag of its config when it loads; the engine was built with the
+        # flag of the checkpoint it started from.
+        self.engine._config.load_universal_checkpoint = universal
+        return ckpt
+
+    def roll_back(self, ckpt: Path) -> None:
+        """Reload ``ckpt`` (a complete checkpoint of this run, older than this step) in the
+        running processes and leave the global sample indices of the step just trained (all
+        ranks' ``global_batch_size`` of them) out of the data order from then on: the steps after
+        the checkpoint read the same samples as before up to this step, which reads the next
+        ones. The exclusions and rollbacks made so far are kept (the checkpoint predates the
+        newest), and the next ``health.rollback_cooldown_steps`` steps train at
+        ``health.rollback_lr_scale`` times the scheduled rate. Collective: every rank calls it.
+        """
+        diverged = self.step
+        bad = self.step_global_indices(diverged)
+        excluded, rollbacks = np.union1d(self.data.excluded, bad), self.rollbacks
+        self.load(ckpt)
+        self.data.excluded = excluded.astype(np.int64)
+        self.rollbacks = [*rollbacks, {"step": diverged, "to_step": self.step}]
+        self.lr_cooldown_until = self.step + self.cfg.health.rollback_cooldown_steps
+        self.saved_step = self.step
+        self._prev_grad_norm = self._grad_norm = None  # the skipped update has no norm
+        self._call("on_rollback")
+
+    def _apply_lr_cooldown(self) -> None:
+        """Set the optimizer's rate for the step about to train: the schedule's, times
+        ``health.rollback_lr_scale`` up to step :attr:`lr_cooldown_until`. Set at every step
+        (the rate saved with a checkpoint during a cool-down must not outlive it)."""
+        scheduler = self.engine.lr_scheduler
+        if scheduler is None:
+            return
+        cooling = self.step + 1 <= self.lr_cooldown_until
+        scale = self.cfg.health.rollback_lr_scale if cooling else 1.0
+        for group, lr in zip(
+            scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr * scale
 
     def _evaluate_and_report(self) -> None:
         if metrics := self.evaluate():

@@ -104,6 +104,36 @@ def _training_rows(cfg, state: dict[str, Any]) -> list[tuple[str, str]]:
         ("hardware", device),
         ("parallel layout", layout),
         ("initialised from", cfg.model.model_dump().get("init_from") or f"seed {t.seed}"),
+        *_rollback_rows(state),
+    ]
+
+
+def _index_ranges(indices: list[int]) -> str:
+    """Sorted ints as ranges: ``[4, 5, 6, 9]`` -> ``"4-6, 9"``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _rollback_rows(state: dict[str, Any]) -> list[tuple[str, str]]:
+    """The training record of the health supervisor's rollbacks (:mod:`trainer.health`): the
+    steps that diverged, the checkpoints gone back to, and the global sample indices left out of
+    the data order; none for a run that never rolled back."""
+    rollbacks, excluded = state.get("rollbacks", []), state.get("excluded_samples", [])
+    if not rollbacks and not excluded:
+        return []
+    made = ", ".join(f"step {r['step']} to step {r['to_step']}" for r in rollbacks)
+    return [
+        ("rollbacks", f"{len(rollbacks)} ({made})"),
+        (
+            "excluded samples",
+            f"{len(excluded)} global sample indices left out of the data order: "
+            f"{_index_ranges(excluded)}",
+        ),
     ]
 
 

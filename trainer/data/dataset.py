@@ -3,6 +3,12 @@
 Sample ids: the sequence ``s`` of dataset ``d`` (its index in ``data.datasets``) has the id
 ``d * 2**40 + s`` (:data:`SAMPLE_ID_STRIDE`); validation sequences use the same scheme over the
 validation splits. Ids are ``int64`` and identify a sample across runs and resumes.
+
+The training order is a pure function of ``(seed, logical index, exclusions)``: logical index
+``i`` reads global index ``g = skip_excluded(i, E)`` (the ``i``-th global index not in the sorted
+exclusion list ``E``, which the health supervisor's rollbacks add to and checkpoints keep), and
+global index ``g`` reads the sequence :class:`MixtureSampler` maps it to. What is excluded is a
+draw (a global index), not a sequence: a later epoch may draw the same sequence again.
 """
 
 from __future__ import annotations
@@ -295,6 +301,28 @@ class MixtureSampler:
         return ds, seq
 
 
+def skip_excluded(logical: np.ndarray | Sequence[int], excluded: np.ndarray) -> np.ndarray:
+    """The global sample indices that logical indices read when the sorted global indices
+    ``excluded`` are left out of the order: logical index ``i`` maps to the ``i``-th global
+    index not in ``excluded`` (a pure function of ``(i, excluded)``).
+
+    With ``E`` sorted and unique, ``E[j] - j`` counts the kept indices below ``E[j]``, so ``i``
+    maps to ``i + #{j : E[j] - j <= i}``: one binary search per index, O(log |E|).
+
+    Args:
+        logical: (n,) int, each >= 0.
+        excluded: (E,) int64, sorted, unique, each >= 0 (:meth:`TrainData.exclude` keeps it so).
+
+    Returns:
+        (n,) int64 global indices, none of them in ``excluded``; increasing where ``logical`` is.
+    """
+    i = np.asarray(logical, dtype=np.int64).reshape(-1)
+    if len(excluded) == 0:
+        return i
+    kept_below = excluded - np.arange(len(excluded), dtype=np.int64)
+    return i + np.searchsorted(kept_below, i, side="right")
+
+
 def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     """Integer shares of ``total`` proportional to ``weights`` (Hamilton's method): ``(n,) int64``
     summing to ``total``; ties go to the lower index."""
@@ -393,6 +421,25 @@ class TrainData:
         self.validation = (
             ValidationData(validation, self.objective) if validation is not None else None
         )
+        self.excluded = np.zeros(0, dtype=np.int64)  # sorted global indices left out
+
+    def exclude(self, global_indices: np.ndarray | Sequence[int]) -> None:
+        """Leave the global sample indices ``global_indices`` (n,) out of the order from now on
+        (:meth:`global_indices`); added to those already excluded.
+
+        Raises:
+            ValueError: a negative index.
+        """
+        g = np.asarray(global_indices, dtype=np.int64).reshape(-1)
+        if (g < 0).any():
+            raise ValueError("global sample indices must be >= 0")
+        self.excluded = np.union1d(self.excluded, g).astype(np.int64)
+
+    def global_indices(self, logical: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The global sample indices (n,) int64 that the logical indices ``logical`` (n,) read:
+        the order with :attr:`excluded` left out (:func:`skip_excluded`). The training loop
+        counts its data cursor in logical indices."""
+        return skip_excluded(logical, self.excluded)
 
     def batch(self, global_indices: np.ndarray | Sequence[int]) -> Batch:
         """The samples of ``global_indices`` (n,).
