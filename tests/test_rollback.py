@@ -189,8 +189,9 @@ ROLLBACK_RUNS = {
     "t5-zero3": ("t5", {"parallel__zero_stage": 3}, "spike@rank1:step6:x1000", None),
     # the same rollback, then SIGTERM: both ranks stop and save at step 6
     "sigterm": ("llama", {}, "spike@rank0:step6:x1000", 5),
-    # three divergences after the step-4 checkpoint (a spike, a NaN, a spike) with at most 2
-    # rollbacks in 10 steps: the third ends the run
+    # a NaN at step 1, before the first checkpoint: skipped instead; then three divergences
+    # after the step-4 checkpoint (a spike, a NaN, a spike) with at most 2 rollbacks in 10
+    # steps: the third ends the run
     "cap": (
         "llama",
         {
@@ -199,7 +200,7 @@ ROLLBACK_RUNS = {
             "health__max_rollbacks": 2,
             "health__rollback_window": 10,
         },
-        "spike@rank0:step5:x1000,nan@rank1:step6,spike@rank0:step7:x1000",
+        "nan@rank0:step1,spike@rank0:step5:x1000,nan@rank1:step6,spike@rank0:step7:x1000",
         None,
     ),
 }
@@ -360,6 +361,7 @@ def test_repeated_divergence_hits_the_rollback_cap(rollback_runs):
     run = Path(message.split("the events and their sample ids are in ")[1].split("health.jsonl")[0])
     events = [(e["step"], e["kind"], e["action"], e["rollback_to"]) for e in _events(run)]
     assert events == [
+        (1, "nonfinite_loss", "skip_step", None),
         (5, "loss_spike", "rollback", 4),
         (6, "nonfinite_loss", "rollback", 4),
         (7, "loss_spike", "stop", None),
