@@ -153,14 +153,22 @@ class _SigtermAfterRollback(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _rollback_worker(*runs: tuple[str, Path, int | None]) -> list[tuple[str, str]]:
-    """On each rank: train each ``(KILN_FAULT, config, sigterm_step)`` in turn;
-    ``("done", run_dir)`` or ``("stopped", message)`` per run."""
+def _rollback_worker(*runs: tuple[str, Path, int | None, Path | None]) -> list[tuple[str, str]]:
+    """On each rank: train each ``(KILN_FAULT, config, sigterm_step, fresh_from)`` in turn
+    (``fresh_from``: start from that earlier run's step-4 checkpoint with its final exclusions,
+    :func:`_resumed_with_exclusions`); ``("done", run_dir)`` or ``("stopped", message)`` per
+    run."""
+    import torch.distributed as dist
+
     from trainer import main
 
     train = main.train
     out = []
-    for fault, config, sigterm_step in runs:
+    for fault, config, sigterm_step, fresh_from in runs:
+        if fresh_from is not None:
+            if dist.get_rank() == 0:
+                _resumed_with_exclusions(fresh_from, 4, config.parent)
+            dist.barrier()
         os.environ["KILN_FAULT"] = fault
         if sigterm_step is not None:
             main.train = lambda cfg, extra=(), s=sigterm_step: train(
@@ -223,13 +231,21 @@ def _config(name: str, tmp: Path, prepared_data: Path, prepared_t5_data: Path) -
 
 @pytest.fixture(scope="module")
 def rollback_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, tuple[str, str]]:
-    """Each run of ROLLBACK_RUNS on 2 ranks, in one worker start-up."""
-    runs = [
-        (fault, _config(name, tmp_path_factory.mktemp(name), prepared_data, prepared_t5_data), s)
-        for name, (_, _, fault, s) in ROLLBACK_RUNS.items()
-    ]
+    """Each run of ROLLBACK_RUNS on 2 ranks, then (``fresh-<name>``) the rolled-back runs of
+    llama-zero0 and t5-zero3 started afresh from the checkpoint they rolled back to (step 4),
+    with their exclusions, without faults; in one worker start-up."""
+    runs, names = [], [*ROLLBACK_RUNS, "fresh-llama-zero0", "fresh-t5-zero3"]
+    for name in names:
+        source = name.removeprefix("fresh-")
+        tmp = tmp_path_factory.mktemp(name)
+        config = _config(source, tmp, prepared_data, prepared_t5_data)
+        _, _, fault, sigterm_step = ROLLBACK_RUNS[source]
+        if name == source:
+            runs.append((fault, config, sigterm_step, None))
+        else:  # the source's run folder: its config's tmp_path / "run"
+            runs.append(("", config, None, runs[names.index(source)][1].parent / "run"))
     results = run_distributed(_rollback_worker, 2, *runs)[0]
-    return dict(zip(ROLLBACK_RUNS, results, strict=True))
+    return dict(zip(names, results, strict=True))
 
 
 def _events(run: Path) -> list[dict]:
@@ -251,18 +267,6 @@ def _resumed_with_exclusions(run: Path, step: int, tmp: Path) -> Path:
     return new
 
 
-@pytest.fixture(scope="module")
-def fresh_runs(rollback_runs, prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
-    """The rolled-back runs of llama-zero0 and t5-zero3 started afresh from the checkpoint they
-    rolled back to (step 4), with their exclusions, on 2 ranks without faults."""
-    configs = {}
-    for name in ("llama-zero0", "t5-zero3"):
-        tmp = tmp_path_factory.mktemp(f"fresh-{name}")
-        configs[name] = _config(name, tmp, prepared_data, prepared_t5_data)
-        _resumed_with_exclusions(Path(rollback_runs[name][1]), 4, tmp)
-    return dict(zip(configs, run_distributed(train_runs, 2, *configs.values())[0], strict=True))
-
-
 def _ids(data, global_indices) -> list[int]:
     d, s = data.sampler(np.asarray(global_indices, dtype=np.int64))
     return (d * SAMPLE_ID_STRIDE + s).tolist()
@@ -270,12 +274,11 @@ def _ids(data, global_indices) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-zero0", "t5-zero3"])
-def test_rollback_goes_back_excludes_the_step_and_matches_a_fresh_resume(
-    rollback_runs, fresh_runs, name
-):
+def test_rollback_goes_back_excludes_the_step_and_matches_a_fresh_resume(rollback_runs, name):
     status, run = rollback_runs[name]
-    assert status == "done", run
-    run = Path(run)
+    fresh_status, fresh = rollback_runs[f"fresh-{name}"]
+    assert status == fresh_status == "done", (run, fresh)
+    run, fresh = Path(run), Path(fresh)
     (event,) = [e for e in _events(run) if e["action"] == "rollback"]
     assert (event["step"], event["kind"], event["rollback_to"]) == (6, "loss_spike", 4)
     final = read_trainer_state(run / "checkpoints" / tag_for(8))
@@ -289,7 +292,7 @@ def test_rollback_goes_back_excludes_the_step_and_matches_a_fresh_resume(
     )
     assert read_trainer_state(run / "checkpoints" / tag_for(4))["excluded_samples"] == []
     # the losses after the rollback are those of a fresh run resumed there with the exclusions
-    got, want = step_losses(run), step_losses(fresh_runs[name])
+    got, want = step_losses(run), step_losses(fresh)
     assert sorted(got) == list(range(1, 9)) and sorted(want) == [5, 6, 7, 8]
     for s in (5, 6, 7, 8):
         assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
@@ -297,7 +300,7 @@ def test_rollback_goes_back_excludes_the_step_and_matches_a_fresh_resume(
     cfg = load_config(run / "config.yaml")
     data = open_train_data(cfg)
     ids = step_sample_ids(run)
-    assert ids == {**step_sample_ids(fresh_runs[name]), **{s: ids[s] for s in range(1, 5)}}
+    assert ids == {**step_sample_ids(fresh), **{s: ids[s] for s in range(1, 5)}}
     assert ids[6] == sorted(_ids(data, range(48, 56)))
     excluded = set(_ids(data, range(40, 48)))
     assert set(event["sample_ids"]) <= excluded  # the spiking rank's samples of step 6
