@@ -424,7 +424,14 @@ class Trainer:
             getattr(cb, hook)(self, *args)
 
     def fit(self) -> None:
-        """Train to ``train.max_steps`` (or until a stop signal), evaluating and logging."""
+        """Train to ``train.max_steps`` (or until a stop signal), evaluating and logging; a step
+        the health supervisor agreed to roll back is not logged or saved: the run goes back to
+        the newest checkpoint (:meth:`roll_back`) and trains on from there.
+
+        Raises:
+            TrainingDivergedError: a ``stop`` action, or a divergence past the rollback cap
+                (after the step is saved).
+        """
         t = self.cfg.train
         intervals = [cb.poll_interval for cb in self.callbacks if cb.poll_interval is not None]
         self._poll_interval = min(intervals, default=None)  # of on_poll, in seconds
