@@ -38,7 +38,8 @@ re-armed with ``T`` after. Publishing runs in background processes and is not ti
 up before the first step (engine build, resume) and the tear-down after the last are not timed.
 
 Cost per step: one ``faulthandler.dump_traceback_later`` (it replaces its C timer thread) and one
-``setitimer`` system call, no host-device sync: about 0.3 ms on a loaded 2-core CPU host.
+``setitimer`` system call, no host-device sync: 36-113 us (median 41 us) per step on a 2-core
+CPU host under a load of 5, against a 125m-preset step of seconds there (0.1 s on a GPU).
 """
 
 from __future__ import annotations
