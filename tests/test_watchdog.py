@@ -149,6 +149,23 @@ def test_the_first_step_evaluation_saves_loads_and_a_closed_watchdog_are_not_tim
     assert result.returncode == -signal.SIGALRM, result.stdout + result.stderr
 
 
+def test_a_process_that_handles_sigalrm_is_refused(tmp_path):
+    """A SIGALRM handler (Python runs it only between bytecodes of the main thread) could not end
+    a rank stuck in a collective: the watchdog refuses to start, saying how to go on."""
+    from types import SimpleNamespace
+
+    from trainer.errors import ConfigError
+    from trainer.watchdog import HangWatchdog
+
+    previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    try:
+        with pytest.raises(ConfigError, match=r"set health\.step_timeout=0 to train without"):
+            HangWatchdog(5.0, tmp_path / "hangs", 0, 1).on_train_start(SimpleNamespace(step=0))
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert not (tmp_path / "hangs").exists()
+
+
 def test_hang_reports_are_the_dumps_since_a_time(tmp_path):
     hangs = tmp_path / "hangs"
     hangs.mkdir()
