@@ -21,6 +21,7 @@ from launcher.ray_cli import ray_group
 from launcher.slurm import slurm
 from trainer.config import check_paths
 from trainer.errors import COLLECTED_ENV, describe_failures, read_failures
+from trainer.watchdog import describe_hangs, hang_reports
 
 
 class _RunDir(click.Path):
@@ -127,6 +128,8 @@ def train(
     started = time.time() - 2  # the workers' clocks: this machine's, or NTP's on other nodes
     rc = run_workers(cmd)
     if rc != 0:
+        if hangs := hang_reports(run_dir, since=started):  # the ranks' later errors follow it
+            click.echo(f"Error: {describe_hangs(hangs)}", err=True)
         if failures := read_failures(run_dir / "logs", since=started):
             raise click.ClickException(describe_failures(failures))
         raise click.ClickException(f"training failed (torchrun exit code {rc}); see the log above")

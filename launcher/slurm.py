@@ -13,8 +13,8 @@ Inside the job (see the template), three hidden subcommands do the work that nee
   rendezvous on the first node, its stop signals forwarded to the ranks
   (:func:`launcher.local.run_workers`);
 - ``kiln slurm after CONFIG ...`` decides, once srun has returned, whether the run finished,
-  requeues itself (it was stopped by the pre-time-limit SIGUSR1 after making progress), or
-  failed (:func:`after_run`).
+  requeues itself (it was stopped by the pre-time-limit SIGUSR1, or its ranks hung, after making
+  progress), or failed (:func:`after_run`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from launcher.preflight import user_errors
 from trainer.config import KilnConfig
 from trainer.errors import COLLECTED_ENV, describe_failures, read_failures
 from trainer.storage import RunFolder
+from trainer.watchdog import describe_hangs, hang_reports
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 TEMPLATE = "train.sbatch.j2"
@@ -229,7 +230,13 @@ class Outcome:
 
 
 def after_run(
-    *, step: int, start_step: int, max_steps: int, signal: str, srun_exit_code: int
+    *,
+    step: int,
+    start_step: int,
+    max_steps: int,
+    signal: str,
+    srun_exit_code: int,
+    hang: str | None = None,
 ) -> Outcome:
     """Decide the end of one run of the job from the checkpoints and the signal it got.
 
@@ -238,12 +245,18 @@ def after_run(
     pre-time-limit signal) requeues only if it saved a newer checkpoint than it started from, so
     a job that cannot make progress within its time limit does not requeue forever. SIGTERM
     (scheduler preemption, scancel) never requeues here: a preempting scheduler requeues the job
-    itself (``--requeue``), and a cancelled job must stay cancelled.
+    itself (``--requeue``), and a cancelled job must stay cancelled. A run whose ranks the hang
+    watchdog ended (:mod:`trainer.watchdog`) requeues by the same rule as SIGUSR1: only if it
+    saved a newer checkpoint than it started from, so a hang that comes back before the next
+    checkpoint (a broken node, a deadlock in the code) fails the job instead of requeueing it
+    forever, while a passing one (a stuck link) costs one requeue per checkpoint interval.
 
     Args:
         step: the latest checkpoint's step now; ``start_step``: when this run began.
         signal: ``"USR1"``, ``"TERM"`` or ``"none"``, the stop signal the job shell got.
         srun_exit_code: srun's status, only reported (0 also for a clean signal stop).
+        hang: what the hang watchdog reported in this run (:func:`trainer.watchdog.
+            describe_hangs`), None when it did not fire.
     """
     if step >= max_steps:
         return Outcome("finished", f"finished at step {step} of {max_steps}", 0)
@@ -267,6 +280,21 @@ def after_run(
             f"stopped by SIGTERM at step {step} of {max_steps} (preemption requeues the job, "
             "scancel ends it); `kiln slurm submit` the same config again to resume",
             0,
+        )
+    if hang is not None:
+        if step > start_step:
+            return Outcome(
+                "requeue",
+                f"{hang}; requeueing to resume from the checkpoint of step {step} of {max_steps}",
+                0,
+            )
+        return Outcome(
+            "failed",
+            f"{hang}; not requeued: no checkpoint newer than step {start_step} was saved since "
+            "this run of the job started, so it could hang at the same place again; fix the "
+            "cause (or raise health.step_timeout if the steps are that slow) and `kiln slurm "
+            "submit` the same config again to resume",
+            srun_exit_code or 1,
         )
     return Outcome(
         "failed",
@@ -561,14 +589,17 @@ def after(config, start_step, signal_name, srun_exit_code, started):
     """Finish, requeue or fail the job once srun returned (see :func:`after_run`); a failed
     run's ranks' errors are shown once, from their records in the run folder."""
     cfg = preflight.load(config)
-    if failures := read_failures(RunFolder(cfg.run_dir).local / "logs", since=started - 2):
+    run_dir = RunFolder(cfg.run_dir).local
+    if failures := read_failures(run_dir / "logs", since=started - 2):
         click.echo(describe_failures(failures), err=True)
+    hangs = hang_reports(run_dir, since=started - 2)
     outcome = after_run(
         step=_latest_step_or_exit(cfg.run_dir),
         start_step=start_step,
         max_steps=cfg.train.max_steps,
         signal=signal_name,
         srun_exit_code=srun_exit_code,
+        hang=describe_hangs(hangs) if hangs else None,
     )
     click.echo(f"kiln: {outcome.message}")
     if outcome.action == "requeue":

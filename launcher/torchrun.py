@@ -44,7 +44,11 @@ def describe_exit(exitcode: int) -> str:
         name = signal.Signals(-exitcode).name
     except ValueError:
         return f"signal {-exitcode}"
-    cause = {"SIGKILL": " (killed: out of host memory, or by hand)", "SIGSEGV": " (crashed)"}
+    cause = {
+        "SIGKILL": " (killed: out of host memory, or by hand)",
+        "SIGSEGV": " (crashed)",
+        "SIGALRM": " (the hang watchdog: no progress for health.step_timeout)",
+    }
     return f"signal {name}{cause.get(name, '')}"
 
 

@@ -1,8 +1,8 @@
 """Ray on a real local cluster (`ray start --head`, 2 CPUs): Ray Data preparation gives the local
 path's shards byte for byte; a `kiln ray submit --wait` job trains the debug model on 2 Ray Train
 workers with the losses of `kiln train --nproc 2`'s loop on 2 local processes; a worker killed
-with SIGKILL is restarted and the run resumes from its last checkpoint to the same losses, each
-step logged once."""
+with SIGKILL, or one the hang watchdog ends, is restarted and the run resumes from its last
+checkpoint (to the same losses, each step logged once)."""
 
 from __future__ import annotations
 
@@ -356,6 +356,32 @@ def test_killed_worker_is_restarted_and_the_run_resumes(
     sessions = sorted((run / "wandb").glob("offline-run-*"))
     assert len(sessions) == 2, sessions
     assert all((s / f"run-{state['wandb_run_id']}.wandb").is_file() for s in sessions)
+
+
+def test_a_hung_worker_is_restarted_and_the_run_finishes(ray_cluster, prepared_data, tmp_path):
+    """Rank 1 sleeps in step 5 with a 3 s step timeout: the workers dump their stacks and are
+    killed (SIGALRM), Ray Train restarts the group, which resumes from the step-3 checkpoint
+    without the fault (it fired once in this run folder) and finishes, every step logged once."""
+    from trainer.watchdog import hang_reports
+
+    steps = 8
+    config = train_config(
+        tmp_path, prepared_data, train__max_steps=steps, health__step_timeout=3
+    )  # checkpoints every 3 steps
+    run = tmp_path / "run"
+    result = kiln(*_submit(config, ray_cluster), extra_env={"KILN_FAULT": "sleep@rank1:step5:s600"})
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-6000:]
+    assert out.count("Started training worker group of size 2") == 2, out[-6000:]
+    reports = hang_reports(run)
+    assert "rank1.txt" in {p.name[-9:] for p in reports}, reports
+    rank1 = next(p for p in reports if p.name.endswith("rank1.txt")).read_text()
+    assert "in apply" in rank1 and "in train_step" in rank1, rank1  # the fault's sleep
+    assert read_trainer_state(latest_checkpoint(run))["step"] == steps
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
+    (fired,) = (run / "faults.jsonl").read_text().splitlines()
+    assert json.loads(fired)["fault"] == "sleep@rank1:step5:s600"
 
 
 def _logged_steps(run: Path) -> list[int]:

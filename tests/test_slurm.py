@@ -191,6 +191,48 @@ def test_pre_timeout_signal_checkpoints_requeues_and_completes(cluster, prepared
 
 
 @needs_slurm
+@pytest.mark.slow
+def test_a_hung_rank_requeues_the_job_which_resumes_and_finishes(cluster, prepared_data, tmp_path):
+    """Rank 1 (on node n2) sleeps in step 4 with a 3 s step timeout: both ranks dump their stacks
+    and are killed, the job requeues itself (it saved step 3 since it started), resumes from
+    step 3 without the fault (it fired once in this run folder) and finishes with a complete
+    final checkpoint and every step logged once."""
+    from trainer.checkpoint import latest_checkpoint, read_trainer_state
+    from trainer.watchdog import hang_reports
+
+    config = train_config(tmp_path, prepared_data, health__step_timeout=3)
+    run = config.parent / "run"
+    result = kiln(
+        "slurm", "submit", str(config), *CPU_JOB,
+        extra_env={"KILN_FAULT": "sleep@rank1:step4:s600"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    log = run / "slurm" / f"{job_id}.out"
+    info = wait_for_end(cluster, job_id, log)
+    text = tail(log, 100_000)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text[-4000:]
+    requeued = re.findall(
+        r"kiln: ranks 0, 1 made no progress for 3 s \(health\.step_timeout\): the hang watchdog "
+        r"ended them; their Python stacks are in (.*); requeueing to resume from the checkpoint "
+        r"of step 3 of 6",
+        text,
+    )
+    assert len(requeued) == 1, text[-4000:]
+    assert rf"kiln: job {job_id} restart 1: 2 node(s) x 1 rank(s)" in text
+    assert re.search(r"restart 1: .* from step 3\n", text), text[-4000:]
+    assert "kiln: finished at step 6 of 6" in text
+    reports = hang_reports(run)
+    assert [p.name[-9:] for p in reports] == ["rank0.txt", "rank1.txt"]
+    assert requeued[0] == ", ".join(str(p) for p in reports)
+    assert "in apply" in reports[1].read_text()  # rank 1 in the fault's sleep
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step-00000006" and read_trainer_state(ckpt)["step"] == 6
+    steps = logged_steps(run)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6] and set(steps.values()) == {1}, steps
+
+
+@needs_slurm
 def test_dry_run_is_a_script_sbatch_accepts(cluster, prepared_data, tmp_path):
     config = train_config(tmp_path, prepared_data)
     result = kiln_in_process(
@@ -335,6 +377,10 @@ def test_rendered_script_for_cpu_nodes_has_no_gpu_settings(tmp_path):
         ({"step": 3, "start_step": 3, "signal": "USR1"}, "failed", 1),  # no progress: no loop
         ({"step": 5, "start_step": 3, "signal": "TERM"}, "stopped", 0),
         ({"step": 5, "start_step": 3, "signal": "none", "srun_exit_code": 9}, "failed", 9),
+        # the hang watchdog ended the ranks: requeue only after progress
+        ({"step": 5, "start_step": 3, "signal": "none", "hang": "ranks 0, 1 ..."}, "requeue", 0),
+        ({"step": 3, "start_step": 3, "signal": "none", "hang": "rank 1 ..."}, "failed", 1),
+        ({"step": 7, "start_step": 3, "signal": "none", "hang": "rank 1 ..."}, "finished", 0),
     ],
 )
 def test_end_of_job_decision(kwargs, action, exit_code):

@@ -335,6 +335,13 @@ class HealthConfig(_Section):
     rollback_cooldown_steps: NonNegativeInt = Field(
         0, description="steps after a rollback trained at rollback_lr_scale x the scheduled rate"
     )
+    step_timeout: Annotated[float, Field(ge=0)] | None = Field(
+        1800.0,
+        description="seconds a training step may make no progress before every rank writes its "
+        "Python stacks to <run_dir>/hangs/ and exits (SIGALRM), so that the launcher restarts "
+        "the run from its newest checkpoint; the first step of a launch gets 3x; evaluation and "
+        "checkpoint saves are not timed; 0 or null: off (trainer.watchdog)",
+    )
 
     @property
     def rolls_back(self) -> bool:

@@ -47,20 +47,28 @@ naming the steps (:func:`rollback_cap_error`). Before the run's first checkpoint
 to go back to: the step is skipped instead (the event's action says ``skip_step``).
 
 Fault injection (for tests and rehearsals; off unless set): ``KILN_FAULT`` holds
-comma-separated faults ``KIND@rankR:stepS[:xF]``: ``nan@rank1:step4`` makes rank 1's loss NaN at
-step 4, ``spike@rank0:step5:x1000`` multiplies rank 0's loss (and with it its gradients) by 1000
-at step 5. Steps count from 1, as in metrics.jsonl. Under the pipeline engine only the last
-stages compute a loss, so a fault for a rank of another stage does nothing. A fault fires the
-first time a process reaches its step: the steps a rollback trains again do not repeat it (a
-transient fault, or bad data the rollback left out); a resumed process counts afresh.
+comma-separated faults ``KIND@rankR:stepS[:xF | :sT]``: ``nan@rank1:step4`` makes rank 1's loss
+NaN at step 4, ``spike@rank0:step5:x1000`` multiplies rank 0's loss (and with it its gradients)
+by 1000 at step 5, ``sleep@rank1:step4:s600`` makes rank 1 sleep 600 s in step 4 (after its first
+micro-batch's forward), a hang for the watchdog (:mod:`trainer.watchdog`) to catch. Steps count
+from 1, as in metrics.jsonl. ``nan`` and ``spike`` stand for bad data: they fire the first time a
+process reaches their step (the steps a rollback trains again do not repeat them: the rollback
+left that data out), and a resumed process counts afresh, so a run resumed before that step meets
+them again, as it would the data. ``sleep`` stands for a passing fault (a stuck link, a sick
+node): it fires once per run folder; the sleeping rank first appends it to
+``<run_dir>/faults.jsonl`` (:data:`FAULT_RECORD`), and a later launch that trains that step again
+(the restart after the hang) skips it. Under the pipeline engine only the last stages compute a
+loss, so a fault for a rank of another stage does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -76,6 +84,7 @@ if TYPE_CHECKING:
     from trainer.config import HealthConfig
 
 FAULT_ENV = "KILN_FAULT"
+FAULT_RECORD = "faults.jsonl"  # in the run folder: the sleep faults that fired
 MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): MAD * this estimates sigma for normal data
 MIN_RELATIVE_MAD = 1e-3
 SEVERITY = {"warn": 0, "skip_step": 1, "rollback": 2, "stop": 3}
@@ -90,52 +99,108 @@ SETTING = {  # the config field that chose each kind's action
 @dataclass(frozen=True)
 class Fault:
     """One injected fault: at ``step`` (1-based) rank ``rank``'s loss becomes NaN (``nan``) or
-    is multiplied by ``factor`` (``spike``)."""
+    is multiplied by ``factor`` (``spike``), or the rank sleeps ``seconds`` (``sleep``)."""
 
     kind: str
     rank: int
     step: int
     factor: float = 1.0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        arg = {"spike": f":x{self.factor:g}", "sleep": f":s{self.seconds:g}"}.get(self.kind, "")
+        return f"{self.kind}@rank{self.rank}:step{self.step}{arg}"
 
 
-_FAULT = re.compile(r"^(nan|spike)@rank(\d+):step(\d+)(?::x([0-9.eE+-]+))?$")
+_FAULT = re.compile(r"^(nan|spike|sleep)@rank(\d+):step(\d+)(?::([xs])([0-9.eE+-]+))?$")
+_FAULT_ARG = {"nan": None, "spike": "x", "sleep": "s"}  # the argument each kind takes
 
 
 def parse_faults(text: str) -> list[Fault]:
     """Faults from a ``KILN_FAULT`` value (see the module docstring); ``""`` gives none.
 
     Raises:
-        ValueError: a fault that does not read ``nan@rankR:stepS`` or ``spike@rankR:stepS:xF``.
+        ValueError: a fault that does not read ``nan@rankR:stepS``, ``spike@rankR:stepS:xF`` or
+            ``sleep@rankR:stepS:sT`` (F, T non-negative numbers).
     """
     faults = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         m = _FAULT.match(part)
-        if m is None or (m[1] == "spike") != (m[4] is not None):
+        value = None
+        if m is not None and m[5] is not None:
+            with contextlib.suppress(ValueError):
+                value = float(m[5])
+        if (
+            m is None
+            or _FAULT_ARG[m[1]] != m[4]
+            or (m[4] is not None and (value is None or not value >= 0))
+        ):
             raise ValueError(
-                f"{FAULT_ENV}={text!r}: cannot read {part!r}; write nan@rankR:stepS or "
-                f"spike@rankR:stepS:xFACTOR (for example nan@rank1:step4,spike@rank0:step6:x1000)"
+                f"{FAULT_ENV}={text!r}: cannot read {part!r}; write nan@rankR:stepS, "
+                f"spike@rankR:stepS:xFACTOR or sleep@rankR:stepS:sSECONDS (for example "
+                f"nan@rank1:step4,spike@rank0:step6:x1000,sleep@rank1:step8:s600)"
             )
-        faults.append(Fault(m[1], int(m[2]), int(m[3]), float(m[4] or 1.0)))
+        rank, step = int(m[2]), int(m[3])
+        if m[1] == "sleep":
+            faults.append(Fault("sleep", rank, step, seconds=value))
+        else:
+            faults.append(Fault(m[1], rank, step, factor=1.0 if value is None else value))
     return faults
 
 
 class FaultInjector:
-    """The faults of ``KILN_FAULT`` that concern ``rank``; :meth:`apply` changes a loss."""
+    """The faults of ``KILN_FAULT`` that concern ``rank``; :meth:`apply` changes a loss or
+    sleeps.
 
-    def __init__(self, rank: int, text: str | None = None):
+    Args:
+        rank: this process's global rank.
+        text: the faults (default: the ``KILN_FAULT`` environment variable).
+        record: the JSON-lines file (``<run_dir>/faults.jsonl``) that keeps the ``sleep`` faults
+            that fired, so that each fires once per run folder; None: once per process. May be
+            set after construction (``trainer.main`` sets it to the run folder's).
+    """
+
+    def __init__(self, rank: int, text: str | None = None, record: Path | None = None):
         text = os.environ.get(FAULT_ENV, "") if text is None else text
         self.faults = [f for f in parse_faults(text) if f.rank == rank]
+        self.record = record
+        self._slept: set[Fault] = set()
 
     def __bool__(self) -> bool:
         return bool(self.faults)
 
     def apply(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """``loss`` (a scalar tensor, in the graph) with this rank's faults of ``step`` (1-based)
-        applied: NaN, or multiplied; unchanged when there are none."""
+        applied: NaN, or multiplied; unchanged when there are none. A ``sleep`` fault of the step
+        sleeps here (the first call of the step) unless it fired before in the run folder."""
         for f in self.faults:
-            if f.step == step:
-                loss = loss * float("nan") if f.kind == "nan" else loss * f.factor
+            if f.step != step:
+                continue
+            if f.kind == "nan":
+                loss = loss * float("nan")
+            elif f.kind == "spike":
+                loss = loss * f.factor
+            elif self._first_firing(f):
+                time.sleep(f.seconds)
         return loss
+
+    def _first_firing(self, fault: Fault) -> bool:
+        """Whether ``fault`` fires now: not yet fired in this process nor in :attr:`record`
+        (read and appended to here, before the fault acts, as the process may not outlive it)."""
+        if fault in self._slept:
+            return False
+        self._slept.add(fault)
+        if self.record is None:
+            return True
+        if self.record.is_file():
+            for line in self.record.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("fault") == str(fault):
+                        return False
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record, "a") as f:
+            f.write(json.dumps({"fault": str(fault), "time": time.time()}) + "\n")
+        return True
 
 
 def robust_threshold(values: Any, k: float) -> float:

@@ -30,7 +30,9 @@ from trainer.callbacks import (
 )
 from trainer.config import KilnConfig, batch_plan, load_config
 from trainer.errors import COLLECTED_ENV, describe_failures, record_failure
+from trainer.health import FAULT_RECORD
 from trainer.storage import RunFolder
+from trainer.watchdog import HANGS_DIR, HangWatchdog
 
 
 def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
@@ -117,6 +119,7 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
     )
     if ckpt is not None:
         trainer.load(ckpt)
+    trainer.faults.record = run_dir / FAULT_RECORD  # a sleep fault fires once per run folder
     callbacks: list[Callback] = []
     if cfg.train.log_sample_ids and getattr(engine, "stage_id", 0) == 0:  # one stage per replica
         callbacks.append(SampleIdLogger(run_dir, world.rank))
@@ -133,12 +136,19 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
             run_dir, c.publish_every, c.publish_at_end, c.publish_dtype, source=cfg.run_dir
         )
         callbacks.append(publisher)  # after the Checkpointer: it publishes what was just saved
+    watchdog = None
+    if cfg.health.step_timeout:  # every rank times its own steps (trainer.watchdog)
+        hangs = run_dir / HANGS_DIR
+        watchdog = HangWatchdog(cfg.health.step_timeout, hangs, world.rank, world.world_size)
+        callbacks.append(watchdog)
     trainer.callbacks = [*callbacks, *extra_callbacks]
     trainer.install_signal_handlers()
     try:
         trainer.fit()
         folder.push_run_files(world.rank)  # the records after the last save (final evaluation)
     finally:
+        if watchdog is not None:  # fit may have raised: its timer must not end the process
+            watchdog.close()
         # Its barrier is the last time the ranks wait for each other: past it every rank of
         # this node has uploaded its files and is done with the node's mirror.
         distributed.close()
