@@ -253,6 +253,30 @@ def _sample(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, st
         raise click.ClickException(str(e)) from None
 
 
+@cli.command()
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--step", type=int, required=True, help="the step to recompute (1-based)")
+@click.option("--top", type=click.IntRange(min=0), default=5, show_default=True,
+              help="worst samples to show with their text")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
+def replay(run_dir, step, top, as_json):
+    """Recompute step N (--step) of RUN_DIR on this process, changing nothing, to find bad data.
+
+    Loads the checkpoint of step N-1 (any layout: ZeRO 0-3 shards, pipeline stages), reads the
+    step's samples as the run did, and prints the step loss next to the one metrics.jsonl
+    logged (equal on the run's layout and machine), the spread of the per-sample losses, and the
+    worst --top samples with their id, dataset, row and the text of the documents in them;
+    --json gives every sample. RUN_DIR may be a URL (its checkpoint is downloaded into the local
+    mirror). A step whose checkpoint N-1 was not kept is refused with the list of checkpoints
+    there are.
+    """
+    from trainer.replay import format_report, replay_step
+
+    with user_errors():
+        result = replay_step(run_dir, step, top=top)
+    click.echo(result.to_json() if as_json else format_report(result))
+
+
 @cli.group("checkpoint")
 def checkpoint_group() -> None:
     """Checkpoint commands."""

@@ -386,22 +386,3 @@ def test_kiln_train_stop_exits_non_zero_with_one_message(prepared_data, tmp_path
     (event,) = _events(run)
     assert (event["step"], event["kind"], event["action"]) == (2, "nonfinite_loss", "stop")
     assert read_trainer_state(run / "checkpoints" / tag_for(2))["step"] == 2
-
-
-def test_wandb_logger_logs_health_events():
-    from trainer.callbacks import WandbLogger
-    from trainer.health import HealthEvent
-
-    logged = []
-
-    class Run:
-        def log(self, record, step):
-            logged.append((step, record))
-
-    logger = WandbLogger.__new__(WandbLogger)  # without wandb.init
-    logger.run = Run()
-    logger.on_health_event(None, HealthEvent(4, "nonfinite_loss", math.nan, None, [1], "skip_step"))
-    logger.on_health_event(None, HealthEvent(7, "loss_spike", 9.0, 3.5, [0], "warn"))
-    assert logged[0][0] == 4 and math.isnan(logged[0][1]["health/nonfinite_loss"])
-    assert logged[0][1]["health/skipped_steps"] == 1
-    assert logged[1] == (7, {"health/loss_spike": 9.0, "health/loss_spike_threshold": 3.5})

@@ -160,6 +160,24 @@ def wandb_mode(configured: str | None) -> str:
     return "offline"
 
 
+def health_alert(event: HealthEvent, run_dir: str) -> tuple[str, str]:
+    """The title (under wandb's 64 characters) and text of the alert of a health event."""
+    kind = event.kind.replace("_", " ")
+    title = f"Kiln: {kind} at step {event.step}"[:63]
+    threshold = f" (threshold {event.threshold:.6g})" if event.threshold is not None else ""
+    done = {
+        "warn": "training goes on",
+        "skip_step": "the update of this step was skipped; training goes on",
+        "stop": "the run saved and stopped",
+    }[event.action]
+    text = (
+        f"Run {run_dir}, step {event.step}: {kind} {event.value:.6g}{threshold} on ranks "
+        f"{event.ranks}; action {event.action}: {done}. The event and its sample ids are in "
+        f"health.jsonl; `kiln replay {run_dir} --step {event.step}` shows the step's samples."
+    )
+    return title, text
+
+
 class WandbLogger(Callback):
     """Logs to wandb with the resolved config; resumes the same run id when the run resumes."""
 
@@ -182,8 +200,15 @@ class WandbLogger(Callback):
             # No run-history wall at the end; `kiln train --verbose` (KILN_VERBOSE=1) shows it.
             settings=wandb.Settings(quiet=not verbose()),
         )
+        self._events: list[HealthEvent] = []  # of the current step, logged at its end
+        self._skipped = 0
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
+        # The step's health events first, by step: a gradient-norm event names the step before
+        # (trainer.health), whose row is still open; wandb drops a step below its last.
+        for event in sorted(self._events, key=lambda e: e.step):
+            self._log_health_event(event, trainer.cfg.run_dir)
+        self._events.clear()
         if metrics:
             self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=trainer.step)
 
@@ -191,15 +216,28 @@ class WandbLogger(Callback):
         self.run.log(metrics, step=trainer.step)
 
     def on_health_event(self, trainer: Trainer, event: HealthEvent) -> None:
-        """``health/<kind>`` (the value) and ``health/<kind>_threshold`` at the event's step;
-        ``health/skipped_steps`` counts skipped updates."""
+        """Kept for the end of the step (:meth:`_log_health_event`)."""
+        self._events.append(event)
+
+    def _log_health_event(self, event: HealthEvent, run_dir: str) -> None:
+        """The metrics ``health/<kind>`` (the value) and ``health/<kind>_threshold`` at the
+        event's step, and ``health/skipped_steps`` (the updates this launch skipped); then a
+        ``wandb.alert`` naming the step, kind, value, threshold, ranks and action, level ``WARN``
+        when the run goes on (``warn``, ``skip_step``) and ``ERROR`` when it stops. Online, W&B
+        sends the alert by email or Slack as the user's settings say; an offline run keeps it
+        in its ``.wandb`` file with the metrics (``wandb leet inspect`` reads them)."""
         record = {f"health/{event.kind}": event.value}
         if event.threshold is not None:
             record[f"health/{event.kind}_threshold"] = event.threshold
         if event.action in ("skip_step", "stop"):
-            self.skipped = getattr(self, "skipped", 0) + 1
-            record["health/skipped_steps"] = self.skipped
+            self._skipped += 1
+            record["health/skipped_steps"] = self._skipped
         self.run.log(record, step=event.step)
+        title, text = health_alert(event, run_dir)
+        level = (
+            self.wandb.AlertLevel.ERROR if event.action == "stop" else self.wandb.AlertLevel.WARN
+        )
+        self.run.alert(title=title, text=text, level=level)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.run.finish()
