@@ -3,13 +3,17 @@ attention / mlp, `train.activation_checkpointing_every`): each choice stores les
 recomputes exactly (same loss and gradients, both families); the config keeps true / false and
 refuses choices that do nothing; the dry-run estimate counts each choice; training with the
 choices under ZeRO-3 and with 2 pipeline stages on 2 gloo processes gives the losses of no
-checkpointing, and resumes exactly."""
+checkpointing (resume with the options on: `test_chunked_loss`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from test_chunked_loss import loss_and_grads, model_case
+from conftest import step_losses, t5_sections, train_config
+from distributed import run_distributed, train_runs
+from test_chunked_loss import PIPE, ZERO3, loss_and_grads, model_case
 from torch.autograd.graph import saved_tensors_hooks
 
 from model.family import ActivationStack
@@ -99,3 +103,48 @@ def test_estimate_counts_each_choice():
     assert got["mlp", 2] == 2 * 34 + 2 * 17 + 19
     cross = ActivationStack(num_blocks=2, seq_len=8, d_model=16, values_per_token=51)
     assert activation_bytes([cross], 1, 2, "attention") / unit == 2 * (51 - 18) + 11
+
+
+# name -> (family, layout, activation_checkpointing, activation_checkpointing_every)
+CHECKPOINTED = {
+    "zero3-mlp": ("llama", ZERO3, "mlp", 1),
+    "zero3-full-every2": ("llama", ZERO3, "full", 2),
+    "llama-pipe-attention": ("llama", PIPE, "attention", 1),
+    "t5-pipe-full-every2": ("t5", PIPE, "full", 2),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpointed_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
+    """The runs of :data:`CHECKPOINTED` on 2 processes (one worker start-up)."""
+    configs = []
+    for name, (family, layout, mode, every) in CHECKPOINTED.items():
+        data, extra = (
+            (prepared_data, {}) if family == "llama" else (prepared_t5_data, t5_sections())
+        )
+        configs.append(
+            train_config(
+                tmp_path_factory.mktemp(name),
+                data,
+                train__activation_checkpointing=mode,
+                train__activation_checkpointing_every=every,
+                **layout,
+                **extra,
+            )
+        )
+    return dict(zip(CHECKPOINTED, run_distributed(train_runs, 2, *configs)[0], strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_checkpointed_training_gives_the_losses_of_none(
+    checkpointed_runs, zero_runs, pipeline_runs, name
+):
+    """Recomputation is exact: the same losses as the run without checkpointing, under ZeRO-3
+    and with 2 pipeline stages."""
+    family, layout, *_ = CHECKPOINTED[name]
+    reference = zero_runs[3] if layout is ZERO3 else pipeline_runs[f"{family}-pipe"]
+    want, got = step_losses(reference), step_losses(checkpointed_runs[name])
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])

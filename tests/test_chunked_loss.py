@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import step_losses, t5_sections, train_config
 from distributed import run_distributed, train_runs
 from test_pipeline import LLAMA, T5, pipeline_layers, run_layers
+from test_train_distributed import continue_from
 
 from model import build_model
 from model.layers import IGNORE_INDEX, linear_cross_entropy
@@ -139,11 +140,19 @@ CHUNK = "48"  # tokens per chunk: micro-batches hold 2 x 64 tokens, so the last 
 RUN_TOLERANCE = 2e-5
 
 
+ZERO3 = dict(parallel__zero_stage=3, parallel__sub_group_size=2**20)  # as zero_runs[3]
+PIPE = dict(parallel__zero_stage=1, parallel__pipeline_stages=2)  # as pipeline_runs' "-pipe"
+MLP = dict(train__activation_checkpointing="mlp")
+EVERY2 = dict(train__activation_checkpointing="full", train__activation_checkpointing_every=2)
+
+
 @pytest.fixture(scope="module")
 def chunked_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str, Path]:
     """The runs of `pipeline_runs` and ZeRO-3's of `zero_runs`, with the chunked loss: on 1
     process ``llama-plain``, ``t5-plain``, ``llama-tied-plain``; on 2 ``zero3``, ``llama-pipe``,
-    ``t5-pipe`` (one worker start-up per process count)."""
+    ``t5-pipe`` (one worker start-up per process count). The first two of the 2-process runs
+    also checkpoint activations (mlp; full every 2nd block), exact recomputation, so that
+    `test_resume_is_exact_with_the_options_on` resumes runs with both options on."""
     chunk = {"train__loss_chunk_tokens": CHUNK}
     tied = dict(model__tie_word_embeddings="true", train__max_steps=3, checkpoint__save_every=1000)
     layouts = {
@@ -158,10 +167,7 @@ def chunked_runs(prepared_data, prepared_t5_data, tmp_path_factory) -> dict[str,
                 prepared_data,
                 dict(parallel__zero_stage=1, parallel__pipeline_stages=2),
             ),
-            "t5-pipe": (
-                prepared_t5_data,
-                t5_sections(parallel__zero_stage=1, parallel__pipeline_stages=2),
-            ),
+            "t5-pipe": (prepared_t5_data, t5_sections(**PIPE)),
         },
     }
     out = {}
@@ -186,3 +192,23 @@ def test_training_with_the_chunked_loss_follows_the_plain_loss(
     assert sorted(got) == sorted(want)
     for s in want:
         assert got[s] == pytest.approx(want[s], abs=RUN_TOLERANCE), (s, got[s], want[s])
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_the_options_on(chunked_runs, prepared_data, tmp_path_factory):
+    """The ZeRO-3 and pipeline runs of `chunked_runs` (chunked loss and selective checkpointing
+    on) cut back to their step-3 checkpoint and resumed on 2 processes with the same options
+    repeat steps 4-6 exactly."""
+    chunk = {"train__loss_chunk_tokens": CHUNK}
+    cases = {"zero3": {**ZERO3, **MLP, **chunk}, "llama-pipe": {**PIPE, **EVERY2, **chunk}}
+    configs = []
+    for name, overrides in cases.items():
+        tmp = tmp_path_factory.mktemp(f"resume-{name}")
+        configs.append(train_config(tmp, prepared_data, **overrides))
+        continue_from(chunked_runs[name], 3, tmp)
+    runs = run_distributed(train_runs, 2, *configs)[0]
+    for name, run in zip(cases, runs, strict=True):
+        want, got = step_losses(chunked_runs[name]), step_losses(run)
+        assert sorted(got) == [4, 5, 6], name
+        for s in (4, 5, 6):
+            assert got[s] == pytest.approx(want[s], abs=1e-6), (name, s, got[s], want[s])

@@ -206,11 +206,12 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
+    # a pipeline's blocks are checkpointed by build_pipeline (here, or in trainer.construct)
     if plan.pipeline_stages > 1 and not isinstance(model, PipelineModule):
         from trainer.pipeline import build_pipeline
 
         model = build_pipeline(cfg, model, token_loss)
-    else:  # the pipeline applies it in build_pipeline (construct.py may build one too)
+    elif not isinstance(model, PipelineModule):
         t = cfg.train
         apply_activation_checkpointing(
             model, t.activation_checkpointing, t.activation_checkpointing_every
