@@ -219,12 +219,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = F.linear(h_c, weight).float().sub_(lse[s:e, None]).exp_()  # (n, V) softmax
             rows = torch.arange(e - s, device=h.device)
             g[rows, y.clamp(min=0)] -= 1.0
-            g.mul_(torch.where(valid, scale, 0.0)[:, None])
             g = g.to(h.dtype)
+            # each row's factor (d loss / d its term; 0 when unlabelled), applied to the (n, D)
+            # side of each product rather than to the (n, V) one
+            row_scale = torch.where(valid, scale, 0.0)[:, None]  # (n, 1) fp32
             if need_h:
-                grad_h[s:e] = g @ weight  # (n, D)
+                grad_h[s:e] = ((g @ weight) * row_scale).to(h.dtype)  # (n, D)
             if need_w:
-                grad_w += (g.t() @ h_c).float()  # (V, D)
+                grad_w += (g.t() @ (h_c * row_scale).to(h.dtype)).float()  # (V, D)
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
 
 
