@@ -20,8 +20,10 @@ the peak reflects live tensors, not glibc's retention. Time: the median of ``--r
 after one warm-up step (on 2 cores the step is dominated by the three or four (T x D x V)
 matmuls).
 
-Defaults: V = 128256 (Llama 3), T = 2048 tokens, D = 2048, fp32, chunks of 1024 tokens: about
-6 GiB for the plain variant; wrap it in ``flock /tmp/kiln-heavy.lock`` on a shared machine.
+Defaults: V = 128256 (Llama 3), T = 2048 tokens, D = 2048, fp32, chunks of 1024 and 256
+tokens: about 6 GiB for the plain variant; wrap it in ``flock /tmp/kiln-heavy.lock`` on a shared
+machine. Every variant holds the weight and makes its gradient (V x D each); the ``loss``
+column is what is left beyond those.
 
     flock /tmp/kiln-heavy.lock python bench/loss_memory.py
     python bench/loss_memory.py --vocab 32000 --tokens 1024 --hidden 512 --chunks 128,512
@@ -95,10 +97,10 @@ def worker(
     print(json.dumps(figures))
 
 
-def run(variant: str, args) -> dict:
+def run(variant: str, chunk: int, args) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", variant, "--vocab", str(args.vocab),
-        "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
+        "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--chunk", str(chunk),
         "--dtype", args.dtype, "--repeats", str(args.repeats),
     ]  # fmt: skip
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(REPO)}
@@ -113,30 +115,43 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--tokens", type=int, default=2048, help="tokens per micro-batch")
     p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk")
+    p.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)  # the worker's
+    p.add_argument("--chunks", default="1024,256", help="tokens per chunk, comma-separated")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    grad_gib = args.vocab * args.hidden * {"fp32": 4, "bf16": 2}[args.dtype] / 2**30
     if args.worker:
         worker(args.worker, args.vocab, args.tokens, args.hidden, args.chunk, args.dtype,
                args.repeats)  # fmt: skip
         return
     print(
         f"# head + loss step: V={args.vocab}, T={args.tokens} tokens, D={args.hidden}, "
-        f"{args.dtype}, chunks of {args.chunk} tokens; fresh process each"
+        f"{args.dtype}; fresh process each. peak: the process's peak RSS; added: peak - RSS "
+        f"with w, h, labels allocated; loss: added - the weight's gradient ({grad_gib:.2f} GiB, "
+        f"which every variant makes), i.e. what the loss itself holds"
     )
-    print(f"{'variant':<11} {'peak GiB':>9} {'added GiB':>10} {'vs plain':>9} {'step s':>8} loss")
+    print(
+        f"{'variant':<16} {'peak GiB':>9} {'added GiB':>10} {'loss GiB':>9} {'peak/plain':>10} "
+        f"{'loss/plain':>10} {'step s':>7} loss"
+    )
     plain = None
     for variant in args.variants.split(","):
-        r = run(variant, args)
-        plain = plain or (r if variant == "plain" else None)
-        ratio = f"{r['peak_gib'] / plain['peak_gib']:.2f}" if plain else "-"
-        print(
-            f"{variant:<11} {r['peak_gib']:>9.2f} {r['added_gib']:>10.2f} {ratio:>9} "
-            f"{r['step_s']:>8.2f} {r['loss']:.6f}"
-        )
+        for chunk in [0] if variant == "plain" else [int(c) for c in args.chunks.split(",")]:
+            r = run(variant, chunk, args)
+            r["loss_gib"] = r["added_gib"] - grad_gib
+            plain = plain or (r if variant == "plain" else None)
+            name = variant if variant == "plain" else f"{variant}/{chunk}"
+            ratios = f"{'-':>10} {'-':>10}"
+            if plain:
+                peak, loss = r["peak_gib"] / plain["peak_gib"], r["loss_gib"] / plain["loss_gib"]
+                ratios = f"{peak:>10.2f} {loss:>10.2f}"
+            print(
+                f"{name:<16} {r['peak_gib']:>9.2f} {r['added_gib']:>10.2f} {r['loss_gib']:>9.2f} "
+                f"{ratios} {r['step_s']:>7.2f} {r['loss']:.6f}"
+            )
 
 
 if __name__ == "__main__":

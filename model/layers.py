@@ -226,7 +226,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = ((g @ weight) * row_scale).to(h.dtype)  # (n, D)
             if need_w:
-                grad_w += (g.t() @ (h_c * row_scale).to(h.dtype)).float()  # (V, D)
+                h_scaled = (h_c * row_scale).to(h.dtype)  # (n, D)
+                if grad_w.dtype == g.dtype:  # fp32: accumulate in place, no (V, D) temporary
+                    grad_w.addmm_(g.t(), h_scaled)
+                else:
+                    grad_w += (g.t() @ h_scaled).float()  # (V, D)
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
 
 
