@@ -191,9 +191,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk_tokens):
             e = min(s + chunk_tokens, N)
             logits = F.linear(h[s:e], weight).float()  # (n, V): the plain head's, then fp32
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
             y = labels[s:e].clamp(min=0)
             target[s:e] = logits.gather(1, y[:, None]).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp would hold a second (n, V) buffer)
+            top = logits.amax(dim=-1)  # (n,)
+            lse[s:e] = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
         count = valid.sum()
         loss = torch.where(valid, lse - target, 0.0).sum() / count  # nan without labels, as F
         ctx.save_for_backward(h, weight, labels, lse, count)
