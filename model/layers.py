@@ -196,6 +196,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # log-sum-exp in place (torch.logsumexp would hold a second (n, V) buffer)
             top = logits.amax(dim=-1)  # (n,)
             lse[s:e] = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
+            del logits  # before the next chunk's: one (n, V) buffer at a time
         count = valid.sum()
         loss = torch.where(valid, lse - target, 0.0).sum() / count  # nan without labels, as F
         ctx.save_for_backward(h, weight, labels, lse, count)
@@ -233,6 +234,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h_scaled)
                 else:
                     grad_w += (g.t() @ h_scaled).float()  # (V, D)
+            del g  # before the next chunk's: one (n, V) buffer at a time
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
 
 
