@@ -58,7 +58,7 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
         f"gradients:             {_gib(mem.gradients)}",
         f"optimizer states:      {_gib(mem.optimizer_states)}",
         f"activations:           {_gib(mem.activations)}"
-        + (" (checkpointed)" if cfg.train.activation_checkpointing else ""),
+        + (" (checkpointed)" if cfg.train.activation_checkpointing != "none" else ""),
         f"DeepSpeed buffers:     {_gib(mem.buffers)} (buckets, gathered ZeRO-3 parameters, "
         "step copy)",
         f"total on the device:   {_gib(mem.total)}",

@@ -170,3 +170,123 @@ class GatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
         return self.down_proj(self.dropout(h))  # (B, T, D)
+
+
+IGNORE_INDEX = -100  # a label that counts for no loss (PyTorch's cross_entropy default)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T`` over the labelled tokens, never holding more than
+    one chunk of logits: the forward keeps only each token's log-sum-exp; the backward recomputes
+    each chunk's logits from ``h`` and ``weight`` (the technique of Liger-Kernel's fused linear
+    cross-entropy and of Wijmans et al. 2024, "Cut your losses", with the gradients computed in
+    backward rather than forward, so a no-grad forward costs one projection)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
+        N = h.shape[0]
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)  # (N,) log-sum-exp
+        target = torch.zeros(N, dtype=torch.float32, device=h.device)  # (N,) logit of the label
+        valid = labels != IGNORE_INDEX  # (N,)
+        for s in range(0, N, chunk_tokens):
+            e = min(s + chunk_tokens, N)
+            logits = F.linear(h[s:e], weight).float()  # (n, V): the plain head's, then fp32
+            y = labels[s:e].clamp(min=0)
+            target[s:e] = logits.gather(1, y[:, None]).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp would hold a second (n, V) buffer)
+            top = logits.amax(dim=-1)  # (n,)
+            lse[s:e] = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
+            del logits  # before the next chunk's: one (n, V) buffer at a time
+        count = valid.sum()
+        loss = torch.where(valid, lse - target, 0.0).sum() / count  # nan without labels, as F
+        ctx.save_for_backward(h, weight, labels, lse, count)
+        ctx.chunk_tokens = chunk_tokens
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        h, weight, labels, lse, count = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        chunk, N = ctx.chunk_tokens, h.shape[0]
+        grad_h = torch.empty_like(h) if need_h else None
+        # fp32 accumulation over the chunks, cast to the weight's dtype at the end
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        scale = grad_loss.float() / count
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            h_c, y = h[s:e], labels[s:e]
+            valid = y != IGNORE_INDEX
+            # d(lse - logit_y)/d logits = softmax - onehot(y), for each labelled token
+            g = F.linear(h_c, weight).float().sub_(lse[s:e, None]).exp_()  # (n, V) softmax
+            rows = torch.arange(e - s, device=h.device)
+            g[rows, y.clamp(min=0)] -= 1.0
+            g = g.to(h.dtype)
+            # each row's factor (d loss / d its term; 0 when unlabelled), applied to the (n, D)
+            # side of each product rather than to the (n, V) one
+            row_scale = torch.where(valid, scale, 0.0)[:, None]  # (n, 1) fp32
+            if need_h:
+                grad_h[s:e] = ((g @ weight) * row_scale).to(h.dtype)  # (n, D)
+            if need_w:
+                h_scaled = (h_c * row_scale).to(h.dtype)  # (n, D)
+                if grad_w.dtype == g.dtype:  # fp32: accumulate in place, no (V, D) temporary
+                    grad_w.addmm_(g.t(), h_scaled)
+                else:
+                    grad_w += (g.t() @ h_scaled).float()  # (V, D)
+            del g  # before the next chunk's: one (n, V) buffer at a time
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
+
+
+def linear_cross_entropy(
+    h: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int | None = None
+) -> Tensor:
+    """Mean cross-entropy of the logits ``h @ weight.T`` over the labelled tokens, as
+    ``F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=-100)`` (the plain head
+    then `trainer.objectives.token_loss`), computed ``chunk_tokens`` tokens at a time so that the
+    full (tokens x V) logits never exist, in forward or backward.
+
+    Logits are the projection in the inputs' dtype, softmax and loss in fp32, as the plain path;
+    the weight's gradient accumulates over the chunks in fp32. With no labelled token the loss is
+    nan, as ``F.cross_entropy``'s mean.
+
+    Args:
+        h: (..., D) final hidden states (after the final norm), any float dtype.
+        weight: (V, D) the output head's weight, same dtype as ``h``.
+        labels: (...) int64 aligned with ``h``; ``-100`` (``IGNORE_INDEX``) marks positions that
+            do not count.
+        chunk_tokens: tokens per chunk; None or <= 0: all at once (still without storing the
+            logits for backward).
+
+    Returns:
+        () fp32 loss, in nats per labelled token.
+
+    Raises:
+        ValueError: ``labels`` does not match ``h``'s leading shape.
+    """
+    if labels.shape != h.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(h.shape)}")
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    chunk = chunk_tokens if chunk_tokens and chunk_tokens > 0 else max(h.shape[0], 1)
+    return _LinearCrossEntropy.apply(h, weight, labels, chunk)
+
+
+class LMHead(nn.Linear):
+    """The output head D -> V without bias (an ``nn.Linear``, keys as HF's ``lm_head``) that can
+    also return the loss without materialising the logits.
+
+    The loss runs inside this module's call so that ZeRO-3's parameter-fetch hooks gather the
+    weight (tied or not) for it, in forward and in backward.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(
+        self, h: Tensor, labels: Tensor | None = None, chunk_tokens: int | None = None
+    ) -> Tensor:
+        """h: (B, T, D) -> logits (B, T, V) in h's dtype; with ``labels`` (B, T) int64 the mean
+        cross-entropy () fp32 of :func:`linear_cross_entropy`, ``chunk_tokens`` at a time."""
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, labels, chunk_tokens)

@@ -25,7 +25,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model.registry import (
     DEFAULT_MODEL_TYPE,
@@ -151,7 +158,23 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp16 uses dynamic loss scaling"
     )
-    activation_checkpointing: bool = Field(False, description="recompute each layer in backward")
+    activation_checkpointing: Literal["none", "full", "attention", "mlp"] = Field(
+        "none",
+        description="what the checkpointed blocks recompute in backward instead of storing: "
+        "none; full (the whole block, keeping only its input); attention or mlp (that sublayer "
+        "with its norm); true / false mean full / none",
+    )
+    activation_checkpointing_every: PositiveInt = Field(
+        1,
+        description="checkpoint every k-th transformer block (blocks k, 2k, ... counted from 1, "
+        "as torchtitan's selective_ac_option); 1: every block",
+    )
+    loss_chunk_tokens: NonNegativeInt = Field(
+        0,
+        description="training loss: apply the output head and cross-entropy this many tokens "
+        "at a time, recomputing each chunk's logits in backward, so the (tokens x vocab) logits "
+        "never exist whole; 0: the plain head and loss (evaluation always uses the plain path)",
+    )
     eval_every: PositiveInt = Field(100, description="steps between validation passes")
     eval_samples: PositiveInt = Field(64, description="validation sequences per pass")
     log_every: PositiveInt = Field(10, description="steps between metric lines")
@@ -161,6 +184,14 @@ class TrainConfig(_Section):
     peak_flops: PositiveFloat | None = Field(
         None, description="device peak FLOP/s for MFU; None: known GPU table or measured on CPU"
     )
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, value: Any) -> Any:
+        # the field was a bool before it named what to recompute: true / false stay valid
+        if isinstance(value, bool):
+            return "full" if value else "none"
+        return value
 
 
 class ParallelConfig(_Section):
@@ -430,6 +461,19 @@ class KilnConfig(_Section):
                 "parallel.offload_optimizer=true is not supported with parallel.pipeline_stages "
                 "> 1; turn one of them off"
             )
+        if t.activation_checkpointing_every > 1:
+            if t.activation_checkpointing == "none":
+                raise ConfigError(
+                    f"train.activation_checkpointing_every={t.activation_checkpointing_every} "
+                    f"does nothing with train.activation_checkpointing=none; set "
+                    f"activation_checkpointing to full, attention or mlp, or drop the interval"
+                )
+            if t.activation_checkpointing_every > m.num_blocks:
+                raise ConfigError(
+                    f"train.activation_checkpointing_every={t.activation_checkpointing_every} "
+                    f"exceeds the model's {m.num_blocks} transformer blocks, so no block would "
+                    f"be checkpointed; use at most {m.num_blocks}"
+                )
         if t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}; lower min_lr")
         self._objective_rules()

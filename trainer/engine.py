@@ -134,17 +134,56 @@ def group_weight_decays(weight_decay: float) -> list[float]:
     return [weight_decay, 0.0]
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each of ``model.blocks()`` in backward instead of storing its activations.
+# The sublayers each selective choice recomputes, by the blocks' child names (Hugging Face's,
+# shared by the families: Llama's self_attn / mlp, T5's self_attn / cross_attn / mlp).
+SUBLAYERS = {"attention": ("self_attn", "cross_attn"), "mlp": ("mlp",)}
 
-    Only the block's ``forward`` is wrapped, so parameter names (and with them checkpoints and the
-    Hugging Face key map) do not change; submodules still run through ``__call__``, so ZeRO-3's
-    parameter-fetch hooks fire during recomputation.
+
+def checkpointed_blocks(num_blocks: int, every: int) -> list[int]:
+    """Indices (from 0) of the blocks that activation checkpointing wraps: every ``every``-th,
+    counted from 1 (blocks k, 2k, ...; torchtitan's ``selective_ac_option`` = k)."""
+    return [i for i in range(num_blocks) if (i + 1) % every == 0]
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: int = 1) -> None:
+    """Recompute parts of ``model.blocks()`` in backward instead of storing their activations
+    (Chen et al. 2016, "Training deep nets with sublinear memory cost"; Korthikanti et al. 2022
+    for recomputing parts of a block).
+
+    Args:
+        model: a plain model (its ``blocks()``; a pipeline's pieces call these same modules, so
+            applying this before the cut checkpoints the pipeline's blocks alike).
+        mode: ``"full"``: each chosen block keeps only its input; ``"attention"`` / ``"mlp"``:
+            only that sublayer of each chosen block (self- and cross-attention of a T5 decoder
+            block) is recomputed, keeping its input, the norm's output; ``"none"``: nothing.
+        every: checkpoint blocks k, 2k, ... (:func:`checkpointed_blocks`).
+
+    Only ``forward`` attributes are replaced (``torch.utils.checkpoint``, non-reentrant, RNG
+    state preserved so dropout recomputes alike), so parameter names (and with them checkpoints
+    and the Hugging Face key map) do not change; submodules still run through ``__call__``, so
+    ZeRO-3's parameter-fetch hooks fire during recomputation, and a later ``torch.compile`` of a
+    block compiles through the wrapper.
+
+    Raises:
+        ValueError: an unknown ``mode``, or a block without the sublayers ``mode`` names.
     """
     from torch.utils.checkpoint import checkpoint
 
-    for layer in model.blocks():
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    if mode == "none":
+        return
+    if mode != "full" and mode not in SUBLAYERS:
+        raise ValueError(f"activation checkpointing mode {mode!r}: use none, full, attention, mlp")
+    blocks = model.blocks()
+    for i in checkpointed_blocks(len(blocks), every):
+        block = blocks[i]
+        if mode == "full":
+            targets = [block]
+        else:
+            targets = [getattr(block, n) for n in SUBLAYERS[mode] if hasattr(block, n)]
+            if not targets:
+                raise ValueError(f"{type(block).__name__} has none of {SUBLAYERS[mode]}")
+        for module in targets:
+            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
 
 
 def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_universal=False):
@@ -167,12 +206,16 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
+    # a pipeline's blocks are checkpointed by build_pipeline (here, or in trainer.construct)
     if plan.pipeline_stages > 1 and not isinstance(model, PipelineModule):
         from trainer.pipeline import build_pipeline
 
         model = build_pipeline(cfg, model, token_loss)
-    elif cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    elif not isinstance(model, PipelineModule):
+        t = cfg.train
+        apply_activation_checkpointing(
+            model, t.activation_checkpointing, t.activation_checkpointing_every
+        )
     on_gpu = torch.cuda.is_available()
     engine, *_ = deepspeed.initialize(
         model=model,

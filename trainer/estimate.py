@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from model.family import ActivationStack
 from model.registry import spec
 from trainer.config import BatchPlan, KilnConfig
 from trainer.objectives import model_lengths
@@ -326,17 +328,20 @@ def memory_estimate(
     else:
         host_offload = offloaded_optim + offloaded_weights
 
-    b, scale = plan.micro_batch_size, e / 2
+    b = plan.micro_batch_size
     stacks = spec(m).activation_stacks(m, model_lengths(cfg.derived.objectives, cfg.data.seq_len))
-    layers = 0.0
-    for stack in stacks:
-        n, s, h = stack.num_blocks, stack.seq_len, stack.d_model
-        per_layer = s * b * h * stack.values_per_token * scale
-        if cfg.train.activation_checkpointing:
-            layers += n * 2 * s * b * h * scale + per_layer
-        else:
-            layers += n * per_layer
-    logits = 2 * 4 * stacks[-1].seq_len * b * float(m.vocab_size or 0)
+    layers = activation_bytes(
+        stacks,
+        b,
+        e,
+        cfg.train.activation_checkpointing,
+        cfg.train.activation_checkpointing_every,
+    )
+    # fp32 logits and their gradient: of all the tokens, or of one chunk with the chunked loss
+    tokens = stacks[-1].seq_len * b
+    if cfg.train.loss_chunk_tokens:
+        tokens = min(tokens, cfg.train.loss_chunk_tokens)
+    logits = 2 * 4 * tokens * float(m.vocab_size or 0)
     if pp > 1:  # 1F1B: the first stage keeps up to P micro-batches of its 1/P of the layers
         layers *= min(pp, plan.gradient_accumulation_steps) / pp
 
@@ -359,6 +364,56 @@ def memory_estimate(
         ranks_per_node=max(1, math.ceil(world / nodes)),
         device_is_host=not on_gpu,
     )
+
+
+# Of the 34 x D 16-bit values a self-attention block keeps per token (Korthikanti et al. 2022,
+# Sec. 4.1: attention 11 without the score terms, MLP 19, two norms 2 each), what recomputing
+# one sublayer frees: all of it but its input (2, the norm's output, which stays stored).
+SUBLAYER_VALUES_FREED = {"attention": 11 - 2, "mlp": 19 - 2}
+
+
+def activation_bytes(
+    stacks: Sequence[ActivationStack],
+    micro_batch_size: int,
+    bytes_per_value: int,
+    mode: str,
+    every: int = 1,
+) -> float:
+    """Bytes of the blocks' stored activations in one micro-batch's forward, as
+    ``train.activation_checkpointing`` = ``mode`` and ``_every`` = ``every`` leave them.
+
+    A block keeps ``values_per_token`` x D values per token (`model.family.ActivationStack`);
+    the checkpointed blocks (:func:`trainer.engine.checkpointed_blocks` over the model's blocks,
+    stacks in order) keep only their input (``full``: D per token), or free one sublayer's
+    values (``attention``: each attention sublayer, self and cross, 9 x D; ``mlp``: 17 x D;
+    :data:`SUBLAYER_VALUES_FREED`); backward recomputes one checkpointed unit at a time, which
+    adds one unit's values once. ``bytes_per_value``: the training dtype's element size.
+    """
+    from trainer.engine import checkpointed_blocks
+
+    scale = bytes_per_value / 2  # values are counted in 16-bit units
+    total_blocks = sum(stack.num_blocks for stack in stacks)
+    chosen = set(checkpointed_blocks(total_blocks, every)) if mode != "none" else set()
+    out, first, transient = 0.0, 0, 0.0
+    for stack in stacks:
+        n, tokens, h = stack.num_blocks, stack.seq_len * micro_batch_size, stack.d_model
+        checkpointed = len(chosen & set(range(first, first + n)))
+        first += n
+        per_block = stack.values_per_token
+        if mode == "full":
+            freed = per_block - 2
+            unit = per_block
+        elif mode in SUBLAYER_VALUES_FREED:
+            # a block with cross-attention (values beyond a self-attention block's) has two
+            attentions = 2 if per_block > 34 else 1
+            freed = SUBLAYER_VALUES_FREED[mode] * (attentions if mode == "attention" else 1)
+            unit = SUBLAYER_VALUES_FREED[mode] + 2
+        else:
+            freed = unit = 0
+        out += (n * per_block - checkpointed * freed) * tokens * h * scale
+        if checkpointed:
+            transient = max(transient, unit * tokens * h * scale)
+    return out + transient
 
 
 # Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets, by precision.

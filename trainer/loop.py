@@ -260,8 +260,12 @@ class Trainer:
         for micro in range(self.plan.gradient_accumulation_steps):
             batch = self.data.batch(self.micro_batch_indices(self.step, micro))
             ids.append(batch.sample_ids)
-            logits = self.engine(**self._to_device(batch.inputs))
-            loss = token_loss(logits, batch.labels.to(self.world.device))
+            inputs, labels = self._to_device(batch.inputs), batch.labels.to(self.world.device)
+            if self.cfg.train.loss_chunk_tokens:  # the model's head applies the chunked loss
+                chunk = self.cfg.train.loss_chunk_tokens
+                loss = self.engine(**inputs, labels=labels, loss_chunk_tokens=chunk)
+            else:
+                loss = token_loss(self.engine(**inputs), labels)
             if self.faults:
                 loss = self.faults.apply(loss, self._fault_step())
             self.engine.backward(loss)

@@ -26,6 +26,7 @@ from torch import nn
 
 from model.family import Piece
 from model.init import Source, materialise
+from model.layers import linear_cross_entropy
 from model.registry import ModelConfig, spec
 
 if TYPE_CHECKING:
@@ -83,12 +84,13 @@ def _layer_type(piece: Piece) -> type[PipeLayer]:
     return PipeBlock if piece.kind == "block" else PipeLayer
 
 
-def layer_specs(model: nn.Module) -> list:
+def layer_specs(model: nn.Module, *, head_loss: bool = False) -> list:
     """DeepSpeed layer specs of ``model``'s pieces, in order; the layers they build hold the
-    model's own modules (see the module docstring)."""
+    model's own modules (see the module docstring). ``head_loss``: the head hands the loss its
+    operands in training (``pipeline_pieces(head_loss=True)``, :func:`pipeline_loss`)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    pieces = model.pipeline_pieces()
+    pieces = model.pipeline_pieces(head_loss=head_loss)
     specs = []
     for piece, holder in zip(pieces, _holders(pieces), strict=True):
         if piece.tie is None:
@@ -146,24 +148,53 @@ def build_pipeline(cfg: KilnConfig, model: nn.Module, loss_fn, *, source: Source
 
     Args:
         cfg: the run config (``parallel.pipeline_stages``, ``parallel.pipeline_partition``,
-            ``train.activation_checkpointing``).
+            ``train.activation_checkpointing[_every]``, ``train.loss_chunk_tokens``).
         model: the plain model (`LlamaForCausalLM` / `T5ForConditionalGeneration`).
-        loss_fn: ``(logits, labels) -> loss`` on the last stage.
+        loss_fn: ``(logits, labels) -> loss`` on the last stage (with
+            ``train.loss_chunk_tokens`` it serves evaluation; training uses the chunked loss,
+            :func:`pipeline_loss`).
         source: where a meta model's values come from (None: ``model`` holds them).
+
+    Activation checkpointing wraps the model's blocks (`trainer.engine.
+    apply_activation_checkpointing`), which the block layers call, rather than DeepSpeed's
+    ``activation_checkpoint_interval``: that recomputes runs of k consecutive layers as one
+    checkpoint, not every k-th block, so the choices would mean other things here.
     """
     from deepspeed.pipe import PipelineModule
 
+    from trainer.engine import apply_activation_checkpointing
+
+    t = cfg.train
+    apply_activation_checkpointing(
+        model, t.activation_checkpointing, t.activation_checkpointing_every
+    )
+    chunk = t.loss_chunk_tokens
     kwargs = dict(
-        layers=layer_specs(model),
+        layers=layer_specs(model, head_loss=chunk > 0),
         num_stages=cfg.parallel.pipeline_stages,
-        loss_fn=loss_fn,
+        loss_fn=pipeline_loss(loss_fn, chunk) if chunk > 0 else loss_fn,
         partition_method=_partition_method(cfg.parallel.pipeline_partition),
-        activation_checkpoint_interval=1 if cfg.train.activation_checkpointing else 0,
+        activation_checkpoint_interval=0,
         checkpointable_layers=list(BLOCK_TYPES),
     )
     if source is None:
         return PipelineModule(**kwargs)
     return _stage_pipeline_class()(model=model, source=source, **kwargs)
+
+
+def pipeline_loss(loss_fn, chunk_tokens: int):
+    """The last stage's loss with a head that hands over its operands in training
+    (``layer_specs(head_loss=True)``): ``(h (B, T, D), weight (V, D))`` -> the chunked
+    `model.layers.linear_cross_entropy` (the plain loss's value and gradients without the full
+    logits); logits (B, T, V) in evaluation -> ``loss_fn``."""
+
+    def loss(outputs, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, tuple):
+            h, weight = outputs
+            return linear_cross_entropy(h, weight, labels, chunk_tokens)
+        return loss_fn(outputs, labels)
+
+    return loss
 
 
 @functools.cache

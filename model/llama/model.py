@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from model.family import Piece
 from model.init import Fill, InitRule, Normal, fill_parameters, seed_source
-from model.layers import Attention, GatedMLP, KVCache, RMSNorm, rope_cos_sin
+from model.layers import Attention, GatedMLP, KVCache, LMHead, RMSNorm, rope_cos_sin
 from model.llama.config import LlamaConfig
 
 
@@ -75,7 +75,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.tie_weights()
         cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_pos, Dh), model dtype
@@ -160,11 +160,22 @@ class LlamaForCausalLM(nn.Module):
         """An empty key/value cache, one `KVCache` per layer, for `forward(..., kv_cache=)`."""
         return [KVCache() for _ in self.layers]
 
-    def forward(self, input_ids: Tensor, *, kv_cache: list[KVCache] | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        kv_cache: list[KVCache] | None = None,
+        labels: Tensor | None = None,
+        loss_chunk_tokens: int | None = None,
+    ) -> Tensor:
         """input_ids: (B, T) int64 -> logits: (B, T, V) in the parameters' dtype.
 
         `kv_cache` (inference only, from `new_kv_cache`): input_ids are the positions after the
         cached ones, and the cache grows by T.
+
+        With `labels` (B, T) int64 (-100: no loss) it returns instead the mean cross-entropy
+        () fp32 over the labelled positions, computed by the head `loss_chunk_tokens` tokens at
+        a time without the full logits (`model.layers.linear_cross_entropy`).
 
         Raises:
             ValueError: the positions run past `max_position_embeddings`.
@@ -174,13 +185,19 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if kv_cache is None else kv_cache[i])
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if labels is None:
+            return self.lm_head(self.norm(x))  # (B, T, V)
+        return self.lm_head(self.norm(x), labels, loss_chunk_tokens)  # ()
 
-    def pipeline_pieces(self) -> list[Piece]:
+    def pipeline_pieces(self, *, head_loss: bool = False) -> list[Piece]:
         """The forward (without a cache) as pieces for a pipeline cut, in order: embed
         (input_ids (B, T) int64 -> (B, T, D)), each block ((B, T, D) -> (B, T, D), reading the
         RoPE tables from its holder, which every stage keeps on its device), norm, head
         (-> logits (B, T, V)). A tied head is the embedding's piece again (tie key ``"embed"``).
+
+        ``head_loss``: in training mode the head returns ``(h (B, T, D), weight (V, D))``, the
+        projection's operands, instead of the logits, for a loss that applies the head chunk by
+        chunk (`model.layers.linear_cross_entropy`); in eval mode it returns the logits.
         """
         embed = {"embed_tokens": self.embed_tokens}
         tie = "embed" if self.config.tie_word_embeddings else None
@@ -190,9 +207,9 @@ class LlamaForCausalLM(nn.Module):
             for block in self.layers
         ]
         if tie:
-            head = Piece("head", _tied_head, embed, tie=tie)
+            head = Piece("head", partial(_tied_head, head_loss), embed, tie=tie)
         else:
-            head = Piece("head", _head, {"lm_head": self.lm_head})
+            head = Piece("head", partial(_head, head_loss), {"lm_head": self.lm_head})
         return [
             Piece("embed", _embed, embed, tie=tie),
             *blocks,
@@ -215,9 +232,14 @@ def _norm(holder: nn.Module, x: Tensor) -> Tensor:
     return holder.norm(x)
 
 
-def _head(holder: nn.Module, x: Tensor) -> Tensor:
+def _head(head_loss: bool, holder: nn.Module, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    if head_loss and holder.training:
+        return x, holder.lm_head.weight  # (B, T, D), (V, D): the loss applies the head
     return holder.lm_head(x)  # (B, T, V)
 
 
-def _tied_head(holder: nn.Module, x: Tensor) -> Tensor:
-    return F.linear(x, holder.embed_tokens.weight)  # lm_head(x): its weight is this one
+def _tied_head(head_loss: bool, holder: nn.Module, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    weight = holder.embed_tokens.weight  # lm_head's: the same Parameter
+    if head_loss and holder.training:
+        return x, weight  # (B, T, D), (V, D): the loss applies the head
+    return F.linear(x, weight)  # (B, T, V)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from model.family import Piece
 from model.init import Fill, InitRule, Normal, fill_parameters, seed_source
-from model.layers import GatedMLP, KVCache, RMSNorm
+from model.layers import GatedMLP, KVCache, LMHead, RMSNorm, linear_cross_entropy
 from model.t5.config import T5Config
 
 
@@ -267,7 +267,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, is_decoder=False)
         self.decoder = T5Stack(cfg, is_decoder=True)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
         self.tie_weights()
 
     @classmethod
@@ -368,17 +368,39 @@ class T5ForConditionalGeneration(nn.Module):
         bias = memory_bias(attention_mask, memory, x.dtype)
         return self.head(self.decoder(x, memory=memory, memory_bias=bias, cache=cache))
 
-    def head(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
+    def head(
+        self,
+        h: Tensor,
+        weight: Tensor | None = None,
+        labels: Tensor | None = None,
+        chunk_tokens: int | None = None,
+    ) -> Tensor:
         """Decoder output h: (B, T, D) -> logits (B, T, V). A tied head first rescales h by
         d_model**-0.5, as T5 (Mesh TF; HF `T5ForConditionalGeneration.forward`).
 
         ``weight``: project with this (V, D) matrix instead of calling ``lm_head`` (a pipeline's
         tied head holds ``shared.weight``, which is ``lm_head.weight``); the call is what ZeRO-3's
         parameter-fetch hooks see.
+
+        ``labels`` (B, T) int64 (-100: no loss): return instead the mean cross-entropy () fp32
+        over the labelled positions, ``chunk_tokens`` tokens at a time without the full logits
+        (`model.layers.linear_cross_entropy`).
         """
+        h = self.head_hidden(h)
+        if weight is not None:
+            if labels is None:
+                return F.linear(h, weight)  # (B, T, V)
+            return linear_cross_entropy(h, weight, labels, chunk_tokens)  # ()
+        if labels is None:
+            return self.lm_head(h)  # (B, T, V)
+        return self.lm_head(h, labels, chunk_tokens)  # ()
+
+    def head_hidden(self, h: Tensor) -> Tensor:
+        """The head's input: the decoder output h (B, T, D), rescaled by d_model**-0.5 when the
+        head is tied (see `head`)."""
         if self.config.tie_word_embeddings:
-            h = h * self.config.d_model**-0.5
-        return self.lm_head(h) if weight is None else F.linear(h, weight)  # (B, T, V)
+            return h * self.config.d_model**-0.5
+        return h
 
     def new_cache(self) -> list[tuple[KVCache, KVCache]]:
         """An empty (self, cross) key/value cache pair per decoder layer, for `decode`."""
@@ -389,14 +411,26 @@ class T5ForConditionalGeneration(nn.Module):
         input_ids: Tensor,
         decoder_input_ids: Tensor,
         attention_mask: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+        loss_chunk_tokens: int | None = None,
     ) -> Tensor:
         """input_ids: (B, S) int64 encoder tokens; decoder_input_ids: (B, T) int64 (targets
         shifted right behind ``decoder_start_token_id``); attention_mask: (B, S) encoder mask
-        (None: no padding). Returns logits (B, T, V) in the parameters' dtype."""
-        memory = self.encode(input_ids, attention_mask)
-        return self.decode(decoder_input_ids, memory, attention_mask)
+        (None: no padding). Returns logits (B, T, V) in the parameters' dtype.
 
-    def pipeline_pieces(self) -> list[Piece]:
+        With ``labels`` (B, T) int64 (-100: no loss) it returns instead the mean cross-entropy
+        () fp32 over the labelled positions, computed by the head ``loss_chunk_tokens`` tokens
+        at a time without the full logits (`model.layers.linear_cross_entropy`)."""
+        memory = self.encode(input_ids, attention_mask)
+        if labels is None:
+            return self.decode(decoder_input_ids, memory, attention_mask)
+        x = self.shared(decoder_input_ids)
+        bias = memory_bias(attention_mask, memory, x.dtype)
+        h = self.decoder(x, memory=memory, memory_bias=bias)  # (B, T, D)
+        return self.head(h, labels=labels, chunk_tokens=loss_chunk_tokens)
+
+    def pipeline_pieces(self, *, head_loss: bool = False) -> list[Piece]:
         """The forward as pieces for a pipeline cut, in order, each mapping the previous one's
         output (a tuple; ``mask`` is the encoder's attention_mask, None: no padding):
 
@@ -410,13 +444,18 @@ class T5ForConditionalGeneration(nn.Module):
         Each stack's bias is computed once and travels to all its blocks (and its gradient back
         from them); the encoder output and mask travel to every decoder block. Both embeddings
         and a tied head are one holder of ``shared`` (tie key ``"shared"``).
+
+        ``head_loss``: in training mode the head returns ``(h (B, T, D), weight (V, D))``, the
+        projection's operands (h rescaled as `head` does), instead of the logits, for a loss
+        that applies the head chunk by chunk (`model.layers.linear_cross_entropy`); in eval mode
+        it returns the logits.
         """
         enc, dec = self.encoder, self.decoder
         shared = {"shared": self.shared}
         if self.config.tie_word_embeddings:
-            head = Piece("head", partial(_tied_head, self), shared, tie="shared")
+            head = Piece("head", partial(_tied_head, self, head_loss), shared, tie="shared")
         else:
-            head = Piece("head", partial(_head, self), {"lm_head": self.lm_head})
+            head = Piece("head", partial(_head, self, head_loss), {"lm_head": self.lm_head})
         return [
             Piece("embed", _embed_encoder, shared, tie="shared"),
             Piece("bias", partial(_encoder_bias, enc), _bias_modules(enc)),
@@ -486,9 +525,17 @@ def _decoder_norm(stack: T5Stack, holder: nn.Module, inputs: tuple) -> Tensor:
     return stack.finish(inputs[0])  # (B, T, D)
 
 
-def _head(model: T5ForConditionalGeneration, holder: nn.Module, h: Tensor) -> Tensor:
+def _head(
+    model: T5ForConditionalGeneration, head_loss: bool, holder: nn.Module, h: Tensor
+) -> Tensor | tuple[Tensor, Tensor]:
+    if head_loss and holder.training:
+        return model.head_hidden(h), holder.lm_head.weight  # (B, T, D), (V, D)
     return model.head(h)  # (B, T, V); calls lm_head, which the holder holds
 
 
-def _tied_head(model: T5ForConditionalGeneration, holder: nn.Module, h: Tensor) -> Tensor:
+def _tied_head(
+    model: T5ForConditionalGeneration, head_loss: bool, holder: nn.Module, h: Tensor
+) -> Tensor | tuple[Tensor, Tensor]:
+    if head_loss and holder.training:
+        return model.head_hidden(h), holder.shared.weight  # (B, T, D), (V, D)
     return model.head(h, holder.shared.weight)  # (B, T, V)
