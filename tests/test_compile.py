@@ -12,7 +12,10 @@ loaded 2-core machine).
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +245,37 @@ def test_compiled_equals_eager_on_two_processes(two_process_runs, layout):
     want = torch.tensor([eager[s] for s in sorted(eager)])
     got = torch.tensor([compiled[s] for s in sorted(compiled)])
     torch.testing.assert_close(got, want, rtol=0, atol=LOSS_ATOL)
+
+
+GPU_BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+
+
+def test_gpu_bench_without_cuda_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run(
+        [sys.executable, str(GPU_BENCH)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: bench/gpu.py measures CUDA GPUs")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_bench_measures_compile_off_and_on(tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(GPU_BENCH), "--presets", "debug,t5:debug", "--steps", "2"]
+    result = subprocess.run(
+        [*cmd, "--warmup", "1", "--json", str(out)], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["compile"]) for r in rows] == [
+        ("debug", False),
+        ("debug", True),
+        ("t5:debug", False),
+        ("t5:debug", True),
+    ]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0, r
+        assert r["sdpa"] in ("flash", "memory-efficient", "cudnn", "math"), r
