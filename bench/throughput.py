@@ -1,7 +1,11 @@
 """Training throughput of Kiln beside a plain PyTorch loop, measured on this machine.
 
 What it measures, per model preset (``debug``, ``125m``: Llama presets; ``t5:debug``,
-``t5:small``: T5 v1.1 presets trained with span corruption):
+``t5:small``: T5 v1.1 presets trained with span corruption; ``nanogpt``: the shape of nanoGPT's
+``train_shakespeare_char`` (Karpathy, nanoGPT ``config/train_shakespeare_char.py``) as a Llama:
+6 layers, width 384, 6 heads, 256 tokens, micro batch 8, its character vocabulary of 65 (Kiln
+pads the model's to 128, ``trainer.config.VOCAB_MULTIPLE``), SwiGLU width 1024 = 8/3 x 384
+rounded, the parameter count of nanoGPT's 4 x 384 GELU MLP):
 
 * **Kiln**: the DeepSpeed engine of :func:`trainer.engine.build_engine`, stepped by
   :meth:`trainer.loop.Trainer.train_step` (the loop's own calls: ``engine(**inputs)``,
@@ -12,15 +16,23 @@ What it measures, per model preset (``debug``, ``125m``: Llama presets; ``t5:deb
   PyTorch: ``torch.optim.AdamW`` on the same parameter groups (:func:`trainer.engine.param_groups`),
   the same ``LambdaLR`` schedule, ``clip_grad_norm_`` at ``train.grad_clip``; no DeepSpeed.
   One process. Its last loss should equal Kiln ZeRO-0 one process's (same maths).
+* **compiled**: Kiln ZeRO-0 on one process with ``train.compile=true`` (each block compiled by
+  ``torch.compile``, :mod:`trainer.compile`); its compilation happens in the untimed warmup step.
+* **hf**: the peer: the Hugging Face ``transformers`` model of the family
+  (``LlamaForCausalLM``, ``T5ForConditionalGeneration``) of the same shape (SDPA attention where
+  it has it), holding the same initial weights (the family's ``to_hf_state_dict``), in the plain
+  loop. Its losses equal Kiln's for Llama; T5's differ (both apply ``dropout_rate``, each with
+  its own random draws).
 
 How: every configuration runs in fresh processes, ``python -m torch.distributed.run --standalone
 --nproc_per_node N bench/throughput.py --worker ...``; rank 0 writes its figures as JSON for the
 parent. Batches are random token ids from a seeded generator, identical for both runners, turned
 into examples by the run's objective (span corruption for T5, sentinels = the last 100 ids). After
 ``--warmup`` optimizer steps, ``--steps`` steps are timed between barriers. torchrun sets
-``OMP_NUM_THREADS=1`` when N > 1; with N = 1 the process uses all cores. The plain loop and Kiln
-ZeRO-0 on one process run adjacent, alternated ``--repeats`` times; the table shows the fastest
-of each, and the verdict is the median ratio of the adjacent (plain, Kiln) pairs.
+``OMP_NUM_THREADS=1`` when N > 1; with N = 1 the process uses all cores. The plain loop, Kiln
+ZeRO-0 on one process and the ``--peers`` (compiled, hf) run adjacent, alternated ``--repeats``
+times; the table shows the fastest of each, and each verdict is the median over the repeats of
+the ratio to the plain loop run beside it.
 
 Formulas:
 
@@ -40,9 +52,20 @@ Noise: on a shared or virtual machine, runs of one configuration differ by 10% o
 hypervisor's steal) took while a configuration ran, from ``/proc/stat`` less this script's own
 processes. Workers inherit the environment, so allocator settings (``MALLOC_*``) apply to all.
 
-Target (CPU): Kiln ZeRO-0 on one process at >= 0.95x the plain loop's tokens/s. The ratio is
-printed with PASS/FAIL; the exit code is 0 either way.
+``--interleaved`` measures the same runners side by side more tightly: one process per preset
+holds all of them (each its own model, optimizer and batches) and times one optimizer step of
+each in turn, the order rotated every round; the ratio to the plain loop is taken per round and
+its median reported, so load that other processes put on the machine for seconds or minutes
+hits every runner of a round alike.
 
+Targets (CPU, fp32, one process): Kiln ZeRO-0 >= 1.0x the plain loop's tokens/s; Kiln compiled
+>= 1.15x. The ratios are printed with PASS/FAIL; the exit code is 0 either way. The hf ratio is
+reported without a target.
+
+    python bench/throughput.py --interleaved --presets nanogpt,125m   # plain, Kiln, compiled,
+                                                    # hf: one process, rotated rounds of steps
+    python bench/throughput.py --presets nanogpt,125m --stages 0 --nprocs 1 \
+        --pipeline-micro-batches ''             # the same runners, a process per run
     python bench/throughput.py                      # debug and 125m, ZeRO 0-3, 1 and 2 processes
     python bench/throughput.py --presets t5:debug,t5:small
     python bench/throughput.py --presets debug --stages 0 --nprocs 1 --json out.json
@@ -65,20 +88,51 @@ import numpy as np
 import torch
 
 # Timed optimizer steps per preset when --steps is not given. On a quiet 2-core CPU the default
-# run takes ~10 minutes, ~4 of them starting the 22 torchrun jobs (~8-10 s each); a 125m step
-# takes ~2 s on one process (ZeRO-0) to ~10 s on two (ZeRO-3). --steps 2 saves ~1 minute.
-DEFAULT_STEPS = {"debug": 30, "125m": 3, "t5:debug": 30, "t5:small": 3}
+# run took ~10 minutes, ~4 of them starting the 22 torchrun jobs (~8-10 s each), before the
+# peers (--peers compiled,hf: 12 more jobs, the compiled ones compiling in their warmup step;
+# --peers '' leaves them out); a 125m step takes ~2 s on one process (ZeRO-0) to ~10 s on two
+# (ZeRO-3). --steps 2 saves ~1 minute.
+DEFAULT_STEPS = {"debug": 30, "125m": 3, "t5:debug": 30, "t5:small": 3, "nanogpt": 8}
+# Presets that are a shape rather than a registry name: their overrides, applied last.
+SHAPES = {
+    "nanogpt": [
+        "model.name=debug",
+        "model.hidden_size=384",
+        "model.num_hidden_layers=6",
+        "model.num_attention_heads=6",
+        "model.num_key_value_heads=6",
+        "model.intermediate_size=1024",
+        "model.max_position_embeddings=256",
+        "tokenizer.vocab_size=65",
+        "data.seq_len=256",
+        "train.micro_batch_size=8",
+    ]
+}
+TARGETS = {"kiln": 1.0, "compiled": 1.15}  # x the plain loop's tokens/s; others: no target
 JOB_TIMEOUT_S = 900  # per configuration
 REPO = Path(__file__).resolve().parent.parent
 
 
 def split_preset(preset: str) -> tuple[str, str]:
-    """``"t5:small"`` -> ``("t5", "small")``; a bare name is a Llama preset."""
+    """``"t5:small"`` -> ``("t5", "small")``; a bare name is a Llama preset (a shape of
+    :data:`SHAPES`: the Llama preset its overrides name)."""
+    if preset in SHAPES:
+        return "llama", "debug"
     family, _, name = preset.rpartition(":")
     return family or "llama", name
 
 
-def bench_config(args, preset: str, stage: int, pipeline_stages: int = 1, micro_batches: int = 0):
+def bench_config(
+    args,
+    preset: str,
+    stage: int,
+    pipeline_stages: int = 1,
+    micro_batches: int = 0,
+    compile: bool = False,
+    extra: tuple[str, ...] = (),
+):
+    """The run config of a benchmark configuration: ``preset`` (a registry name or a shape of
+    :data:`SHAPES`) at ``args``' vocabulary, seq_len and micro batch, then ``extra`` overrides."""
     from trainer.config import load_config
 
     family, name = split_preset(preset)
@@ -93,7 +147,8 @@ def bench_config(args, preset: str, stage: int, pipeline_stages: int = 1, micro_
     ]
     if micro_batches:
         overrides.append(f"train.gradient_accumulation_steps={micro_batches}")
-    return load_config(None, overrides)
+    overrides.append(f"train.compile={str(compile).lower()}")
+    return load_config(None, [*overrides, *SHAPES.get(preset, []), *extra])
 
 
 class SyntheticTokens:
@@ -119,13 +174,16 @@ class SyntheticTokens:
 
 
 class PlainLoop:
-    """The optimisation of ``Trainer.train_step`` in plain PyTorch, for one process."""
+    """The optimisation of ``Trainer.train_step`` in plain PyTorch, for one process.
 
-    def __init__(self, cfg, model: torch.nn.Module, plan, data: SyntheticTokens):
+    ``forward``: ``(**batch.inputs) -> logits (B, T, V)``; None: ``model`` itself."""
+
+    def __init__(self, cfg, model: torch.nn.Module, plan, data: SyntheticTokens, forward=None):
         from trainer.engine import lr_lambda, param_groups
 
         t = cfg.train
         self.model, self.plan, self.data, self.grad_clip = model, plan, data, t.grad_clip
+        self.forward = forward or model
         self.step = 0
         self.optimizer = torch.optim.AdamW(
             param_groups(model, t.weight_decay),
@@ -144,7 +202,7 @@ class PlainLoop:
         for micro in range(p.gradient_accumulation_steps):
             start = self.step * p.global_batch_size + micro * p.micro_batch_size  # as Trainer's
             batch = self.data.batch(np.arange(start, start + p.micro_batch_size))
-            loss = token_loss(self.model(**batch.inputs), batch.labels)
+            loss = token_loss(self.forward(**batch.inputs), batch.labels)
             (loss / p.gradient_accumulation_steps).backward()
             total += loss.detach()
         if self.grad_clip > 0:
@@ -156,6 +214,78 @@ class PlainLoop:
         return total / p.gradient_accumulation_steps
 
 
+def make_train_step(args, runner: str, world):
+    """``(train_step, plan)`` of one runner (see :func:`run_config`) for ``args.preset``: a
+    fresh model from the same seed, the same synthetic batches."""
+    from model import build_model
+    from trainer.config import batch_plan
+    from trainer.engine import build_engine
+    from trainer.loop import Trainer
+
+    pipe = runner == "pipe"
+    cfg = bench_config(
+        args,
+        args.preset,
+        args.stage,
+        args.nproc_pipeline if pipe else 1,
+        args.micro_batches,
+        compile=runner == "compiled",
+    )
+    plan = batch_plan(cfg, world.world_size)
+    samples = plan.global_batch_size * (args.warmup + args.steps)
+    data = SyntheticTokens(cfg, plan.seq_len, samples)
+    model = build_model(cfg.derived.model, seed=cfg.train.seed)
+    if runner == "plain":
+        assert world.world_size == 1, "the plain loop runs on one process"
+        return PlainLoop(cfg, model, plan, data).train_step, plan
+    if runner == "hf":
+        assert world.world_size == 1, "the Hugging Face model runs in the plain loop"
+        hf = hf_model(cfg, model)
+        forward = lambda **inputs: hf(**inputs, use_cache=False).logits  # noqa: E731
+        return PlainLoop(cfg, hf, plan, data, forward).train_step, plan
+    engine = build_engine(cfg, model, plan)
+    ones = np.ones(cfg.derived.model.vocab_size)  # token bytes: only evaluate() reads them
+    trainer = Trainer(cfg, engine, plan, world, data, token_bytes=ones, peak_flops=1.0)
+    return trainer.train_step, plan
+
+
+def interleaved_worker(args, world) -> None:
+    """All of ``args.interleave`` (runner names) in this one process, each with its own model,
+    optimizer and batches; after ``--warmup`` steps each (compilation included), ``--steps``
+    rounds of one optimizer step per runner, the order rotated every round. A round's runners
+    share the machine's state within seconds, so each round's ratio to the plain loop is immune
+    to what other processes do at a longer scale. Writes per runner: the step times, the median
+    tokens/s, and the per-round ratios to the plain loop."""
+    names = args.interleave.split(",")
+    steps = {name: make_train_step(args, name, world) for name in names}
+    warmup_s = {}
+    for name, (step, _) in steps.items():
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        warmup_s[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in names}
+    losses: dict[str, float] = {}
+    for i in range(args.steps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            losses[name] = steps[name][0]().item()
+            times[name].append(time.perf_counter() - start)
+    result = {}
+    for name in names:
+        tokens = steps[name][1].tokens_per_step
+        result[name] = {
+            "step_times_s": times[name],
+            "step_s": statistics.median(times[name]),
+            "tokens_per_s": tokens / statistics.median(times[name]),
+            "warmup_s": warmup_s[name],
+            "last_loss": losses[name],
+            "round_ratios": [p / t for p, t in zip(times["plain"], times[name], strict=True)],
+            "threads": torch.get_num_threads(),
+        }
+    Path(args.out).write_text(json.dumps(result))
+
+
 def worker(args) -> None:
     """One rank of one configuration; rank 0 writes the figures to ``args.out``."""
     from trainer import distributed
@@ -163,30 +293,12 @@ def worker(args) -> None:
     world = distributed.init_distributed()  # before deepspeed is imported
     import torch.distributed as dist
 
-    from model import build_model
-    from trainer.config import batch_plan
-    from trainer.engine import build_engine
-    from trainer.loop import Trainer
-
     if args.runner == "1t":  # the one-thread reference of the pipeline rows
         torch.set_num_threads(1)
     try:
-        pipe = args.runner == "pipe"
-        cfg = bench_config(
-            args, args.preset, args.stage, args.nproc_pipeline if pipe else 1, args.micro_batches
-        )
-        plan = batch_plan(cfg, world.world_size)
-        samples = plan.global_batch_size * (args.warmup + args.steps)
-        data = SyntheticTokens(cfg, plan.seq_len, samples)
-        model = build_model(cfg.derived.model, seed=cfg.train.seed)
-        if args.runner == "plain":
-            assert world.world_size == 1, "the plain loop runs on one process"
-            train_step = PlainLoop(cfg, model, plan, data).train_step
-        else:
-            engine = build_engine(cfg, model, plan)
-            ones = np.ones(cfg.derived.model.vocab_size)  # token bytes: only evaluate() reads them
-            trainer = Trainer(cfg, engine, plan, world, data, token_bytes=ones, peak_flops=1.0)
-            train_step = trainer.train_step
+        if args.interleave:
+            return interleaved_worker(args, world)
+        train_step, plan = make_train_step(args, args.runner, world)
         for _ in range(args.warmup):
             train_step()
         distributed.barrier()
@@ -216,6 +328,25 @@ def worker(args) -> None:
         distributed.close()
 
 
+def hf_model(cfg, model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face ``transformers`` model of ``cfg``'s family (the family spec's
+    ``hf_model_class``: ``LlamaForCausalLM``, ``T5ForConditionalGeneration``) and shape, holding
+    ``model``'s weights (copied, through the family's key map), with SDPA attention where the
+    class has it."""
+    import transformers
+
+    from model.registry import spec
+
+    m = cfg.derived.model
+    family = spec(m)
+    hf_cfg = family.hf.to_hf_config(m)
+    hf_cfg._attn_implementation = "sdpa"
+    hf = getattr(transformers, family.hf_model_class)(hf_cfg)
+    weights = family.hf.to_hf_state_dict(model.state_dict(), m)
+    hf.load_state_dict({k: v.clone() for k, v in weights.items()})
+    return hf
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds all processes (and the hypervisor's steal) used since boot, from /proc/stat."""
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(
@@ -231,21 +362,31 @@ def own_cpu_seconds() -> float:
 
 
 def run_config(
-    args, preset: str, runner: str, stage: int, nproc: int, steps: int, out: Path, micro_batches=0
+    args,
+    preset: str,
+    runner: str,
+    stage: int,
+    nproc: int,
+    steps: int,
+    out: Path,
+    micro_batches=0,
+    interleave: str = "",
 ):
     """Launch one configuration under torchrun; returns its figures, or ``{"error": ...}``.
 
-    Runners: ``plain`` (the plain loop), ``kiln``, ``1t`` (Kiln on one thread: the reference of
-    the pipeline rows), ``pipe`` (Kiln with ``nproc`` pipeline stages, ``micro_batches`` per
-    step)."""
+    Runners: ``plain`` (the plain loop), ``kiln``, ``compiled`` (Kiln, ``train.compile=true``),
+    ``hf`` (the family's ``transformers`` model in the plain loop), ``1t`` (Kiln on one thread: the
+    reference of the pipeline rows), ``pipe`` (Kiln with ``nproc`` pipeline stages,
+    ``micro_batches`` per step); with ``interleave`` (runner names), all of those in one process,
+    step by step (:func:`interleaved_worker`)."""
     worker_args = dict(runner=runner, preset=preset, stage=stage, steps=steps)
     worker_args.update(micro_batches=micro_batches, nproc_pipeline=nproc)
     worker_args.update({k: getattr(args, k) for k in ("warmup", "seq_len", "micro_batch_size")})
-    worker_args.update(vocab_size=args.vocab_size, out=out)
+    worker_args.update(vocab_size=args.vocab_size, out=out, interleave=interleave)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={nproc}", str(Path(__file__).resolve()), "--worker"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in worker_args.items()]
-    label = f"{preset:>8} {runner:5} ZeRO-{stage} x{nproc}"
+    label = f"{preset:>8} {runner:8} ZeRO-{stage} x{nproc}"
     if micro_batches:
         label += f" m={micro_batches}"
     start, busy, own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
@@ -264,6 +405,9 @@ def run_config(
         print(f"{label}: FAILED (exit {proc.returncode}) after {wall:.0f} s\n{tail}", flush=True)
         return {"error": f"exit {proc.returncode}"}
     result = json.loads(out.read_text())
+    if interleave:
+        print(f"{preset:>8} {interleave}: {wall:.0f} s, others {100 * others:.0f}% of the CPU")
+        return {"runners": result, "others_cpu": max(0.0, others)}
     result["others_cpu"] = max(0.0, others)
     print(
         f"{label}: {result['tokens_per_s']:9.1f} tokens/s ({wall:.0f} s, "
@@ -286,8 +430,16 @@ def parse_args(argv=None):
     steps_help = f"timed optimizer steps per configuration; None: {DEFAULT_STEPS}, else 10"
     p.add_argument("--steps", type=int, default=None, help=steps_help)
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before timing")
-    pairs_help = "alternated runs of the plain loop and Kiln ZeRO-0 on one process (median pair)"
+    pairs_help = "alternated runs of the plain loop, Kiln ZeRO-0 on one process and the peers"
     p.add_argument("--repeats", type=int, default=3, help=pairs_help)
+    p.add_argument(
+        "--peers",
+        type=csv(str),
+        default="compiled,hf",
+        help="runners alternated with the plain loop and Kiln: compiled (Kiln, train.compile="
+        "true), hf (the family's transformers model: LlamaForCausalLM, "
+        "T5ForConditionalGeneration)",
+    )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per process")
     p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary size")
@@ -303,7 +455,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--pipeline-only", action="store_true", help="run only the pipeline rows of the presets"
     )
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="instead of a process per run: per preset, one process holding the plain loop, Kiln "
+        "ZeRO-0 and the peers, timed step by step in rotated rounds (--steps rounds, median "
+        "per-round ratio): the side-by-side measure for a noisy shared machine",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--interleave", default="", help=argparse.SUPPRESS)
     hidden = [("--runner", str), ("--preset", str), ("--stage", int), ("--out", str)]
     hidden += [("--micro-batches", int), ("--nproc-pipeline", int)]
     for flag, kind in hidden:
@@ -322,6 +482,8 @@ def main(argv=None) -> None:
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=2.0)
     cores = torch.get_num_threads()
     print(f"machine peak: {peak / 1e9:.1f} GFLOP/s fp32 (1024^3 matmul, {cores} threads)")
+    if args.interleaved:
+        return interleaved_main(args, peak)
     rows, pipe_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets if not args.pipeline_only else []:
@@ -329,12 +491,16 @@ def main(argv=None) -> None:
             get_preset(name, family)  # fail early on a wrong name
             steps = args.steps or DEFAULT_STEPS.get(preset, 10)
             fpt = flops_per_token(bench_config(args, preset, 0))
-            jobs = [(r, 0, 1) for _ in range(args.repeats) for r in ("plain", "kiln")]
-            jobs += [("kiln", s, n) for s in args.stages for n in args.nprocs if (s, n) != (0, 1)]
-            for i, (runner, stage, nproc) in enumerate(jobs):
+            peers = list(args.peers)
+            alternated = ("plain", "kiln", *peers)
+            jobs = [(r, 0, 1, k) for k in range(args.repeats) for r in alternated]
+            others = [(s, n) for s in args.stages for n in args.nprocs if (s, n) != (0, 1)]
+            jobs += [("kiln", s, n, None) for s, n in others]
+            for i, (runner, stage, nproc, repeat) in enumerate(jobs):
                 out = Path(tmp) / f"{preset}-{i}.json"
                 fig = run_config(args, preset, runner, stage, nproc, steps, out)
                 fig.update(preset=preset, runner=runner, zero_stage=stage, nproc=nproc)
+                fig.update(repeat=repeat)
                 if "tokens_per_s" in fig:
                     fig["mfu"] = fig["tokens_per_s"] * fpt / peak
                 rows.append(fig)
@@ -349,6 +515,62 @@ def main(argv=None) -> None:
     if args.json:
         dump = json.loads(args.json.read_text()) if rows else {}
         dump["pipeline"] = pipe_rows
+        args.json.write_text(json.dumps(dump, indent=1))
+
+
+def interleaved_main(args, peak: float) -> None:
+    """``--interleaved``: per preset, one process runs the plain loop, Kiln ZeRO-0 and the peers
+    step by step (:func:`interleaved_worker`); prints their table and the verdicts."""
+    from trainer.estimate import flops_per_token
+
+    began, dump = time.perf_counter(), {}
+    head = f"{'preset':>8} {'runner':>8} {'step s':>7} {'tokens/s':>9} {'x plain':>7} {'MFU %':>6}"
+    head += f" {'warmup s':>8} {'last loss':>9}"
+    lines, verdicts = [head, "-" * len(head)], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            peers = list(args.peers)
+            names = ["plain", "kiln", *peers]
+            steps = args.steps or 2 * DEFAULT_STEPS.get(preset, 10)
+            out = Path(tmp) / f"{preset}-interleaved.json"
+            fig = run_config(args, preset, "plain", 0, 1, steps, out, interleave=",".join(names))
+            dump[preset] = fig
+            if "runners" not in fig:
+                lines.append(f"{preset:>8} FAILED")
+                continue
+            fpt = flops_per_token(bench_config(args, preset, 0))
+            for name in names:
+                r = fig["runners"][name]
+                ratio = statistics.median(r["round_ratios"])
+                mfu = 100 * r["tokens_per_s"] * fpt / peak
+                lines.append(
+                    f"{preset:>8} {name:>8} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.1f} "
+                    f"{ratio:>7.3f} {mfu:>6.1f} {r['warmup_s']:>8.1f} {r['last_loss']:>9.4f}"
+                )
+                if name != "plain":
+                    verdicts.append((preset, name, ratio, [round(x, 3) for x in r["round_ratios"]]))
+    print("\n" + "\n".join(lines))
+    print(
+        "\nOne process per preset, fp32; step s: median over the rounds; x plain: median over "
+        "the rounds of (plain loop step time / this runner's step time) in the same round; "
+        f"MFU against {peak / 1e9:.1f} GFLOP/s (1024^3 matmul); warmup s: the untimed first "
+        "steps (compilation included for compiled)."
+    )
+    names = {"kiln": "Kiln ZeRO-0", "compiled": "Kiln compiled", "hf": "Hugging Face"}
+    for preset, runner, ratio, rounds in verdicts:
+        target = TARGETS.get(runner)
+        verdict = (
+            ""
+            if target is None
+            else f" (target >= {target}) " + ("PASS" if ratio >= target else "FAIL")
+        )
+        print(
+            f"{preset}: {names.get(runner, runner)} / plain loop = {ratio:.3f}, median of "
+            f"{len(rounds)} rounds{verdict}"
+        )
+    print(f"wall time: {time.perf_counter() - began:.0f} s")
+    if args.json:
+        dump = {"machine_peak_flops": peak, "interleaved": dump}
         args.json.write_text(json.dumps(dump, indent=1))
 
 
@@ -401,15 +623,17 @@ def pipeline_report(rows: list[dict]) -> None:
     )
 
 
-def pair_ratios(rows: list[dict], preset: str) -> tuple[float, list[float]]:
-    """Kiln ZeRO-0 x1 / plain tokens/s of each adjacent (plain, Kiln) pair, in run order, and
-    their median. Pairs share the machine's state at the time, so their ratio is steadier than
-    the ratio of two separately chosen runs."""
-    ok = [r for r in rows if "tokens_per_s" in r and r["preset"] == preset]
-    plain = [r["tokens_per_s"] for r in ok if r["runner"] == "plain"]
-    kiln = [r["tokens_per_s"] for r in ok if r["runner"] == "kiln" and r["zero_stage"] == 0]
-    kiln = kiln[: len(plain)]  # the alternated runs come first; the x1 row is one of them
-    ratios = [k / p for p, k in zip(plain, kiln, strict=False)]
+def pair_ratios(rows: list[dict], preset: str, runner: str) -> tuple[float, list[float]] | None:
+    """``runner`` / plain tokens/s within each repeat of the alternated runs, in run order, and
+    their median (None: no repeat where both succeeded). Runs of one repeat share the machine's
+    state at the time, so their ratio is steadier than the ratio of two separately chosen runs."""
+    by_repeat: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if "tokens_per_s" in r and r["preset"] == preset and r.get("repeat") is not None:
+            by_repeat.setdefault(r["repeat"], {})[r["runner"]] = r["tokens_per_s"]
+    ratios = [v[runner] / v["plain"] for v in by_repeat.values() if runner in v and "plain" in v]
+    if not ratios:
+        return None
     return statistics.median(ratios), [round(r, 3) for r in ratios]
 
 
@@ -419,14 +643,15 @@ def runs(rows: list[dict], **key) -> list[dict]:
     return sorted(match, key=lambda r: -r["tokens_per_s"])
 
 
-ROW = "{:>8} {:>6} {:>4} {:>5} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>9} {:>8}"
+ROW = "{:>8} {:>8} {:>4} {:>5} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>9} {:>8}"
 COLUMNS = ["preset", "runner", "ZeRO", "procs", "thr/p", "step s", "tokens/s", "x plain"]
 COLUMNS += ["MFU %", "RSS MiB", "last loss", "others %"]
 HEAD = ROW.format(*COLUMNS)
 
 
 def table_row(r: dict, plain: dict | None) -> str:
-    cells = [r["preset"], r["runner"], "-" if r["runner"] == "plain" else r["zero_stage"]]
+    no_zero = r["runner"] in ("plain", "hf")
+    cells = [r["preset"], r["runner"], "-" if no_zero else r["zero_stage"]]
     cells.append(r["nproc"])
     if "error" in r:
         return ROW.format(*cells, "FAILED", *[""] * 7).rstrip()
@@ -444,33 +669,43 @@ def report(args, rows: list[dict], peak: float, wall: float) -> None:
         kiln0_runs = runs(rows, preset=preset, runner="kiln", zero_stage=0, nproc=1)
         plain = plain_runs[0] if plain_runs else None
         shown = plain_runs[:1] + kiln0_runs[:1]
+        for peer in args.peers:
+            shown += runs(rows, preset=preset, runner=peer)[:1]
         for stage, nproc in [(s, n) for s in args.stages for n in args.nprocs if (s, n) != (0, 1)]:
             key = dict(preset=preset, runner="kiln", zero_stage=stage, nproc=nproc)
             shown += runs(rows, **key)[:1] or [{**key, "error": "failed"}]
         for r in shown:
             print(table_row(r, plain))
-        if plain and kiln0_runs:
-            verdicts.append((preset, *pair_ratios(rows, preset)))
+        for runner in ("kiln", *args.peers):
+            ratio = pair_ratios(rows, preset, runner)
+            if ratio is not None:
+                verdicts.append((preset, runner, *ratio))
     print(
         "\nMFU = tokens/s x FLOPs per token (6N + 12LdT; T5: per stack) / machine peak "
         f"({peak / 1e9:.1f} GFLOP/s fp32, measured at start on all cores), the same peak for "
         "every process count. RSS: peak resident set size, max over ranks. thr/p: torch "
         "threads per process. others %: CPU taken by other processes while the configuration "
-        "ran. Plain loop and Kiln ZeRO-0 x1: the fastest of "
-        f"{args.repeats} alternated runs each in the table; the verdict is the median ratio of "
-        "the adjacent pairs."
+        "ran. Plain loop, Kiln ZeRO-0 x1 and the peers: the fastest of "
+        f"{args.repeats} alternated runs each in the table; each verdict is the median over the "
+        "repeats of the ratio to the plain loop run beside it."
     )
-    for preset, ratio, pairs in verdicts:
-        verdict = "PASS" if ratio >= 0.95 else "FAIL"
+    names = {"kiln": "Kiln ZeRO-0 1 process", "compiled": "Kiln compiled", "hf": "Hugging Face"}
+    for preset, runner, ratio, pairs in verdicts:
+        target = TARGETS.get(runner)
+        verdict = (
+            ""
+            if target is None
+            else f" (target >= {target}) " + ("PASS" if ratio >= target else "FAIL")
+        )
         print(
-            f"{preset}: Kiln ZeRO-0 1 process / plain loop tokens/s = {ratio:.3f}, median of "
-            f"adjacent pairs {pairs} (target >= 0.95) {verdict}"
+            f"{preset}: {names.get(runner, runner)} / plain loop tokens/s = {ratio:.3f}, median "
+            f"of {pairs}{verdict}"
         )
     print(f"wall time: {wall:.0f} s")
     if args.json:
-        ratios = {p: r for p, r, _ in verdicts}
+        ratios = {f"{p}/{runner}": r for p, runner, r, _ in verdicts}
         dump = {"machine_peak_flops": peak, "wall_s": wall, "results": rows}
-        dump.update(args={k: str(v) for k, v in vars(args).items()}, zero0_over_plain=ratios)
+        dump.update(args={k: str(v) for k, v in vars(args).items()}, over_plain=ratios)
         args.json.write_text(json.dumps(dump, indent=1))
 
 

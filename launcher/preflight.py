@@ -120,6 +120,10 @@ def check(
             dataset, a URL no installed filesystem opens, a precision the device lacks, a
             restart of a URL run folder, NVMe offload where DeepSpeed's async I/O op cannot be
             built (:func:`check_nvme_offload`).
+
+    The returned warnings include ``train.compile`` where torch.compile's backend cannot
+    compile on the run's device (:func:`trainer.compile.compile_unavailable`): the run then
+    trains eagerly.
     """
     batches = {n: batch_plan(cfg, n) for n in world_sizes}
     if restart and RunFolder(cfg.run_dir).url is not None:
@@ -150,6 +154,12 @@ def check(
             "train.precision=bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16) is "
             "emulated, several times slower than fp32; use train.precision=fp32 on this machine"
         )
+    if t.compile and cuda_available is not None:
+        from trainer.compile import compile_unavailable
+
+        reason = compile_unavailable("cuda" if cuda_available else "cpu")
+        if reason is not None:
+            warnings.append(reason)
     return RunPlan(batches, tuple(warnings))
 
 

@@ -175,6 +175,12 @@ class TrainConfig(_Section):
         "at a time, recomputing each chunk's logits in backward, so the (tokens x vocab) logits "
         "never exist whole; 0: the plain head and loss (evaluation always uses the plain path)",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block (regional compilation, inductor, "
+        "static shapes); the first step pays the compile time; trains eagerly with a warning "
+        "where the backend cannot compile (no C++ compiler on a CPU, no Triton on a GPU)",
+    )
     eval_every: PositiveInt = Field(100, description="steps between validation passes")
     eval_samples: PositiveInt = Field(64, description="validation sequences per pass")
     log_every: PositiveInt = Field(10, description="steps between metric lines")

@@ -217,6 +217,10 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
             model, t.activation_checkpointing, t.activation_checkpointing_every
         )
     on_gpu = torch.cuda.is_available()
+    if cfg.train.compile:
+        from trainer.compile import apply_compile
+
+        apply_compile(model, "cuda" if on_gpu else "cpu")  # after the checkpoint wrappers
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay),
