@@ -163,6 +163,13 @@ class SyntheticTokens:
         g = np.random.default_rng(seed)
         self.rows = g.integers(4, vocab, (num_samples, seq_len + 1), dtype=np.int64)
         self.objective = build_objective(cfg, np.arange(vocab - 1, vocab - 101, -1))
+        self.excluded = np.zeros(0, dtype=np.int64)  # as TrainData: global indices left out
+
+    def global_indices(self, logical: np.ndarray) -> np.ndarray:
+        """As :meth:`trainer.data.dataset.TrainData.global_indices`: (n,) int64."""
+        from trainer.data.dataset import skip_excluded
+
+        return skip_excluded(logical, self.excluded)
 
     def batch(self, indices: np.ndarray):
         """A :class:`trainer.objectives.Batch` of the samples ``indices`` (n,)."""
@@ -557,17 +564,9 @@ def interleaved_main(args, peak: float) -> None:
         "steps (compilation included for compiled)."
     )
     names = {"kiln": "Kiln ZeRO-0", "compiled": "Kiln compiled", "hf": "Hugging Face"}
-    for preset, runner, ratio, rounds in verdicts:
-        target = TARGETS.get(runner)
-        verdict = (
-            ""
-            if target is None
-            else f" (target >= {target}) " + ("PASS" if ratio >= target else "FAIL")
-        )
-        print(
-            f"{preset}: {names.get(runner, runner)} / plain loop = {ratio:.3f}, median of "
-            f"{len(rounds)} rounds{verdict}"
-        )
+    print_verdicts(
+        [(p, r, ratio, f"{len(rounds)} rounds") for p, r, ratio, rounds in verdicts], names, ""
+    )
     print(f"wall time: {time.perf_counter() - began:.0f} s")
     if args.json:
         dump = {"machine_peak_flops": peak, "interleaved": dump}
@@ -621,6 +620,23 @@ def pipeline_report(rows: list[dict]) -> None:
         "(P-1)/(m+P-1); idle: 1 - tokens/s(2 stages) / (2 x tokens/s(1 stage)), measured "
         "(bubble + send/receive + imbalance)."
     )
+
+
+def print_verdicts(verdicts: list[tuple], names: dict[str, str], what: str) -> None:
+    """One line per ``(preset, runner, ratio, over)``: the runner's median ratio to the plain
+    loop (``over``: what the median is taken over) and, where :data:`TARGETS` names one, the
+    target and PASS / FAIL."""
+    for preset, runner, ratio, over in verdicts:
+        target = TARGETS.get(runner)
+        verdict = (
+            ""
+            if target is None
+            else f" (target >= {target}) " + ("PASS" if ratio >= target else "FAIL")
+        )
+        print(
+            f"{preset}: {names.get(runner, runner)} / plain loop{what} = {ratio:.3f}, median of "
+            f"{over}{verdict}"
+        )
 
 
 def pair_ratios(rows: list[dict], preset: str, runner: str) -> tuple[float, list[float]] | None:
@@ -690,17 +706,7 @@ def report(args, rows: list[dict], peak: float, wall: float) -> None:
         "repeats of the ratio to the plain loop run beside it."
     )
     names = {"kiln": "Kiln ZeRO-0 1 process", "compiled": "Kiln compiled", "hf": "Hugging Face"}
-    for preset, runner, ratio, pairs in verdicts:
-        target = TARGETS.get(runner)
-        verdict = (
-            ""
-            if target is None
-            else f" (target >= {target}) " + ("PASS" if ratio >= target else "FAIL")
-        )
-        print(
-            f"{preset}: {names.get(runner, runner)} / plain loop tokens/s = {ratio:.3f}, median "
-            f"of {pairs}{verdict}"
-        )
+    print_verdicts(verdicts, names, " tokens/s")
     print(f"wall time: {wall:.0f} s")
     if args.json:
         ratios = {f"{p}/{runner}": r for p, runner, r, _ in verdicts}
