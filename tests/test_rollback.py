@@ -23,6 +23,7 @@ from trainer.engine import lr_lambda
 from trainer.errors import ConfigError, TrainingDivergedError
 from trainer.loop import Trainer
 from trainer.model_card import _training_rows
+from trainer.replay import replay_step
 
 
 # -- the data order with exclusions (fast) ------------------------------------------------------
@@ -305,6 +306,11 @@ def test_rollback_goes_back_excludes_the_step_and_matches_a_fresh_resume(rollbac
     excluded = set(_ids(data, range(40, 48)))
     assert set(event["sample_ids"]) <= excluded  # the spiking rank's samples of step 6
     assert not excluded & {i for s in ids for i in ids[s]}
+    # kiln replay reads the order with the run's exclusions: step 7 (after the rollback) from
+    # the checkpoint of step 6, to the logged loss's last digit
+    r = replay_step(run, 7, top=1)
+    assert r.loss == got[7] == r.logged_loss
+    assert sorted(s.sample_id for s in r.samples) == ids[7]
 
 
 @pytest.mark.slow

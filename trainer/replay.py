@@ -9,9 +9,11 @@ run sharded over several (ZeRO's partitioned reductions sum in another order), s
 refused with the list of checkpoints the run has.
 
 The sample order is a pure function of the global sample index (:mod:`trainer.loop`): step ``N``
-(1-based) consumed the global indices ``[(N - 1) G, N G)``, and micro-step ``m`` of data-parallel
+(1-based) consumed the logical indices ``[(N - 1) G, N G)``, and micro-step ``m`` of data-parallel
 rank ``r`` read ``(N - 1) G + m b n + r b + [0, b)`` (G global batch, b micro batch, n
-data-parallel size, from the checkpoint's config and the world size the step ran on). Replay reads
+data-parallel size, from the checkpoint's config and the world size the step ran on), mapped to
+global indices past the samples the run's rollbacks excluded (the newest checkpoint's list,
+:func:`trainer.data.dataset.skip_excluded`). Replay reads
 the same rows through the same objective (span corruption draws from the global index), forwards
 each micro-batch as training did (same shape, same dtype, training mode with autograd on; a T5
 with ``dropout_rate`` > 0 drops other units than the run did, so its loss cannot match) and
@@ -199,8 +201,9 @@ def choose_checkpoint(run: str, step: int, steps: list[int], last_step: int | No
 
 
 def step_indices(plan, step: int, micro: int, dp_rank: int) -> np.ndarray:
-    """Global sample indices ``(micro_batch_size,) int64`` of micro-step ``micro`` of step
-    ``step`` (1-based) on data-parallel rank ``dp_rank`` (:mod:`trainer.loop`'s order)."""
+    """Logical sample indices ``(micro_batch_size,) int64`` of micro-step ``micro`` of step
+    ``step`` (1-based) on data-parallel rank ``dp_rank`` (:mod:`trainer.loop`'s order); the
+    global indices they read: ``TrainData.global_indices`` (the run's exclusions left out)."""
     start = (step - 1) * plan.global_batch_size
     start += (micro * plan.data_parallel_size + dp_rank) * plan.micro_batch_size
     return np.arange(start, start + plan.micro_batch_size, dtype=np.int64)
@@ -296,6 +299,15 @@ def replay_step(run_dir: str | Path, step: int, *, top: int = 5) -> StepReplay:
         )
     model, tokenizer = load_run(run_dir, step=start)  # consolidated, fp32
     data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids))
+    # The run's rollbacks left global indices out of the order (trainer.data.dataset.
+    # skip_excluded). Exclusions only grow, and those of a rollback at step k move only the
+    # indices of steps k and later, so the newest checkpoint's list maps every step as trained.
+    newest = (
+        state
+        if start == max(steps)
+        else checkpoint.read_trainer_state(folder.checkpoint(max(steps)))
+    )
+    data.exclude(newest.get("excluded_samples", []))
     # DeepSpeed trains a bf16 / fp16 module: the same rounding of the fp32 weights
     model = model.to(DTYPES[cfg.train.precision])
 
@@ -360,7 +372,7 @@ def _forward_step(model, data, plan, step: int) -> tuple[list[SampleLoss], list[
         for r in range(plan.data_parallel_size):
             total = torch.zeros(())
             for micro in range(plan.gradient_accumulation_steps):
-                batch = data.batch(step_indices(plan, step, micro, r))
+                batch = data.batch(data.global_indices(step_indices(plan, step, micro, r)))
                 logits = model(**batch.inputs)
                 # exactly the loop's micro-batch loss
                 total += token_loss(logits, batch.labels).detach()
