@@ -46,6 +46,7 @@ from trainer.errors import (
     record_failure,
 )
 from trainer.storage import RunFolder, is_relative_path
+from trainer.watchdog import describe_hangs, hang_reports
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -289,10 +290,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(1)
     except TrainingFailedError:  # each rank's failure once, from its record (train_worker)
-        failures = read_failures(RunFolder(cfg.run_dir).local / "logs", since=started)
-        if not failures:
+        local = RunFolder(cfg.run_dir).local
+        failures = read_failures(local / "logs", since=started)
+        hangs = hang_reports(local, since=started)  # the watchdog's kills leave no record
+        if not failures and not hangs:
             raise
-        print(describe_failures(failures), file=sys.stderr)
+        if hangs:
+            print(f"Error: {describe_hangs(hangs)}", file=sys.stderr)
+        if failures:
+            print(describe_failures(failures), file=sys.stderr)
         sys.exit(1)
     if step < cfg.train.max_steps:
         print(f"the run stopped before train.max_steps={cfg.train.max_steps}", file=sys.stderr)

@@ -384,6 +384,20 @@ def test_a_hung_worker_is_restarted_and_the_run_finishes(ray_cluster, prepared_d
     assert json.loads(fired)["fault"] == "sleep@rank1:step5:s600"
 
 
+def test_a_job_ray_gives_up_on_after_a_hang_names_the_hang(ray_cluster, prepared_data, tmp_path):
+    """With no restarts left (--max-failures 0) a hang ends the job; its driver says which rank
+    hung and where the stacks are, as `kiln train` does, instead of Ray's traceback alone."""
+    config = train_config(tmp_path, prepared_data, train__max_steps=4, health__step_timeout=3)
+    result = kiln(
+        *_submit(config, ray_cluster, "--max-failures", "0"),
+        extra_env={"KILN_FAULT": "sleep@rank1:step2:s600"},
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-6000:]
+    assert "Error: rank" in out and "hang watchdog ended" in out, out[-6000:]
+    assert "rank1.txt" in out, out[-6000:]
+
+
 def _logged_steps(run: Path) -> list[int]:
     path = run / "metrics.jsonl"
     if not path.is_file():
