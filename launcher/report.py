@@ -42,6 +42,22 @@ def run_status(cfg: KilnConfig, plan: BatchPlan, resume: Resume) -> list[str]:
     return lines
 
 
+def _activation_options(cfg: KilnConfig) -> str:
+    """What the activations line assumes: the checkpointing choice, the chunked loss and
+    compilation, e.g. ``" (checkpointing mlp of blocks 2, 4, ...; loss in chunks of 1024
+    tokens)"``; ``""`` for none of them."""
+    t, notes = cfg.train, []
+    if t.activation_checkpointing != "none":
+        every = t.activation_checkpointing_every
+        blocks = "every block" if every == 1 else f"blocks {every}, {2 * every}, ..."
+        notes.append(f"checkpointing {t.activation_checkpointing} of {blocks}")
+    if t.loss_chunk_tokens:
+        notes.append(f"loss in chunks of {t.loss_chunk_tokens} tokens")
+    if t.compile:
+        notes.append("compiled blocks")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]:
     """The ``# memory`` lines of the dry-run: per rank on the device (model states,
     activations, DeepSpeed's buffers) and in host memory (construction, offload, swap buffers,
@@ -57,8 +73,7 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
         f"parameters:            {_gib(mem.parameters)}",
         f"gradients:             {_gib(mem.gradients)}",
         f"optimizer states:      {_gib(mem.optimizer_states)}",
-        f"activations:           {_gib(mem.activations)}"
-        + (" (checkpointed)" if cfg.train.activation_checkpointing != "none" else ""),
+        f"activations:           {_gib(mem.activations)}{_activation_options(cfg)}",
         f"DeepSpeed buffers:     {_gib(mem.buffers)} (buckets, gathered ZeRO-3 parameters, "
         "step copy)",
         f"total on the device:   {_gib(mem.total)}",

@@ -105,6 +105,27 @@ def test_estimate_counts_each_choice():
     assert activation_bytes([cross], 1, 2, "attention") / unit == 2 * (51 - 18) + 11
 
 
+def test_dry_run_names_the_activation_options(prepared_data, tmp_path):
+    """The dry-run's activations line says which choice (and the chunked loss, compilation) its
+    figure assumes; a plain run's line says nothing."""
+    from launcher.report import memory_lines
+    from trainer.config import batch_plan
+
+    def line(**train) -> str:
+        sections = {f"train__{k}": v for k, v in train.items()}
+        cfg = load_config(train_config(tmp_path, prepared_data, **sections))
+        lines = memory_lines(cfg, batch_plan(cfg, 1), on_gpu=False)
+        return next(x for x in lines if x.startswith("activations:"))
+
+    assert line().endswith("GiB")
+    assert line(activation_checkpointing="mlp", activation_checkpointing_every=2).endswith(
+        "(checkpointing mlp of blocks 2, 4, ...)"
+    )
+    assert line(activation_checkpointing=True, loss_chunk_tokens=256, compile=True).endswith(
+        "(checkpointing full of every block; loss in chunks of 256 tokens; compiled blocks)"
+    )
+
+
 # name -> (family, layout, activation_checkpointing, activation_checkpointing_every)
 CHECKPOINTED = {
     "zero3-mlp": ("llama", ZERO3, "mlp", 1),
