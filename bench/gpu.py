@@ -11,7 +11,8 @@ objective: span corruption for T5), and prints one table row:
 * MFU = tokens/s x F / P: F = training FLOPs per token, 6N + 12 L d T for a decoder (PaLM,
   Chowdhery et al. 2022, App. B), per stack at its own length for T5
   (:func:`trainer.estimate.flops_per_token`); P = the GPU's dense bf16 peak from the vendor's
-  datasheet (:data:`BF16_DENSE_PEAK`; an unknown GPU: "?" and a note, or ``--peak-tflops``);
+  datasheet (:data:`trainer.estimate.GPU_PEAK_FLOPS`; an unknown GPU: "?" and a note, or
+  ``--peak-tflops``);
 * peak memory = ``torch.cuda.max_memory_allocated`` over the timed steps (tensors only, not the
   CUDA context or the caching allocator's reserve);
 * SDPA backend = which kernel ``scaled_dot_product_attention`` dispatched to, read from the
@@ -40,24 +41,6 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s, from NVIDIA's datasheets (they print the
-# "with sparsity" figure, twice the dense one): H100 SXM and H200 1,979 -> 989
-# (nvidia.com/en-us/data-center/h100, .../h200); H100 PCIe 1,513 -> 756; H100 NVL 1,671 -> 835;
-# A100 312 dense (nvidia.com/en-us/data-center/a100); L40S 733 -> 362
-# (nvidia.com/en-us/data-center/l40s); L4 242 -> 121 (nvidia.com/en-us/data-center/l4); A10
-# 250 -> 125 (nvidia.com/en-us/data-center/products/a10-gpu). Matched against
-# torch.cuda.get_device_name in order: the more specific names first.
-BF16_DENSE_PEAK = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,  # SXM
-    "H200": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
-}
 # (seq_len, micro batch) per preset: the usual pretraining lengths, batches that fit 80 GB.
 DEFAULT_SHAPES = {"125m": (2048, 8), "1b": (2048, 4), "t5:base": (512, 32), "debug": (256, 4)}
 SDPA_OPS = {
@@ -74,9 +57,11 @@ NO_CUDA = (
 
 
 def peak_bf16(name: str) -> float | None:
-    """The dense bf16 peak FLOP/s of the GPU called ``name``, or None if it is not in
-    :data:`BF16_DENSE_PEAK`."""
-    return next((v for k, v in BF16_DENSE_PEAK.items() if k in name), None)
+    """The dense bf16 peak FLOP/s of the GPU called ``name`` (the datasheet table
+    :data:`trainer.estimate.GPU_PEAK_FLOPS`, with its sources), or None if it is not there."""
+    from trainer.estimate import datasheet_peak_flops
+
+    return datasheet_peak_flops(name, "bf16")
 
 
 def sdpa_backend(op_names: set[str]) -> str:

@@ -212,3 +212,22 @@ def test_preflight_warns_of_a_warmup_longer_than_the_run_and_emulated_bf16(
 def test_version():
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("kiln ")
+
+
+def test_datasheet_peaks_match_the_most_specific_gpu_name():
+    """MFU's denominator: an H100 PCIe is not an SXM (756 vs 989 TFLOP/s bf16), an L40S not an
+    L4, an A10G not an A10; an unknown GPU has no datasheet figure (it is measured)."""
+    from trainer.estimate import datasheet_peak_flops
+
+    names = {
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA L40S": 362e12,
+        "NVIDIA L4": 121e12,
+        "NVIDIA A10G": 70e12,
+        "NVIDIA A10": 125e12,
+    }
+    assert {n: datasheet_peak_flops(n, "bf16") for n in names} == names
+    assert datasheet_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert datasheet_peak_flops("Tesla V100-SXM2-16GB", "bf16") is None

@@ -417,13 +417,32 @@ def activation_bytes(
 
 
 # Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets, by precision.
+# Dense (no sparsity) peak FLOP/s per precision from NVIDIA's datasheets, which print the
+# "with sparsity" tensor-core figure, twice the dense one: H100 SXM, H200 and GH200 bf16 1,979 ->
+# 989, fp32 67 (nvidia.com/en-us/data-center/h100, .../h200); H100 PCIe 1,513 -> 756, fp32 51;
+# H100 NVL 1,671 -> 835, fp32 60; A100 312 dense, fp32 19.5 (.../a100); L40S 733 -> 362, fp32
+# 91.6 (.../l40s); L4 242 -> 121, fp32 30.3 (.../l4); A10 250 -> 125, fp32 31.2
+# (.../products/a10-gpu); A10G (AWS) 70, fp32 31.2. Matched against torch.cuda.get_device_name
+# in order, the more specific names first ("H100 PCIe" before "H100", "L40S" before "L4").
 GPU_PEAK_FLOPS = {
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12},
+    "GH200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
     "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
     "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
 }
+
+
+def datasheet_peak_flops(gpu_name: str, precision: str) -> float | None:
+    """The dense peak FLOP/s in ``precision`` (``bf16``, ``fp16``, ``fp32``) of the GPU that
+    ``torch.cuda.get_device_name`` calls ``gpu_name``, from :data:`GPU_PEAK_FLOPS`; None for a
+    GPU not in the table."""
+    return next((t[precision] for k, t in GPU_PEAK_FLOPS.items() if k in gpu_name), None)
 
 
 def measure_matmul_flops(
@@ -449,9 +468,8 @@ def measure_matmul_flops(
 def peak_flops(device: torch.device, precision: str) -> float:
     """Peak FLOP/s of one device: the datasheet figure for known GPUs, else measured."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return table[precision]
+        known = datasheet_peak_flops(torch.cuda.get_device_name(device), precision)
+        if known is not None:
+            return known
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return measure_matmul_flops(device, dtype)
