@@ -192,6 +192,7 @@ class PlainLoop:
         self.model, self.plan, self.data, self.grad_clip = model, plan, data, t.grad_clip
         self.forward = forward or model
         self.step = 0
+        self.data_wait_s = 0.0  # seconds spent making batches, as Trainer.data_wait_s
         self.optimizer = torch.optim.AdamW(
             param_groups(model, t.weight_decay),
             lr=t.lr,
@@ -208,7 +209,9 @@ class PlainLoop:
         self.model.train()
         for micro in range(p.gradient_accumulation_steps):
             start = self.step * p.global_batch_size + micro * p.micro_batch_size  # as Trainer's
+            waited = time.perf_counter()
             batch = self.data.batch(np.arange(start, start + p.micro_batch_size))
+            self.data_wait_s += time.perf_counter() - waited
             loss = token_loss(self.forward(**batch.inputs), batch.labels)
             (loss / p.gradient_accumulation_steps).backward()
             total += loss.detach()
@@ -272,12 +275,16 @@ def interleaved_worker(args, world) -> None:
             step()
         warmup_s[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in names}
+    waits: dict[str, list[float]] = {name: [] for name in names}
     losses: dict[str, float] = {}
     for i in range(args.steps):
         for name in names[i % len(names) :] + names[: i % len(names)]:
+            runner = steps[name][0].__self__  # a Trainer or a PlainLoop: both time their data
+            runner.data_wait_s = 0.0
             start = time.perf_counter()
             losses[name] = steps[name][0]().item()
             times[name].append(time.perf_counter() - start)
+            waits[name].append(runner.data_wait_s)
     result = {}
     for name in names:
         tokens = steps[name][1].tokens_per_step
@@ -288,6 +295,7 @@ def interleaved_worker(args, world) -> None:
             "warmup_s": warmup_s[name],
             "last_loss": losses[name],
             "round_ratios": [p / t for p, t in zip(times["plain"], times[name], strict=True)],
+            "data_wait_pct": 100 * sum(waits[name]) / sum(times[name]),
             "threads": torch.get_num_threads(),
         }
     Path(args.out).write_text(json.dumps(result))
@@ -310,6 +318,8 @@ def worker(args) -> None:
             train_step()
         distributed.barrier()
         losses, times = [], []
+        runner = train_step.__self__  # a Trainer or a PlainLoop: both time their data
+        runner.data_wait_s = 0.0
         start = last = time.perf_counter()
         for _ in range(args.steps):
             losses.append(train_step())
@@ -329,6 +339,7 @@ def worker(args) -> None:
                 "threads": torch.get_num_threads(),
                 "last_loss": losses[-1].item(),
                 "global_batch_size": plan.global_batch_size,
+                "data_wait_pct": 100 * runner.data_wait_s / seconds,  # rank 0's
             }
             Path(args.out).write_text(json.dumps(result))
     finally:
@@ -532,7 +543,7 @@ def interleaved_main(args, peak: float) -> None:
 
     began, dump = time.perf_counter(), {}
     head = f"{'preset':>8} {'runner':>8} {'step s':>7} {'tokens/s':>9} {'x plain':>7} {'MFU %':>6}"
-    head += f" {'warmup s':>8} {'last loss':>9}"
+    head += f" {'warmup s':>8} {'last loss':>9} {'wait %':>6}"
     lines, verdicts = [head, "-" * len(head)], []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
@@ -552,7 +563,8 @@ def interleaved_main(args, peak: float) -> None:
                 mfu = 100 * r["tokens_per_s"] * fpt / peak
                 lines.append(
                     f"{preset:>8} {name:>8} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.1f} "
-                    f"{ratio:>7.3f} {mfu:>6.1f} {r['warmup_s']:>8.1f} {r['last_loss']:>9.4f}"
+                    f"{ratio:>7.3f} {mfu:>6.1f} {r['warmup_s']:>8.1f} {r['last_loss']:>9.4f} "
+                    f"{r['data_wait_pct']:>6.2f}"
                 )
                 if name != "plain":
                     verdicts.append((preset, name, ratio, [round(x, 3) for x in r["round_ratios"]]))
@@ -561,7 +573,8 @@ def interleaved_main(args, peak: float) -> None:
         "\nOne process per preset, fp32; step s: median over the rounds; x plain: median over "
         "the rounds of (plain loop step time / this runner's step time) in the same round; "
         f"MFU against {peak / 1e9:.1f} GFLOP/s (1024^3 matmul); warmup s: the untimed first "
-        "steps (compilation included for compiled)."
+        "steps (compilation included for compiled); wait %: the time the runner waited for "
+        "batches (Kiln: made data.prefetch_steps ahead) as a share of its step time."
     )
     names = {"kiln": "Kiln ZeRO-0", "compiled": "Kiln compiled", "hf": "Hugging Face"}
     print_verdicts(
@@ -659,9 +672,9 @@ def runs(rows: list[dict], **key) -> list[dict]:
     return sorted(match, key=lambda r: -r["tokens_per_s"])
 
 
-ROW = "{:>8} {:>8} {:>4} {:>5} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>9} {:>8}"
+ROW = "{:>8} {:>8} {:>4} {:>5} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>9} {:>8} {:>6}"
 COLUMNS = ["preset", "runner", "ZeRO", "procs", "thr/p", "step s", "tokens/s", "x plain"]
-COLUMNS += ["MFU %", "RSS MiB", "last loss", "others %"]
+COLUMNS += ["MFU %", "RSS MiB", "last loss", "others %", "wait %"]
 HEAD = ROW.format(*COLUMNS)
 
 
@@ -670,11 +683,12 @@ def table_row(r: dict, plain: dict | None) -> str:
     cells = [r["preset"], r["runner"], "-" if no_zero else r["zero_stage"]]
     cells.append(r["nproc"])
     if "error" in r:
-        return ROW.format(*cells, "FAILED", *[""] * 7).rstrip()
+        return ROW.format(*cells, "FAILED", *[""] * 8).rstrip()
     vs = f"{r['tokens_per_s'] / plain['tokens_per_s']:.3f}" if plain else "-"
     cells += [r["threads"], f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.1f}", vs]
     cells += [f"{100 * r['mfu']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['last_loss']:.4f}"]
-    return ROW.format(*cells, f"{100 * r['others_cpu']:.0f}")
+    wait = f"{r['data_wait_pct']:.2f}" if "data_wait_pct" in r else "-"
+    return ROW.format(*cells, f"{100 * r['others_cpu']:.0f}", wait)
 
 
 def report(args, rows: list[dict], peak: float, wall: float) -> None:
@@ -701,7 +715,9 @@ def report(args, rows: list[dict], peak: float, wall: float) -> None:
         f"({peak / 1e9:.1f} GFLOP/s fp32, measured at start on all cores), the same peak for "
         "every process count. RSS: peak resident set size, max over ranks. thr/p: torch "
         "threads per process. others %: CPU taken by other processes while the configuration "
-        "ran. Plain loop, Kiln ZeRO-0 x1 and the peers: the fastest of "
+        "ran. wait %: rank 0's time waiting for batches (Kiln: the loop's data_wait_s, batches "
+        "made data.prefetch_steps ahead; plain loop and hf: made in the step) as a share of the "
+        "timed wall time. Plain loop, Kiln ZeRO-0 x1 and the peers: the fastest of "
         f"{args.repeats} alternated runs each in the table; each verdict is the median over the "
         "repeats of the ratio to the plain loop run beside it."
     )

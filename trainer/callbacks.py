@@ -82,7 +82,8 @@ class ConsoleProgress(Callback):
         line = (
             f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
             f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:,.0f} tok/s "
-            f"MFU {100 * metrics['mfu']:.1f}% mem {metrics['memory_gb']:.2f}GB"
+            f"MFU {100 * metrics['mfu']:.1f}% mem {metrics['memory_gb']:.2f}GB "
+            f"data wait {metrics['data_wait_pct']:.1f}%"
         )
         if self.interactive:
             self.bar.set_postfix_str(line, refresh=False)

@@ -127,6 +127,16 @@ class DataConfig(_Section):
         description="hash every shard against its manifest before training starts (sha256, "
         "about 1.4 GiB/s per CPU core; sizes are always checked)",
     )
+    prefetch_steps: NonNegativeInt = Field(
+        2,
+        description="optimizer steps of batches prepared ahead of the training step in "
+        "DataLoader worker processes (reads and the objective, e.g. span corruption; pinned "
+        "for non-blocking copies on CUDA); 0: each batch read in the training process when "
+        "the step needs it",
+    )
+    prefetch_workers: PositiveInt = Field(
+        1, description="DataLoader worker processes per rank that prepare the batches ahead"
+    )
 
     @property
     def hf_cache_dir(self) -> Path:

@@ -31,6 +31,7 @@ from trainer import checkpoint, distributed, health
 from trainer.callbacks import Callback
 from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import TrainData
+from trainer.data.prefetch import Prefetcher, to_device
 from trainer.distributed import World
 from trainer.engine import group_weight_decays
 from trainer.estimate import ds_memory_settings, flops_per_token
@@ -99,6 +100,19 @@ class Trainer:
         )
         self._grad_norm: torch.Tensor | None = None  # a device tensor: read when logged
         self.dp_rank = engine.grid.data_parallel_id if self.pipelined else world.rank
+        # The training order's micro-batches, made data.prefetch_steps steps ahead in
+        # DataLoader workers (trainer.data.prefetch); data_wait_s: the seconds this process
+        # waited for them (and their copies to the device) since the last metrics.
+        self.batches = Prefetcher(
+            data,
+            plan,
+            self.dp_rank,
+            prefetch_steps=cfg.data.prefetch_steps,
+            max_steps=cfg.train.max_steps,
+            workers=cfg.data.prefetch_workers,
+            pin_memory=world.device.type == "cuda",
+        )
+        self.data_wait_s = 0.0
         # The health supervisor (trainer.health) decides at every update, on every rank alike.
         self.supervisor = health.Supervisor(cfg.health, world.world_size)
         self.faults = health.FaultInjector(world.rank)
@@ -258,9 +272,11 @@ class Trainer:
         total = torch.zeros((), device=self.world.device)
         ids = []
         for micro in range(self.plan.gradient_accumulation_steps):
-            batch = self.data.batch(self.micro_batch_indices(self.step, micro))
+            waited = time.perf_counter()
+            batch = self.batches.get(self.step, micro)
             ids.append(batch.sample_ids)
-            inputs, labels = self._to_device(batch.inputs), batch.labels.to(self.world.device)
+            inputs, labels = self._to_device(batch.inputs), self._to_device(batch.labels)
+            self.data_wait_s += time.perf_counter() - waited
             if self.cfg.train.loss_chunk_tokens:  # the model's head applies the chunked loss
                 chunk = self.cfg.train.loss_chunk_tokens
                 loss = self.engine(**inputs, labels=labels, loss_chunk_tokens=chunk)
@@ -290,17 +306,20 @@ class Trainer:
         """The first stage's input: the tensor (decoder) or tuple (encoder-decoder) that
         `trainer.pipeline`'s layers expect."""
         if len(inputs) == 1:
-            return inputs["input_ids"].to(self.world.device)
+            return self._to_device(inputs["input_ids"])
         keys = ("input_ids", "attention_mask", "decoder_input_ids")
-        return tuple(inputs[k].to(self.world.device) for k in keys)
+        return tuple(self._to_device(inputs[k]) for k in keys)
 
     def _pipeline_train_step(self) -> torch.Tensor:
+        waited = time.perf_counter()
         batches = [
-            self.data.batch(self.micro_batch_indices(self.step, micro))
+            self.batches.get(self.step, micro)
             for micro in range(self.plan.gradient_accumulation_steps)
         ]
-        device = self.world.device
-        micro_batches = [(self._pipeline_inputs(b.inputs), b.labels.to(device)) for b in batches]
+        micro_batches = [
+            (self._pipeline_inputs(b.inputs), self._to_device(b.labels)) for b in batches
+        ]
+        self.data_wait_s += time.perf_counter() - waited
         self.engine.train_batch(iter(micro_batches))
         self.last_sample_ids = np.concatenate([b.sample_ids for b in batches])
         self._advance()
@@ -318,8 +337,11 @@ class Trainer:
         )
         return logits if self.engine.is_last_stage() else None
 
-    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.world.device) for k, v in inputs.items()}
+    def _to_device(self, x: dict[str, torch.Tensor] | torch.Tensor):
+        """A tensor or a dict of tensors on the device (non-blocking on CUDA: see to_device)."""
+        if isinstance(x, torch.Tensor):
+            return to_device(x, self.world.device)
+        return {k: to_device(v, self.world.device) for k, v in x.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -441,6 +463,7 @@ class Trainer:
         self._poll_interval = min(intervals, default=None)  # of on_poll, in seconds
         self._last_poll = time.monotonic()
         self._call("on_train_start")
+        self.batches.start(self.step)  # the workers fill while step 0 evaluates
         if self.step == 0:
             self._evaluate_and_report()
         window_loss = torch.zeros((), device=self.world.device)
@@ -451,6 +474,7 @@ class Trainer:
             if self._roll_back and self._rolled_back():
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
+                self.data_wait_s = 0.0
                 if self.stopping:  # a signal with the step: the run is at a saved checkpoint
                     break
                 continue
@@ -470,6 +494,7 @@ class Trainer:
                 self._evaluate_and_report()
             if self.stopping:
                 break
+        self.batches.close()
         self._call("on_train_end")
         if self.health_stop is not None:
             raise self.health_stop
@@ -580,6 +605,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._grad_norm
+        data_wait_s, self.data_wait_s = self.data_wait_s, 0.0  # this rank's, over the window
         return {
             "loss": mean_loss / self.world.world_size,
             "lr": self.last_lr,
@@ -589,4 +615,6 @@ class Trainer:
             "memory_gb": peak_memory_gb(self.world.device),
             "tokens_seen": float(self.tokens_seen),
             "world_size": self.world.world_size,  # an elastic Ray group may change it on resume
+            "data_wait_s": data_wait_s / steps,  # per step, waiting for batches (rank 0's)
+            "data_wait_pct": 100 * data_wait_s / elapsed,  # of the window's wall time
         }

@@ -110,8 +110,17 @@ class PackedDataset:
         mm = self._maps.get(j)
         if mm is None:
             shard = self._shards[j]
+            f = self.path / shard["file"]
+            want = shard["sequences"] * (self.seq_len + 1) * self.dtype.itemsize
+            size = f.stat().st_size if f.is_file() else None
+            if size != want:  # changed since it was opened (a reader may be another process)
+                raise ValueError(
+                    f"shard {f} has {'no file' if size is None else f'{size} bytes'} now, the "
+                    f"manifest says {want} bytes: the dataset was damaged or changed while in "
+                    f"use: {_RERUN}"
+                )
             mm = np.memmap(
-                self.path / shard["file"],
+                f,
                 dtype=self.dtype,
                 mode="r",
                 shape=(shard["sequences"], self.seq_len + 1),
