@@ -205,6 +205,8 @@ def bench_preset(args, preset: str, world) -> list[dict]:
                 else:
                     block.append((elapsed, trainer.data_wait_s))
             sources[source].close()
+            if world.is_main:
+                print(f"{preset} {source}: steps {[round(s, 3) for s, _ in block]} s", flush=True)
             steps[source] += block
             medians[source] = statistics.median(s for s, _ in block)
         rounds.append(medians)

@@ -17,17 +17,20 @@ position. Evaluation reads the validation split in the training process and does
 order. ``data.prefetch_steps=0`` reads each micro-batch synchronously in the training process,
 as before prefetching existed.
 
-Why worker processes (DataLoader) and not a background thread. Measured with
-``bench/prefetch.py`` (see the README's data section for the table): the two wait about the same
-for data on this 2-core CPU once the prefetch queue is full (both under 1% of the step at the 125m
-decoder and T5 small presets), but a thread runs the objective's Python and numpy code under the
-training thread's GIL: each of its slices delays the training thread's next operator launch by
-up to ``sys.getswitchinterval()`` (5 ms), a cost that shows in the step time rather than in the
-data wait and that grows on a GPU, where the training thread does little but launch kernels. A
-worker process shares nothing with the training thread but the cores; the DataLoader also brings
-pinning in its own thread, worker-death detection and a well-kept implementation. Its price is the
-start of a worker (a ``fork``: tens of milliseconds here) at the start of training and after each
-rollback or resume, when the first micro-batch is waited for.
+Why worker processes (DataLoader) and not a background thread. ``bench/prefetch.py`` runs both
+beside the synchronous path in one Trainer (fp32, this 2-core CPU, micro batch 1 x 2 micro-batches
+of 256 tokens, 2 steps ahead, under a load of 3-13 from other processes, so step times varied
+5-67 s): the wait per step was 1.0 / 3.2 / 1.0 ms (synchronous / DataLoader / thread) at the 125m
+decoder and 1.5 / 9.4 / 3.4 ms at T5 small, all under 0.05% of the step; starting the source at a
+block's first step cost 150-220 ms with the DataLoader (fork + first batch) against 2-4 ms for a
+thread. On a CPU the two are equal for the target; the choice is made for the GPU, where the
+training thread does little but launch kernels: a thread runs the objective's Python and numpy
+code under the training thread's GIL, each of its slices delaying the next kernel launch by up to
+``sys.getswitchinterval()`` (5 ms), a cost that lands in the step time, not in the data wait. A
+worker process shares nothing with the training thread but the cores, and the DataLoader brings
+pinning in its own thread, worker-death detection and a well-kept implementation. Its price, the
+worker start, is paid at the start of training (during the step-0 evaluation) and after a
+rollback or resume.
 
 Errors: an exception raised while a worker makes a batch is raised again in the training process
 by :meth:`Prefetcher.get` as the same type with the same message as the synchronous path gives
@@ -79,7 +82,8 @@ class _HostBatch:
     """A :class:`Batch` as numpy arrays for the trip from the worker: pickled by value through
     the result queue (tens of KB: well under a millisecond), where a tensor travels as a
     shared-memory file whose descriptor the training process fetches from the worker over a
-    socket, 2-8 ms per batch on this CPU (measured: ``bench/prefetch.py``). The DataLoader's pin
+    socket: 2-8 ms per batch on this CPU, against 0.5-0.75 ms as arrays (measured with the
+    tests' data, micro batches of 2 to 32 rows). The DataLoader's pin
     thread calls :meth:`pin_memory`; :meth:`batch` serves unpinned."""
 
     def __init__(self, batch: Batch):
