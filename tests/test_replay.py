@@ -18,8 +18,8 @@ from conftest import kiln_in_process, step_losses, train_config
 from distributed import run_distributed, train_in_process
 
 from trainer.callbacks import STEP_METRIC
+from trainer.manifest import checkpoint_tag
 from trainer.replay import replay_step
-from trainer.storage import checkpoint_tag
 
 FAULT = "spike@rank0:step5:x1000,nan@rank0:step6"
 

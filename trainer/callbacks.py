@@ -354,7 +354,7 @@ class Publisher(Callback):
         finish (it was stopped or killed while they ran): each complete checkpoint still kept
         at a publishing step whose ``hf/step-N`` folder does not exist (a publish writes it by
         one rename, so it exists only complete)."""
-        from trainer.storage import STATE_FILE
+        from trainer.manifest import STATE_FILE
 
         for ckpt in sorted(self.run_dir.glob("checkpoints/step-*")):
             if ckpt.name.endswith("-universal") or not (ckpt / STATE_FILE).is_file():
