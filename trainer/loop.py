@@ -287,12 +287,10 @@ class Trainer:
         self.tokens_seen += self.plan.tokens_per_step
 
     def _pipeline_inputs(self, inputs: dict[str, torch.Tensor]):
-        """The first stage's input: the tensor (decoder) or tuple (encoder-decoder) that
-        `trainer.pipeline`'s layers expect."""
-        if len(inputs) == 1:
-            return inputs["input_ids"].to(self.world.device)
-        keys = ("input_ids", "attention_mask", "decoder_input_ids")
-        return tuple(inputs[k].to(self.world.device) for k in keys)
+        """The first stage's input: the tensor or tuple `trainer.pipeline`'s layers expect."""
+        from trainer.pipeline import first_stage_inputs
+
+        return first_stage_inputs(self.cfg.derived.model, self._to_device(inputs))
 
     def _pipeline_train_step(self) -> torch.Tensor:
         batches = [

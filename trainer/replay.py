@@ -299,7 +299,7 @@ def replay_step(run_dir: str | Path, step: int, *, top: int = 5) -> StepReplay:
             f"data as the run had it (data.root={cfg.data.root})"
         )
     model, tokenizer = load_run(run_dir, step=start)  # consolidated, fp32
-    data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids))
+    data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids, tokenizer.eos_id))
     # The run's rollbacks left global indices out of the order (trainer.data.dataset.
     # skip_excluded). Exclusions only grow, and those of a rollback at step k move only the
     # indices of steps k and later, so the newest checkpoint's list maps every step as trained.
