@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from trainer.config import KilnConfig, ObjectiveConfig
+    from trainer.config import DataConfig, KilnConfig, ObjectiveConfig
 
 IGNORE_INDEX = -100
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
@@ -535,3 +535,15 @@ def describe(objectives: Sequence[ObjectiveConfig], seq_len: int) -> str:
     pad = " (padded)" if any(o.type == "prefix_lm" for o in objectives) else ""
     lengths = f"encoder {enc_len}, decoder {dec_len}{pad}"
     return f"{' + '.join(parts)}: {seq_len} raw tokens -> {lengths}"
+
+
+def describe_documents(data: DataConfig) -> str:
+    """One line on how the documents packed in a row see each other (``data.document_mask``,
+    ``data.reset_position_ids``), for `--dry-run` and the model card (a training setting: the
+    published model has no mask)."""
+    if not data.document_mask:
+        return "packed rows, attention across document boundaries (data.document_mask=false)"
+    line = "packed rows, attention within each document (data.document_mask=true)"
+    if data.reset_position_ids:
+        line += ", positions restart per document (data.reset_position_ids=true)"
+    return line
