@@ -3,20 +3,21 @@ training-step time with and without it, and the attention op alone through an SD
 mask (what Kiln uses, ``model.layers.allowed_keys``) beside ``flex_attention`` block masks.
 
 Step: a plain model of the preset (fp32, one process, no DeepSpeed: only the forward differs
-between the settings), forward + loss + backward + ``torch.optim.AdamW`` step on one fixed batch
-of packed rows: random tokens with an EOS ending each document, document lengths drawn
-geometrically with mean ``--doc-len`` tokens. The batch comes from
-``trainer.objectives.CausalLM`` for each setting (``off``: ``input_ids`` only, SDPA's
+between the settings; one model and optimizer for all), forward + loss + backward +
+``torch.optim.AdamW`` step on one fixed batch of packed rows: random tokens with an EOS ending
+each document, document lengths drawn geometrically with mean ``--doc-len`` tokens. The batch
+comes from ``trainer.objectives.CausalLM`` for each setting (``off``: ``input_ids`` only, SDPA's
 ``is_causal``; ``mask``: + ``document_ids``; ``mask+reset``: + ``position_ids``). After one
-warm-up step each, the settings run alternated, ``--rounds`` times; the table gives each one's
-median step time and the median over the rounds of its ratio to ``off`` beside it.
+warm-up step each, the settings run alternated (the order rotated each round), ``--rounds``
+times; the table gives each one's median step time and the median over the rounds of its
+ratio to ``off`` in the same round.
 
 Attention op (``--attention``): forward + backward of one attention call at the preset's shape
 (B, H, T, Dh), causal, with the same documents: SDPA ``is_causal`` (no mask), SDPA with the
 (B, 1, T, T) boolean mask, and ``torch.compile``'d ``flex_attention`` with a ``BlockMask`` from
 ``create_block_mask`` (its compile time reported separately, then timed like the others). Where
 ``flex_attention`` has no backward (torch 2.13 on a CPU raises ``NotImplementedError``), all
-of them are timed forward only, under ``torch.no_grad``.
+of them are timed forward only (inputs without gradients).
 
     python bench/document_mask.py                                  # debug preset
     python bench/document_mask.py --preset 125m --micro-batch-size 2 --seq-len 512 --attention
@@ -51,7 +52,8 @@ def packed_rows(batch: int, seq_len: int, doc_len: float, vocab: int, seed: int 
 
 
 def step_timer(args):
-    """One step function per setting, each with its own model and optimizer from one seed."""
+    """One step function per setting over one model and optimizer (the weights drift from step
+    to step, which does not change a step's work; one copy keeps the 125m preset's memory low)."""
     from model import build_model
     from model.registry import get_preset
     from trainer.objectives import CausalLM, token_loss
@@ -63,13 +65,13 @@ def step_timer(args):
         "mask": CausalLM(document_mask=True, eos_id=EOS),
         "mask+reset": CausalLM(document_mask=True, reset_position_ids=True, eos_id=EOS),
     }
+    model = build_model(cfg, seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     steps = {}
     for name, objective in objectives.items():
         batch = objective(rows, None, 0)
-        model = build_model(cfg, seed=0).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step(model=model, opt=opt, batch=batch) -> float:
+        def step(batch=batch) -> float:
             start = time.perf_counter()
             loss = token_loss(model(**batch.inputs), batch.labels)
             loss.backward()
