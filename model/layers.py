@@ -107,10 +107,13 @@ def allowed_keys(
     Built once per forward and shared by every layer: O(B T S) booleans against the
     O(B H T S Dh) of the attention itself.
 
-    An SDPA boolean mask rather than ``flex_attention`` block masks: SDPA runs eagerly and
+    An SDPA boolean mask rather than ``flex_attention`` block masks: SDPA trains eagerly and
     compiled on CPU and GPU in torch 2.13 and takes T5's additive bias through the same
-    argument (`additive_mask`); on a GPU it uses the memory-efficient kernel with a mask
-    (flash takes none). Measured in ``bench/document_mask.py``.
+    argument (`additive_mask`), while ``flex_attention`` has no backward on a CPU in torch 2.13
+    (``NotImplementedError``) and its compiled CPU forward took ~18x SDPA's at the debug
+    preset's shape (``bench/document_mask.py --attention``). On a GPU a mask rules out SDPA's
+    flash kernel (the memory-efficient one takes it), where block masks would skip the masked
+    blocks: a GPU-only path is left for when one can be measured.
 
     Args:
         query_length: T, the queries.
