@@ -115,7 +115,7 @@ SHAPES = {
     ]
 }
 TARGETS = {"kiln": 1.0, "compiled": 1.15}  # x the plain loop's tokens/s; others: no target
-JOB_TIMEOUT_S = 900  # per configuration
+JOB_TIMEOUT_S = 900  # per configuration; an --interleaved job: per runner it holds
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -413,7 +413,7 @@ def run_config(
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=JOB_TIMEOUT_S)
+            proc.wait(timeout=JOB_TIMEOUT_S * max(1, len(interleave.split(","))))
         except subprocess.TimeoutExpired:  # e.g. one rank died, the other waits in a collective
             proc.terminate()  # torchrun stops its workers on SIGTERM
             proc.wait()
