@@ -84,8 +84,9 @@ def compile_loss(loss: Callable[..., torch.Tensor], device: torch.device | str) 
     Compiled, the cross-entropy's log-softmax, label gather and mean run as one pass over the
     (tokens x V) fp32 logits forward and one backward, where eager PyTorch writes the
     log-probabilities and a zero-filled gradient before scattering into it: fewer passes over
-    the logits and one (tokens x V) buffer less. torchtitan compiles its loss beside the blocks in the same way
-    (``compile.components = ["model", "loss"]``, ``torchtitan/components/loss.py``).
+    the logits and one (tokens x V) buffer less. torchtitan compiles its loss beside the blocks
+    in the same way (``compile.components = ["model", "loss"]``,
+    ``torchtitan/components/loss.py``).
     """
     if compile_unavailable(device) is not None:
         return loss
