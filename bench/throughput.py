@@ -15,7 +15,13 @@ rounded, the parameter count of nanoGPT's 4 x 384 GELU MLP):
 * **plain loop**: the same model, initialisation, synthetic batches and optimisation, in plain
   PyTorch: ``torch.optim.AdamW`` on the same parameter groups (:func:`trainer.engine.param_groups`),
   the same ``LambdaLR`` schedule, ``clip_grad_norm_`` at ``train.grad_clip``; no DeepSpeed.
-  One process. Its last loss should equal Kiln ZeRO-0 one process's (same maths).
+  One process. Its last loss should equal Kiln ZeRO-0 one process's (same maths). Its AdamW is
+  the default implementation, as nanoGPT's loop has it on a CPU (``fused=True`` on CUDA only,
+  nanoGPT ``model.py`` ``configure_optimizers``): on a CPU, one kernel per parameter and
+  operation.
+* **fused**: the plain loop with ``torch.optim.AdamW(fused=True)``, the optimizer Kiln builds
+  (:func:`trainer.engine.deepspeed_config`): how much of Kiln's lead over the plain loop a
+  hand-written loop gets by choosing the same optimizer kernel.
 * **compiled**: Kiln ZeRO-0 on one process with ``train.compile=true`` (each block compiled by
   ``torch.compile``, :mod:`trainer.compile`); its compilation happens in the untimed warmup step.
 * **hf**: the peer: the Hugging Face ``transformers`` model of the family
@@ -30,9 +36,9 @@ parent. Batches are random token ids from a seeded generator, identical for both
 into examples by the run's objective (span corruption for T5, sentinels = the last 100 ids). After
 ``--warmup`` optimizer steps, ``--steps`` steps are timed between barriers. torchrun sets
 ``OMP_NUM_THREADS=1`` when N > 1; with N = 1 the process uses all cores. The plain loop, Kiln
-ZeRO-0 on one process and the ``--peers`` (compiled, hf) run adjacent, alternated ``--repeats``
-times; the table shows the fastest of each, and each verdict is the median over the repeats of
-the ratio to the plain loop run beside it.
+ZeRO-0 on one process and the ``--peers`` (compiled, hf, fused) run adjacent, alternated
+``--repeats`` times; the table shows the fastest of each, and each verdict is the median over the
+repeats of the ratio to the plain loop run beside it.
 
 Formulas:
 
@@ -59,11 +65,11 @@ its median reported, so load that other processes put on the machine for seconds
 hits every runner of a round alike.
 
 Targets (CPU, fp32, one process): Kiln ZeRO-0 >= 1.0x the plain loop's tokens/s; Kiln compiled
->= 1.15x. The ratios are printed with PASS/FAIL; the exit code is 0 either way. The hf ratio is
-reported without a target.
+>= 1.15x. The ratios are printed with PASS/FAIL; the exit code is 0 either way. The hf and
+fused ratios are reported without a target.
 
     python bench/throughput.py --interleaved --presets nanogpt,125m   # plain, Kiln, compiled,
-                                                    # hf: one process, rotated rounds of steps
+                                                    # hf, fused: one process, rotated rounds
     python bench/throughput.py --presets nanogpt,125m --stages 0 --nprocs 1 \
         --pipeline-micro-batches ''             # the same runners, a process per run
     python bench/throughput.py                      # debug and 125m, ZeRO 0-3, 1 and 2 processes
@@ -89,7 +95,7 @@ import torch
 
 # Timed optimizer steps per preset when --steps is not given. On a quiet 2-core CPU the default
 # run took ~10 minutes, ~4 of them starting the 22 torchrun jobs (~8-10 s each), before the
-# peers (--peers compiled,hf: 12 more jobs, the compiled ones compiling in their warmup step;
+# peers (--peers compiled,hf,fused: 18 more jobs, the compiled ones compiling in their warmup step;
 # --peers '' leaves them out); a 125m step takes ~2 s on one process (ZeRO-0) to ~10 s on two
 # (ZeRO-3). --steps 2 saves ~1 minute.
 DEFAULT_STEPS = {"debug": 30, "125m": 3, "t5:debug": 30, "t5:small": 3, "nanogpt": 8}
@@ -109,7 +115,7 @@ SHAPES = {
     ]
 }
 TARGETS = {"kiln": 1.0, "compiled": 1.15}  # x the plain loop's tokens/s; others: no target
-JOB_TIMEOUT_S = 900  # per configuration
+JOB_TIMEOUT_S = 900  # per configuration; an --interleaved job: per runner it holds
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -183,9 +189,12 @@ class SyntheticTokens:
 class PlainLoop:
     """The optimisation of ``Trainer.train_step`` in plain PyTorch, for one process.
 
-    ``forward``: ``(**batch.inputs) -> logits (B, T, V)``; None: ``model`` itself."""
+    ``forward``: ``(**batch.inputs) -> logits (B, T, V)``; None: ``model`` itself. ``fused``:
+    ``torch.optim.AdamW``'s argument (None: its default, a kernel per tensor on a CPU)."""
 
-    def __init__(self, cfg, model: torch.nn.Module, plan, data: SyntheticTokens, forward=None):
+    def __init__(
+        self, cfg, model: torch.nn.Module, plan, data: SyntheticTokens, forward=None, fused=None
+    ):
         from trainer.engine import lr_lambda, param_groups
 
         t = cfg.train
@@ -199,6 +208,7 @@ class PlainLoop:
             betas=(t.adam_beta1, t.adam_beta2),
             eps=t.adam_eps,
             weight_decay=t.weight_decay,
+            fused=fused,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train))
 
@@ -245,9 +255,10 @@ def make_train_step(args, runner: str, world):
     samples = plan.global_batch_size * (args.warmup + args.steps)
     data = SyntheticTokens(cfg, plan.seq_len, samples)
     model = build_model(cfg.derived.model, seed=cfg.train.seed)
-    if runner == "plain":
+    if runner in ("plain", "fused"):
         assert world.world_size == 1, "the plain loop runs on one process"
-        return PlainLoop(cfg, model, plan, data).train_step, plan
+        fused = True if runner == "fused" else None
+        return PlainLoop(cfg, model, plan, data, fused=fused).train_step, plan
     if runner == "hf":
         assert world.world_size == 1, "the Hugging Face model runs in the plain loop"
         hf = hf_model(cfg, model)
@@ -392,7 +403,8 @@ def run_config(
 ):
     """Launch one configuration under torchrun; returns its figures, or ``{"error": ...}``.
 
-    Runners: ``plain`` (the plain loop), ``kiln``, ``compiled`` (Kiln, ``train.compile=true``),
+    Runners: ``plain`` (the plain loop), ``fused`` (the plain loop with fused AdamW), ``kiln``,
+    ``compiled`` (Kiln, ``train.compile=true``),
     ``hf`` (the family's ``transformers`` model in the plain loop), ``1t`` (Kiln on one thread: the
     reference of the pipeline rows), ``pipe`` (Kiln with ``nproc`` pipeline stages,
     ``micro_batches`` per step); with ``interleave`` (runner names), all of those in one process,
@@ -412,7 +424,7 @@ def run_config(
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=JOB_TIMEOUT_S)
+            proc.wait(timeout=JOB_TIMEOUT_S * max(1, len(interleave.split(","))))
         except subprocess.TimeoutExpired:  # e.g. one rank died, the other waits in a collective
             proc.terminate()  # torchrun stops its workers on SIGTERM
             proc.wait()
@@ -453,10 +465,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--peers",
         type=csv(str),
-        default="compiled,hf",
+        default="compiled,hf,fused",
         help="runners alternated with the plain loop and Kiln: compiled (Kiln, train.compile="
         "true), hf (the family's transformers model: LlamaForCausalLM, "
-        "T5ForConditionalGeneration)",
+        "T5ForConditionalGeneration), fused (the plain loop with torch's fused AdamW)",
     )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per process")
@@ -577,6 +589,7 @@ def interleaved_main(args, peak: float) -> None:
         "batches (Kiln: made data.prefetch_steps ahead) as a share of its step time."
     )
     names = {"kiln": "Kiln ZeRO-0", "compiled": "Kiln compiled", "hf": "Hugging Face"}
+    names["fused"] = "plain loop with fused AdamW"
     print_verdicts(
         [(p, r, ratio, f"{len(rounds)} rounds") for p, r, ratio, rounds in verdicts], names, ""
     )
@@ -679,7 +692,7 @@ HEAD = ROW.format(*COLUMNS)
 
 
 def table_row(r: dict, plain: dict | None) -> str:
-    no_zero = r["runner"] in ("plain", "hf")
+    no_zero = r["runner"] in ("plain", "hf", "fused")
     cells = [r["preset"], r["runner"], "-" if no_zero else r["zero_stage"]]
     cells.append(r["nproc"])
     if "error" in r:
@@ -722,6 +735,7 @@ def report(args, rows: list[dict], peak: float, wall: float) -> None:
         "repeats of the ratio to the plain loop run beside it."
     )
     names = {"kiln": "Kiln ZeRO-0 1 process", "compiled": "Kiln compiled", "hf": "Hugging Face"}
+    names["fused"] = "plain loop with fused AdamW"
     print_verdicts(verdicts, names, " tokens/s")
     print(f"wall time: {wall:.0f} s")
     if args.json:

@@ -102,7 +102,8 @@ def train(
         return
 
     from launcher.local import run_workers, torchrun_command
-    from trainer.storage import RunFolder, checkpoint_tag
+    from trainer.manifest import checkpoint_tag
+    from trainer.storage import RunFolder
 
     with user_errors():
         preflight.prepare(cfg)
@@ -443,15 +444,15 @@ def cache() -> None:
 @cache.command("list")
 def cache_list() -> None:
     """List the mirrors: size, time since anything in them last changed, URL, folder."""
-    from trainer import storage
+    from trainer import mirror
 
-    mirrors = storage.list_mirrors()
-    click.echo(f"mirrors in {storage.mirrors_root()}: {len(mirrors)}")
+    mirrors = mirror.list_mirrors()
+    click.echo(f"mirrors in {mirror.mirrors_root()}: {len(mirrors)}")
     if mirrors:
         now = time.time()
         click.echo(f"{'size':>10}  {'age':>6}  url (folder)")
     for m in mirrors:
-        size, age = storage.format_size(m.size), _age(now - m.modified)
+        size, age = mirror.format_size(m.size), _age(now - m.modified)
         click.echo(f"{size:>10}  {age:>6}  {m.url or '?'} ({m.path.name})")
 
 
@@ -471,19 +472,19 @@ def cache_clean(older_than: float, dry_run: bool) -> None:
     URL without its mirror (it downloads the checkpoint again). An offline wandb folder that a
     finished run kept in its mirror goes with it.
     """
-    from trainer import storage
+    from trainer import mirror
 
     now, freed = time.time(), 0
-    stale = storage.stale_mirrors(older_than, now)
+    stale = mirror.stale_mirrors(older_than, now)
     for m in stale:
-        freed += m.size if dry_run else storage.remove_mirror(m.path)
+        freed += m.size if dry_run else mirror.remove_mirror(m.path)
         click.echo(
             f"{'would remove' if dry_run else 'removed'} {m.path} ({m.url or '?'}, "
-            f"{storage.format_size(m.size)}, last modified {_age(now - m.modified)} ago)"
+            f"{mirror.format_size(m.size)}, last modified {_age(now - m.modified)} ago)"
         )
     click.echo(
         f"{'would free' if dry_run else 'freed'} {freed:,} bytes "
-        f"({storage.format_size(freed)}); mirrors {'to remove' if dry_run else 'removed'}: "
+        f"({mirror.format_size(freed)}); mirrors {'to remove' if dry_run else 'removed'}: "
         f"{len(stale)}"
     )
 

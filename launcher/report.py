@@ -9,7 +9,7 @@ from launcher.preflight import Resume
 from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import MANIFEST_FILE
 from trainer.estimate import ds_memory_settings, flops_per_token, memory_estimate
-from trainer.objectives import describe
+from trainer.objectives import describe, describe_documents
 
 
 def _gib(n: float) -> str:
@@ -124,6 +124,7 @@ def plan_report(
         f"{m.num_parameters(exclude_input_embedding=True):,} in matmuls)",
         f"FLOPs per token:       {flops_per_token(cfg):.4g} (6N + attention; per raw token)",
         f"objective:             {describe(cfg.derived.objectives, cfg.data.seq_len)}",
+        f"documents:             {describe_documents(cfg.data)}",
         "",
         "# batch",
         f"micro_batch_size x gradient_accumulation_steps x data_parallel_size = global_batch_size"

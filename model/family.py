@@ -109,6 +109,10 @@ class FamilySpec:
         tokenizer_appends_eos: the published tokenizer's ``encode`` appends EOS (T5's
             convention); a decoder's adds no special tokens.
         model_inputs: the keys of the batch dict the module's forward takes by keyword.
+        document_inputs: the keys a packed batch adds with ``data.document_mask`` (the
+            documents' ids; ``position_ids`` where the family's positions can restart per
+            document, ``data.reset_position_ids``), after ``model_inputs`` in a pipeline's
+            first input.
         flops_per_sequence: ``(cfg, lengths) -> FLOPs`` of forward + backward on one sequence,
             ``lengths`` the model's input lengths (decoder: ``(T,)``; T5: ``(S, T)``).
         activation_stacks: ``(cfg, lengths) -> [ActivationStack]`` for the memory estimate; the
@@ -137,6 +141,7 @@ class FamilySpec:
     default_num_sentinels: int
     tokenizer_appends_eos: bool
     model_inputs: tuple[str, ...]
+    document_inputs: tuple[str, ...]
     flops_per_sequence: Callable[[Any, tuple[int, ...]], float]
     activation_stacks: Callable[[Any, tuple[int, ...]], list[ActivationStack]]
     architecture_rows: Callable[[Any], list[tuple[str, Any]]]

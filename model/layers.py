@@ -88,6 +88,70 @@ class KVCache:
         return self.k, self.v
 
 
+def allowed_keys(
+    query_length: int,
+    key_length: int,
+    *,
+    causal: bool,
+    query_documents: Tensor | None = None,
+    key_documents: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """Which keys each query may attend: the one mask builder of both families (Llama's causal
+    and document masks, T5's causal, document and cross-attention masks).
+
+    Queries are the last ``query_length`` of ``key_length`` positions (keys before them are
+    cached). ``causal``: a query sees keys at its position and before. With document ids (a
+    packed row's per-token document, ``trainer.objectives.document_ids``), a query sees only
+    keys of its own document; ``key_documents`` defaults to ``query_documents`` (self-attention).
+    Built once per forward and shared by every layer: O(B T S) booleans against the
+    O(B H T S Dh) of the attention itself.
+
+    An SDPA boolean mask rather than ``flex_attention`` block masks: SDPA trains eagerly and
+    compiled on CPU and GPU in torch 2.13 and takes T5's additive bias through the same
+    argument (`additive_mask`), while ``flex_attention`` has no backward on a CPU in torch 2.13
+    (``NotImplementedError``) and its compiled CPU forward took ~18x SDPA's at the debug
+    preset's shape (``bench/document_mask.py --attention``). On a GPU a mask rules out SDPA's
+    flash kernel (the memory-efficient one takes it), where block masks would skip the masked
+    blocks: a GPU-only path is left for when one can be measured.
+
+    Args:
+        query_length: T, the queries.
+        key_length: S >= T, the keys (cached ones first).
+        causal: mask the keys after each query.
+        query_documents: (B, T) int64 document id of each query, or None.
+        key_documents: (B, S) int64 document id of each key (None: ``query_documents``).
+        device: where to build the mask (default: the document ids').
+
+    Returns:
+        (B|1, 1, T, S) bool, True where the query may attend the key; None when nothing is
+        masked (not causal, no documents): call SDPA without a mask.
+    """
+    if key_documents is None:
+        key_documents = query_documents
+    if query_documents is not None:
+        device = query_documents.device
+    mask = None
+    if causal:
+        past = key_length - query_length
+        mask = torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril(past)
+        mask = mask[None, None]  # (1, 1, T, S)
+    if query_documents is not None:
+        same = query_documents[:, None, :, None] == key_documents[:, None, None, :]  # (B,1,T,S)
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def additive_mask(bias: Tensor, mask: Tensor | None) -> Tensor:
+    """An additive attention bias with the keys ``mask`` rules out set to the dtype's most
+    negative value (Hugging Face's convention: a query with no allowed key then attends all
+    keys evenly rather than producing nan). bias and mask broadcast together (-> their
+    broadcast shape, bias's dtype); mask None: bias unchanged."""
+    if mask is None:
+        return bias
+    return bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention (Ainslie et al. 2023) with RoPE, no biases.
 
@@ -107,11 +171,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: KVCache | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, T, D); cos, sin: (T, Dh) for x's positions; returns (B, T, D) in x's dtype.
+        """x: (B, T, D); cos, sin: (T, Dh), or (B, 1, T, Dh) with per-sequence positions, for
+        x's positions; returns (B, T, D) in x's dtype.
 
         With `kv_cache`, x holds the positions after the cached ones and attends to all of them.
+        ``mask``: (B|1, 1, T, T) bool from `allowed_keys` (True: attend), replacing the causal
+        mask (training only, no cache); None: causal (SDPA's ``is_causal``, no mask tensor).
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
@@ -124,14 +196,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if kv_cache is not None:
+            assert mask is None, "a document mask is for training, without a key/value cache"
             past = kv_cache.length
             k, v = kv_cache.update(k, v)  # (B, K, S, Dh), S = past + T
-        if past == 0:
+        if mask is None and past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             # SDPA's is_causal aligns the mask top-left; with cached keys query i sits at
             # position past + i, so it may see keys up to past + i.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            if mask is None:
+                mask = allowed_keys(T, past + T, causal=True, device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*Dh)
         return self.o_proj(y)

@@ -153,10 +153,10 @@ def kiln_in_process(*args: str) -> subprocess.CompletedProcess:
 def cache(tmp_path, monkeypatch) -> Path:
     """Run-folder mirrors under the test's folder (KILN_CACHE travels to `kiln` subprocesses
     too)."""
-    from trainer import storage
+    from trainer import mirror
 
     path = tmp_path / "cache"
-    monkeypatch.setenv(storage.CACHE_ENV, str(path))
+    monkeypatch.setenv(mirror.CACHE_ENV, str(path))
     return path
 
 

@@ -92,7 +92,7 @@ def damage(run: Path, how: str) -> str | None:
 
 
 def _complete(ckpt: Path) -> bool:
-    from trainer.storage import damage as files_damage
+    from trainer.manifest import damage as files_damage
 
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -30,7 +30,7 @@ from conftest import (
 )
 from distributed import run_distributed, train_runs
 
-from trainer import storage
+from trainer import mirror
 from trainer.checkpoint import latest_checkpoint, read_trainer_state
 from trainer.config import load_config
 from trainer.distributed import free_port
@@ -251,7 +251,7 @@ def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, t
     result = kiln(*_submit(config, ray_cluster))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
-    assert not storage.mirror_dir(f"file://{run}").exists()  # the finished run deleted it
+    assert not mirror.mirror_dir(f"file://{run}").exists()  # the finished run deleted it
     assert "submitted Ray job raysubmit_" in out and "ray job logs" in out
     assert "Started training worker group of size 2" in out
     assert read_trainer_state(latest_checkpoint(run))["step"] == STEPS  # read at the URL itself

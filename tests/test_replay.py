@@ -17,8 +17,9 @@ import pytest
 from conftest import kiln_in_process, step_losses, train_config
 from distributed import run_distributed, train_in_process
 
+from trainer.callbacks import STEP_METRIC
+from trainer.manifest import checkpoint_tag
 from trainer.replay import replay_step
-from trainer.storage import checkpoint_tag
 
 FAULT = "spike@rank0:step5:x1000,nan@rank0:step6"
 
@@ -171,29 +172,46 @@ def test_replay_of_a_url_run(faulted_run, tmp_path, cache):
     assert r.loss == step_losses(faulted_run)[7] == r.logged_loss
 
 
-def test_wandb_offline_run_records_health_metrics_and_alerts(faulted_run):
-    """The spike (warn) and the NaN (skip_step) land in the offline run's .wandb file as
-    metrics at their steps and as alerts, read back with wandb's own reader."""
-    (run_file,) = (faulted_run / "wandb").glob("offline-run-*/run-*.wandb")
-    inspect = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if inspect.returncode != 0:  # older wandb: no python -m entry for leet
+def wandb_records(run: Path) -> list[dict]:
+    """The records of the run's offline wandb file(s), read back with wandb's own reader."""
+    records = []
+    for run_file in sorted((run / "wandb").glob("offline-run-*/run-*.wandb")):
         inspect = subprocess.run(
-            [Path(sys.executable).with_name("wandb"), "leet", "inspect", "--json", str(run_file)],
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
             capture_output=True,
             text=True,
             timeout=120,
         )
-    assert inspect.returncode == 0, inspect.stderr
-    records = [json.loads(line) for line in inspect.stdout.splitlines()]
-    history = {}
+        if inspect.returncode != 0:  # older wandb: no python -m entry for leet
+            inspect = subprocess.run(
+                [Path(sys.executable).with_name("wandb"), "leet", "inspect", "--json", run_file],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        assert inspect.returncode == 0, inspect.stderr
+        records += [json.loads(line) for line in inspect.stdout.splitlines()]
+    assert records, f"no offline wandb run in {run}"
+    return records
+
+
+def wandb_history(records: list[dict]) -> list[tuple[int, dict]]:
+    """The history records in logged order, as (``trainer/step``, metrics without it)."""
+    out = []
     for r in records:
         if r["type"] == "history":
-            history.setdefault(int(r["history"]["step"]["num"]), {}).update(r["history"]["item"])
+            item = dict(r["history"]["item"])
+            out.append((int(item.pop(STEP_METRIC)), item))
+    return out
+
+
+def test_wandb_offline_run_records_health_metrics_and_alerts(faulted_run):
+    """The spike (warn) and the NaN (skip_step) land in the offline run's .wandb file as
+    metrics at their steps and as alerts, read back with wandb's own reader."""
+    records = wandb_records(faulted_run)
+    history = {}
+    for step, item in wandb_history(records):
+        history.setdefault(step, {}).update(item)
     events = [json.loads(line) for line in (faulted_run / "health.jsonl").read_text().splitlines()]
     spike = next(e for e in events if e["kind"] == "loss_spike")
     assert spike["step"] == 5 and spike["action"] == "warn"
@@ -215,6 +233,43 @@ def test_wandb_offline_run_records_health_metrics_and_alerts(faulted_run):
     ]
     assert "action skip_step" in alerts[2]["text"] and "ranks [0]" in alerts[2]["text"]
     assert f"kiln replay {faulted_run} --step 6" in alerts[2]["text"]
+
+
+@pytest.mark.slow
+def test_wandb_keeps_the_steps_a_rollback_trains_again(prepared_data, tmp_path):
+    """A loss spike at step 5 rolls back to step 3's checkpoint (a WARN alert; the alert's
+    text once raised KeyError for a rollback and ended the run); steps 4 and 5 are trained
+    again (step 5 on other samples). wandb keeps both passes, in order, each record at its
+    ``trainer/step``, with the losses of metrics.jsonl (wandb's own ``step`` would drop the
+    records below the last)."""
+    config = train_config(
+        tmp_path,
+        prepared_data,
+        train__max_steps=6,
+        checkpoint__save_every=3,
+        health__window=3,
+        health__on_spike="rollback",
+        tracking__wandb_mode="offline",
+    )
+    (run,) = run_distributed(_train_with_fault, 1, "spike@rank0:step5:x1000", config)
+    (event,) = [json.loads(line) for line in (run / "health.jsonl").read_text().splitlines()]
+    assert (event["step"], event["action"]) == (5, "rollback")
+    records = wandb_records(run)
+    (alert,) = [r["alert"] for r in records if r["type"] == "alert"]
+    assert (alert["title"], alert["level"]) == ("Kiln: loss spike at step 5", "WARN")
+    assert "went back to step 3's checkpoint" in alert["text"]
+    history = wandb_history(records)
+    losses = [(step, item["train/loss"]) for step, item in history if "train/loss" in item]
+    # the spiked step is not applied: its loss is the health record, between the two passes
+    assert [step for step, _ in losses] == [1, 2, 3, 4, 4, 5, 6]
+    (spike,) = [i for i, (step, item) in enumerate(history) if "health/loss_spike" in item]
+    assert history[spike][0] == 5
+    assert [step for step, item in history[spike + 1 :] if "train/loss" in item] == [4, 5, 6]
+    assert losses[4][1] == losses[3][1]  # step 4's samples and weights again
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    retrained = {r["step"]: r["loss"] for r in logged if "loss" in r}  # the last pass per step
+    for step, loss in losses[4:]:
+        assert loss == pytest.approx(retrained[step])
 
 
 # -- the session's multi-process runs (slow: they train them) ------------------------------------

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, FakeEngine
 
-from trainer import checkpoint, storage
-from trainer.storage import STATE_FILE, RunFolder
+from trainer import checkpoint
+from trainer.manifest import STATE_FILE, checkpoint_tag
+from trainer.storage import RunFolder
 
 pytestmark = pytest.mark.usefixtures("cache")  # mirrors under the test's folder
 
@@ -35,7 +36,7 @@ def save(folder: RunFolder, step: int, keep_last: int = 5) -> Path:
 
 def incomplete(real: Path, step: int) -> None:
     """A save that died: the shards of ``step`` but no trainer_state.json."""
-    ckpt = real / "checkpoints" / storage.checkpoint_tag(step)
+    ckpt = real / "checkpoints" / checkpoint_tag(step)
     ckpt.mkdir(parents=True)
     (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"partial")
 
@@ -172,7 +173,8 @@ def test_finish_removes_a_url_run_s_mirror_only(run):
 
 def test_the_run_folder_imports_no_other_kiln_module():
     """trainer.checkpoint imports trainer.storage, never the reverse (and not torch, so that
-    the CLI's run-folder checks stay fast)."""
+    the CLI's run-folder checks stay fast): the run folder imports only its own parts, the
+    checkpoint manifest and the URL mirror."""
     code = (
         "import sys, trainer.storage; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trainer', 'torch')))"
@@ -180,4 +182,9 @@ def test_the_run_folder_imports_no_other_kiln_module():
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["['trainer',", "'trainer.storage']"]
+    assert out.stdout.split() == [
+        "['trainer',",
+        "'trainer.manifest',",
+        "'trainer.mirror',",
+        "'trainer.storage']",
+    ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, FakeEngine, kiln, kiln_in_process, step_losses, train_config
 
-from trainer import checkpoint, storage
+from trainer import checkpoint, mirror, storage
 from trainer.config import ConfigError, check_paths, load_config
 
 pytestmark = pytest.mark.usefixtures("cache")  # mirrors under the test's folder
@@ -25,18 +25,18 @@ def save(url: str, step: int, keep_last: int = 2) -> Path:
 
 
 def test_is_url():
-    assert storage.is_url("s3://bucket/runs/x") and storage.is_url("file:///tmp/run")
-    assert not storage.is_url("runs/x") and not storage.is_url(Path("/tmp/run"))
+    assert mirror.is_url("s3://bucket/runs/x") and mirror.is_url("file:///tmp/run")
+    assert not mirror.is_url("runs/x") and not mirror.is_url(Path("/tmp/run"))
     assert storage.RunFolder("runs/x").local == Path("runs/x")  # a path is used as it is
 
 
 def test_save_uploads_a_complete_checkpoint_then_latest(tmp_path, cache):
     remote = tmp_path / "remote" / "run"
     url = f"file://{remote}"
-    store = storage.RunStorage(url)
-    assert storage.mirror_dir(url).parent == cache / "runs"
+    store = mirror.RunStorage(url)
+    assert mirror.mirror_dir(url).parent == cache / "runs"
     local = save(url, 3)
-    assert local == storage.mirror_dir(url) / "checkpoints" / "step-00000003"
+    assert local == mirror.mirror_dir(url) / "checkpoints" / "step-00000003"
     ckpt = remote / "checkpoints" / "step-00000003"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in local.iterdir())
     assert (remote / "checkpoints" / "latest").read_text() == "step-00000003"
@@ -54,7 +54,7 @@ def test_save_uploads_a_complete_checkpoint_then_latest(tmp_path, cache):
 def test_latest_only_names_complete_checkpoints(tmp_path, monkeypatch):
     url = f"file://{tmp_path / 'remote'}"
     seen: list[list[str]] = []
-    original = storage.RunStorage.write_text
+    original = mirror.RunStorage.write_text
 
     def write_text(self, rel, text):  # what the URL holds when latest is written
         if rel == "checkpoints/latest":
@@ -63,7 +63,7 @@ def test_latest_only_names_complete_checkpoints(tmp_path, monkeypatch):
             )
         original(self, rel, text)
 
-    monkeypatch.setattr(storage.RunStorage, "write_text", write_text)
+    monkeypatch.setattr(mirror.RunStorage, "write_text", write_text)
     save(url, 3)
     assert seen == [["mp_rank_00_model_states.pt", "rng_state_rank0.pt", checkpoint.STATE_FILE]]
 
@@ -72,10 +72,10 @@ def test_pull_run_restores_a_deleted_mirror(tmp_path):
     url = f"file://{tmp_path / 'remote' / 'run'}"
     local = save(url, 3)
     (local.parents[1] / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
-    storage.RunStorage(url).push_run_files(0)
+    mirror.RunStorage(url).push_run_files(0)
     want = {p.name: p.read_bytes() for p in local.iterdir()}
-    shutil.rmtree(storage.mirror_dir(url))
-    store = storage.RunStorage(url)
+    shutil.rmtree(mirror.mirror_dir(url))
+    store = mirror.RunStorage(url)
     assert store.pull_run() == "step-00000003"
     ckpt = checkpoint.latest_checkpoint(store.local)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == want
@@ -97,13 +97,13 @@ def test_a_damaged_mirror_copy_is_fetched_again_and_a_damaged_url_copy_is_refuse
     shard = local / "mp_rank_00_model_states.pt"
     want = shard.read_bytes()
     shard.write_bytes(bytes([want[0] ^ 0xFF]) + want[1:])
-    store = storage.RunStorage(url)
+    store = mirror.RunStorage(url)
     assert store.pull_run() == "step-00000003"
     assert shard.read_bytes() == want
     remote = tmp_path / "remote" / "run" / "checkpoints" / "step-00000003" / shard.name
     remote.write_bytes(bytes([want[0] ^ 0xFF]) + want[1:])
     assert store.pull_run() == "step-00000003"  # the mirror's copy is intact: it is used
-    shutil.rmtree(storage.mirror_dir(url))
+    shutil.rmtree(mirror.mirror_dir(url))
     with pytest.raises(FileNotFoundError) as error:
         store.pull_run()
     message = str(error.value)
@@ -116,7 +116,7 @@ def test_a_url_without_checkpoint_starts_afresh(tmp_path):
     url = f"file://{tmp_path / 'remote' / 'run'}"
     save(url, 3)
     shutil.rmtree(tmp_path / "remote")  # the run was deleted at the URL; the mirror is stale
-    assert storage.RunStorage(url).pull_run() is None
+    assert mirror.RunStorage(url).pull_run() is None
     assert storage.RunFolder(url).latest_checkpoint() is None  # the stale mirror resumes nothing
     with pytest.raises(FileNotFoundError, match="no checkpoint yet"):
         storage.localize(url)
@@ -162,7 +162,7 @@ def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache, monke
     result = kiln(*args, "checkpoint.publish_at_end=true", "--sample-prompt", "ROMEO:")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     # Everything is at the URL, the mirror is gone (the final sample read a throwaway download).
-    assert not storage.mirror_dir(url).exists() and not list((cache / "runs").iterdir())
+    assert not mirror.mirror_dir(url).exists() and not list((cache / "runs").iterdir())
     assert "sample from step-00000006:\nROMEO:" in result.stdout
     hf = f"{url}/hf/step-00000006"
     assert f"published in the transformers layout: {hf}\n" in result.stdout
@@ -195,13 +195,13 @@ def test_train_to_a_url_and_resume_from_it(prepared_data, tmp_path, cache, monke
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for s in (4, 5, 6):
         assert got[s] == pytest.approx(want[s], abs=1e-6), (s, got[s], want[s])
-    assert not storage.mirror_dir(url).exists()
+    assert not mirror.mirror_dir(url).exists()
 
     # what `kiln generate / publish URL` read: a download into the mirror, which stays
     from trainer.inference import load_run
 
     model, tok = load_run(url)
-    assert (storage.mirror_dir(url) / "checkpoints" / "step-00000006").is_dir()
+    assert (mirror.mirror_dir(url) / "checkpoints" / "step-00000006").is_dir()
     assert tok.vocab_size == 512 and not model.training
 
 
@@ -216,10 +216,10 @@ def test_kiln_cache_lists_and_cleans_mirrors(tmp_path, cache):
     urls = {age: f"file://{tmp_path}/remote/{age}" for age in ("old", "fresh")}
     for url in urls.values():
         storage.RunFolder(url).prepare("seed: 1\n")
-        ckpt = storage.mirror_dir(url) / "checkpoints" / "step-00000003"
+        ckpt = mirror.mirror_dir(url) / "checkpoints" / "step-00000003"
         ckpt.mkdir(parents=True)
         (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x" * 5000)
-    old, fresh = (storage.mirror_dir(urls[age]) for age in ("old", "fresh"))
+    old, fresh = (mirror.mirror_dir(urls[age]) for age in ("old", "fresh"))
     bare = cache / "runs" / "bare-0123456789ab"
     (bare / "checkpoints").mkdir(parents=True)
     (bare / "checkpoints" / "latest").write_text("step-00000003")

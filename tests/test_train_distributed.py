@@ -18,8 +18,8 @@ import torch
 from conftest import REPO, kiln_in_process, step_losses, step_sample_ids, train, train_config
 from distributed import run_distributed, train_runs
 
-from trainer import storage
 from trainer.checkpoint import latest_checkpoint, read_trainer_state
+from trainer.mirror import CACHE_ENV, URL_FILE, mirror_dir
 
 # fp32, same seed, same data: the stages differ only in how gradients are reduced and the
 # optimizer state is partitioned, so losses agree to float32 reduction-order noise.
@@ -125,8 +125,8 @@ def test_sigterm_saves_and_resumes(prepared_data, tmp_path, monkeypatch):
     deletes it after both ranks uploaded their files, but for the offline wandb runs."""
     remote = tmp_path / "remote" / "run"
     url = f"file://{remote}"
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))  # the subprocesses' too
-    mirror = storage.mirror_dir(url)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # the subprocesses' too
+    mirror = mirror_dir(url)
     config = train_config(
         tmp_path,
         prepared_data,
@@ -157,7 +157,7 @@ def test_sigterm_saves_and_resumes(prepared_data, tmp_path, monkeypatch):
     for rank in (0, 1):  # each rank uploaded its last records before the mirror was deleted
         lines = (remote / "sample_ids" / f"rank{rank}.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["step"] == stopped_at + 2
-    assert sorted(p.name for p in mirror.iterdir()) == [storage.URL_FILE, "wandb"]
+    assert sorted(p.name for p in mirror.iterdir()) == [URL_FILE, "wandb"]
     # wandb (offline) resumed the same run: both sessions log under the id the checkpoint keeps
     run_id = read_trainer_state(latest_checkpoint(remote))["wandb_run_id"]
     sessions = sorted((mirror / "wandb").glob("offline-run-*"))

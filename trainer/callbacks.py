@@ -169,6 +169,8 @@ def health_alert(event: HealthEvent, run_dir: str) -> tuple[str, str]:
     done = {
         "warn": "training goes on",
         "skip_step": "the update of this step was skipped; training goes on",
+        "rollback": f"the run went back to step {event.rollback_to}'s checkpoint and goes on "
+        "without this step's samples",
         "stop": "the run saved and stopped",
     }[event.action]
     text = (
@@ -179,8 +181,19 @@ def health_alert(event: HealthEvent, run_dir: str) -> tuple[str, str]:
     return title, text
 
 
+STEP_METRIC = "trainer/step"
+
+
 class WandbLogger(Callback):
-    """Logs to wandb with the resolved config; resumes the same run id when the run resumes."""
+    """Logs to wandb with the resolved config; resumes the same run id when the run resumes.
+
+    Every record carries the optimizer step as the metric ``trainer/step``, which every other
+    metric is plotted against (``define_metric``), and is logged without wandb's own ``step``:
+    wandb drops a record whose ``step`` is below one it has seen, and a run that resumes from a
+    checkpoint older than its last logged step, or rolls back (``health.on_*: rollback``),
+    trains those steps again. Their new records are kept beside the first ones, at the same
+    ``trainer/step`` (as Hugging Face's Trainer does with ``train/global_step``).
+    """
 
     def __init__(self, trainer: Trainer):
         import wandb
@@ -201,20 +214,24 @@ class WandbLogger(Callback):
             # No run-history wall at the end; `kiln train --verbose` (KILN_VERBOSE=1) shows it.
             settings=wandb.Settings(quiet=not verbose()),
         )
+        self.run.define_metric(STEP_METRIC)
+        self.run.define_metric("*", step_metric=STEP_METRIC)
         self._events: list[HealthEvent] = []  # of the current step, logged at its end
         self._skipped = 0
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float] | None) -> None:
         # The step's health events first, by step: a gradient-norm event names the step before
-        # (trainer.health), whose row is still open; wandb drops a step below its last.
+        # (trainer.health).
         for event in sorted(self._events, key=lambda e: e.step):
             self._log_health_event(event, trainer.cfg.run_dir)
         self._events.clear()
         if metrics:
-            self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=trainer.step)
+            self.run.log(
+                {STEP_METRIC: trainer.step, **{f"train/{k}": v for k, v in metrics.items()}}
+            )
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=trainer.step)
+        self.run.log({STEP_METRIC: trainer.step, **metrics})
 
     def on_health_event(self, trainer: Trainer, event: HealthEvent) -> None:
         """Kept for the end of the step (:meth:`_log_health_event`)."""
@@ -224,16 +241,17 @@ class WandbLogger(Callback):
         """The metrics ``health/<kind>`` (the value) and ``health/<kind>_threshold`` at the
         event's step, and ``health/skipped_steps`` (the updates this launch skipped); then a
         ``wandb.alert`` naming the step, kind, value, threshold, ranks and action, level ``WARN``
-        when the run goes on (``warn``, ``skip_step``) and ``ERROR`` when it stops. Online, W&B
-        sends the alert by email or Slack as the user's settings say; an offline run keeps it
-        in its ``.wandb`` file with the metrics (``wandb leet inspect`` reads them)."""
-        record = {f"health/{event.kind}": event.value}
+        when the run goes on (``warn``, ``skip_step``, ``rollback``) and ``ERROR`` when it
+        stops. Online, W&B sends the alert by email or Slack as the user's settings say; an
+        offline run keeps it in its ``.wandb`` file with the metrics (``wandb leet inspect``
+        reads them)."""
+        record = {STEP_METRIC: event.step, f"health/{event.kind}": event.value}
         if event.threshold is not None:
             record[f"health/{event.kind}_threshold"] = event.threshold
         if event.action in ("skip_step", "stop"):
             self._skipped += 1
             record["health/skipped_steps"] = self._skipped
-        self.run.log(record, step=event.step)
+        self.run.log(record)
         title, text = health_alert(event, run_dir)
         level = (
             self.wandb.AlertLevel.ERROR if event.action == "stop" else self.wandb.AlertLevel.WARN
@@ -337,7 +355,7 @@ class Publisher(Callback):
         finish (it was stopped or killed while they ran): each complete checkpoint still kept
         at a publishing step whose ``hf/step-N`` folder does not exist (a publish writes it by
         one rename, so it exists only complete)."""
-        from trainer.storage import STATE_FILE
+        from trainer.manifest import STATE_FILE
 
         for ckpt in sorted(self.run_dir.glob("checkpoints/step-*")):
             if ckpt.name.endswith("-universal") or not (ckpt / STATE_FILE).is_file():

@@ -38,15 +38,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer import distributed, storage
+from trainer import distributed, manifest
 from trainer.errors import StorageFullError
 from trainer.storage import RunFolder
 
 if TYPE_CHECKING:
     from trainer.config import KilnConfig
 
-STATE_FILE = storage.STATE_FILE
-tag_for = storage.checkpoint_tag
+STATE_FILE = manifest.STATE_FILE
+tag_for = manifest.checkpoint_tag
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -103,7 +103,7 @@ def save_checkpoint(
         state: JSON-serialisable trainer state; must hold ``step``.
         extra_files: copied into the checkpoint by rank 0 (config, tokenizer).
         checksums: record each file's sha256 in the manifest as well as its size (state key
-            ``files``: :func:`trainer.storage.checkpoint_files`, which rank 0 lists from its
+            ``files``: :func:`trainer.manifest.checkpoint_files`, which rank 0 lists from its
             node: a URL run's other nodes' shards are not listed).
 
     Returns:
@@ -124,9 +124,9 @@ def save_checkpoint(
         with _storage_full_is_an_error(folder, tmp):
             for f in extra_files:
                 shutil.copy2(f, tmp / f.name)
-            files = storage.checkpoint_files(tmp, checksums=checksums)
+            files = manifest.checkpoint_files(tmp, checksums=checksums)
             state = {**state, "files": files}
-            storage.write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+            manifest.write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
     final = folder.commit_checkpoint(
         tag, rank=rank, node_main=node_main, keep_last=keep_last, barrier=distributed.barrier
     )
@@ -170,8 +170,8 @@ def _size_of_newest(folder: RunFolder) -> int:
 
 def prune(root: Path, keep_last: int) -> None:
     """Delete complete checkpoints in ``root`` older than the newest ``keep_last`` (and their
-    conversions): :func:`trainer.storage.prune_checkpoints`."""
-    storage.prune_checkpoints(root, keep_last)
+    conversions): :func:`trainer.manifest.prune_checkpoints`."""
+    manifest.prune_checkpoints(root, keep_last)
 
 
 def remove_partial(run_dir: str | Path) -> list[Path]:

@@ -2,9 +2,10 @@
 
 Every block of a family has the same code and shapes, so Dynamo traces one block once and every
 other block reuses the compiled graph (its parameters are graph inputs): compile time is that of
-one block, whatever the depth, and the embedding, the head, the loss and DeepSpeed's engine stay
-eager. This is torchtitan's ``apply_compile`` (``torchtitan/models/llama3/infra/parallelize.py``)
-and the "regional compilation" recipe of the PyTorch tutorials.
+one block, whatever the depth, and the embedding, the head and DeepSpeed's engine stay eager.
+This is torchtitan's ``apply_compile`` (``torchtitan/models/llama3/infra/parallelize.py``) and
+the "regional compilation" recipe of the PyTorch tutorials. The training loss of the plain head
+is compiled on its own (:func:`compile_loss`, used by :class:`trainer.loop.Trainer`).
 
 Each block is compiled in place with :meth:`torch.nn.Module.compile`, which keeps the module
 object and compiles its ``__call__``: parameter names, state-dict keys, checkpoints and the
@@ -27,6 +28,7 @@ cannot, and the run then trains eagerly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -72,6 +74,23 @@ def compile_unavailable(device: torch.device | str) -> str | None:
             f"train.compile=false to silence this"
         )
     return None
+
+
+def compile_loss(loss: Callable[..., torch.Tensor], device: torch.device | str) -> Callable:
+    """``loss`` (a function of the logits and labels, :func:`trainer.objectives.token_loss`)
+    compiled with static shapes, or ``loss`` itself where the backend cannot compile on ``device``
+    (:func:`compile_unavailable`; :func:`apply_compile` has already said so).
+
+    Compiled, the cross-entropy's log-softmax, label gather and mean run as one pass over the
+    (tokens x V) fp32 logits forward and one backward, where eager PyTorch writes the
+    log-probabilities and a zero-filled gradient before scattering into it: fewer passes over
+    the logits and one (tokens x V) buffer less. torchtitan compiles its loss beside the blocks
+    in the same way (``compile.components = ["model", "loss"]``,
+    ``torchtitan/components/loss.py``).
+    """
+    if compile_unavailable(device) is not None:
+        return loss
+    return torch.compile(loss, dynamic=False)
 
 
 def compiled_blocks(model: nn.Module) -> list[nn.Module]:

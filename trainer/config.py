@@ -137,6 +137,16 @@ class DataConfig(_Section):
     prefetch_workers: PositiveInt = Field(
         1, description="DataLoader worker processes per rank that prepare the batches ahead"
     )
+    document_mask: bool = Field(
+        False,
+        description="attention stops at document boundaries inside a packed row (a document "
+        "ends at and includes its EOS); training only, the published model has no mask",
+    )
+    reset_position_ids: bool = Field(
+        False,
+        description="RoPE positions restart at 0 with each document of a packed row (decoder; "
+        "needs data.document_mask; Megatron-LM's option)",
+    )
 
     @property
     def hf_cache_dir(self) -> Path:
@@ -493,6 +503,7 @@ class KilnConfig(_Section):
         if t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}; lower min_lr")
         self._objective_rules()
+        self._document_rules()
         c = self.checkpoint
         if c.publish_every is not None and c.publish_every % c.save_every:
             raise ConfigError(
@@ -569,6 +580,22 @@ class KilnConfig(_Section):
             raise ConfigError(
                 f"parallel.nvme_path={p.nvme_path!r} does nothing with parallel.offload_device="
                 f"{p.offload_device}; set parallel.offload_device=nvme or drop nvme_path"
+            )
+
+    def _document_rules(self) -> None:
+        d = self.data
+        if d.reset_position_ids and not d.document_mask:
+            raise ConfigError(
+                "data.reset_position_ids=true needs data.document_mask=true (positions restart "
+                "per document only when attention stops at documents); set "
+                "data.document_mask=true or data.reset_position_ids=false"
+            )
+        if d.reset_position_ids and "position_ids" not in spec(self.model).document_inputs:
+            raise ConfigError(
+                f"data.reset_position_ids=true does nothing for model.model_type="
+                f"{self.model.model_type!r}, whose positions are relative (under "
+                f"data.document_mask they already count from each document); set "
+                f"data.reset_position_ids=false"
             )
 
     def _objective_rules(self) -> None:

@@ -57,6 +57,9 @@ def deepspeed_config(
     # torch's AdamW needs no compiled op; DeepSpeed's CPUAdam is much faster when the optimizer
     # is offloaded from a GPU, so it is used there (it builds on first use).
     cpu_adam = on_gpu and p.offload_optimizer
+    # Kiln clips where it measures the norm anyway (ZeRO-0 fp32, Trainer._clip_gradients); the
+    # engine would compute the same norm a second time.
+    clip = 0.0 if loop_clips_gradients(cfg, plan) else t.grad_clip
     settings = ds_memory_settings(cfg)
     zero: dict[str, Any] = {"stage": p.zero_stage, **settings.zero_config(p.zero_stage)}
     offload: dict[str, Any] = {"device": p.offload_device, "pin_memory": on_gpu}
@@ -73,7 +76,7 @@ def deepspeed_config(
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -85,6 +88,7 @@ def deepspeed_config(
                 "eps": t.adam_eps,
                 "weight_decay": t.weight_decay,
                 "torch_adam": not cpu_adam,
+                **({} if cpu_adam else {"fused": True}),  # torch's one-kernel AdamW
             },
         },
         "bf16": {"enabled": t.precision == "bf16"},
@@ -98,6 +102,10 @@ def deepspeed_config(
         },
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
+        # DeepSpeed's samples/s timer synchronizes the device at every forward and step (a host
+        # sync per micro-batch on a GPU) for a log line Kiln never prints (its own throughput is
+        # measured over the logging window, trainer.loop.Trainer._train_metrics).
+        "timers": {"throughput": {"enabled": False}},
     }
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
@@ -112,6 +120,20 @@ def deepspeed_config(
             "overlap_events": True,
         }
     return ds
+
+
+def loop_clips_gradients(cfg: KilnConfig, plan: BatchPlan) -> bool:
+    """Whether the training loop, not DeepSpeed, clips the gradients: ZeRO-0 in fp32 without a
+    pipeline, where DeepSpeed's engine clips with a per-parameter Python loop and reports no norm,
+    while the loop needs the norm for its metrics and the health supervisor. There
+    :meth:`trainer.loop.Trainer._clip_gradients` computes the norm once (``torch.nn.utils``'
+    multi-tensor kernels) and clips with it, the same formula as DeepSpeed's
+    (``max_norm / (norm + 1e-6)``, at most 1), and DeepSpeed's ``gradient_clipping`` is 0.
+    Elsewhere DeepSpeed's ZeRO, bf16 / fp16 and pipeline optimizers compute the norm (they
+    report it) and clip."""
+    return (
+        cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and plan.pipeline_stages == 1
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from trainer.config import BatchPlan, KilnConfig
 from trainer.data.dataset import TrainData
 from trainer.data.prefetch import Prefetcher, to_device
 from trainer.distributed import World
-from trainer.engine import group_weight_decays
+from trainer.engine import group_weight_decays, loop_clips_gradients
 from trainer.estimate import ds_memory_settings, flops_per_token
 from trainer.fingerprint import run_fingerprint
 from trainer.objectives import IGNORE_INDEX, token_loss
@@ -93,11 +93,16 @@ class Trainer:
         self.last_lr = 0.0
         self._flops_per_token = flops_per_token(cfg)
         self.pipelined = plan.pipeline_stages > 1
-        # DeepSpeed reports no gradient norm for ZeRO-0 fp32 (it clips with torch's function and
-        # keeps no norm); the loop measures it then, before the optimizer step.
-        self._measure_grad_norm = (
-            cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not self.pipelined
-        )
+        # DeepSpeed reports no gradient norm for ZeRO-0 fp32 (it clips and keeps no norm); the
+        # loop then measures the norm and clips with it, once, before the optimizer step
+        # (trainer.engine.loop_clips_gradients: DeepSpeed's gradient_clipping is 0 there).
+        self._clips_gradients = loop_clips_gradients(cfg, plan)
+        # the training loss of the plain head; with train.compile, compiled beside the blocks
+        self.token_loss = token_loss
+        if cfg.train.compile and not cfg.train.loss_chunk_tokens and not self.pipelined:
+            from trainer.compile import compile_loss
+
+            self.token_loss = compile_loss(token_loss, world.device)
         self._grad_norm: torch.Tensor | None = None  # a device tensor: read when logged
         self.dp_rank = engine.grid.data_parallel_id if self.pipelined else world.rank
         # The training order's micro-batches, made data.prefetch_steps steps ahead in
@@ -213,9 +218,24 @@ class Trainer:
                 self._take_model_step(lr_kwargs)
             self._prev_grad_norm = None
             return
+        if self._clips_gradients:
+            self._grad_norm = self._clip_gradients()
         self._take_model_step(lr_kwargs)
         norm = self.engine.get_global_grad_norm()
         self._prev_grad_norm = self._grad_norm if norm is None else norm
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The global L2 norm () fp32 of the step's gradients (a device tensor, no host sync),
+        having scaled them by ``min(1, train.grad_clip / (norm + 1e-6))`` when ``grad_clip`` > 0
+        (``torch.nn.utils.clip_grad_norm_``'s formula, which is also DeepSpeed's). One pass of
+        multi-tensor kernels over the gradients, for the engines of
+        :func:`trainer.engine.loop_clips_gradients` (ZeRO-0 fp32: the gradients are the
+        parameters' own, already averaged over the data-parallel ranks by DeepSpeed's backward)."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.grad_clip, norm)
+        return norm
 
     # -- steps ----------------------------------------------------------------------------------
     def micro_batch_indices(self, step: int, micro: int, dp_rank: int | None = None) -> np.ndarray:
@@ -281,15 +301,12 @@ class Trainer:
                 chunk = self.cfg.train.loss_chunk_tokens
                 loss = self.engine(**inputs, labels=labels, loss_chunk_tokens=chunk)
             else:
-                loss = token_loss(self.engine(**inputs), labels)
+                loss = self.token_loss(self.engine(**inputs), labels)
             if self.faults:
                 loss = self.faults.apply(loss, self._fault_step())
             self.engine.backward(loss)
             total += loss.detach()
             if micro == self.plan.gradient_accumulation_steps - 1:
-                if self._measure_grad_norm:
-                    grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                    self._grad_norm = torch.nn.utils.get_total_norm(grads)
                 self._step_loss = total / self.plan.gradient_accumulation_steps
             self.engine.step()  # at the last micro-batch: _supervised_model_step
         self.last_sample_ids = np.concatenate(ids)
@@ -303,12 +320,10 @@ class Trainer:
         self.tokens_seen += self.plan.tokens_per_step
 
     def _pipeline_inputs(self, inputs: dict[str, torch.Tensor]):
-        """The first stage's input: the tensor (decoder) or tuple (encoder-decoder) that
-        `trainer.pipeline`'s layers expect."""
-        if len(inputs) == 1:
-            return self._to_device(inputs["input_ids"])
-        keys = ("input_ids", "attention_mask", "decoder_input_ids")
-        return tuple(self._to_device(inputs[k]) for k in keys)
+        """The first stage's input: the tensor or tuple `trainer.pipeline`'s layers expect."""
+        from trainer.pipeline import first_stage_inputs
+
+        return first_stage_inputs(self.cfg.derived.model, self._to_device(inputs))
 
     def _pipeline_train_step(self) -> torch.Tensor:
         waited = time.perf_counter()

@@ -97,7 +97,7 @@ def train(cfg: KilnConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
 
     tokenizer = Tokenizer.load(cfg.tokenizer_path)
     check_tokenizer(cfg, tokenizer)
-    data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids))
+    data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids, tokenizer.eos_id))
     # Each rank builds and fills only what the layout gives it: its ZeRO-3 partitions, its
     # pipeline stage's layers (trainer.construct), from the seed or from the slices of
     # model.init_from it holds; a resumed run takes its checkpoint's weights instead.

@@ -13,7 +13,7 @@ import jinja2
 
 from model.registry import spec
 from trainer.config import config_from_dict
-from trainer.objectives import describe, is_causal
+from trainer.objectives import describe, describe_documents, is_causal
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
@@ -90,6 +90,7 @@ def _training_rows(cfg, state: dict[str, Any]) -> list[tuple[str, str]]:
         ("steps", f"{state['step']:,}"),
         ("tokens seen", f"{state['tokens_seen']:,}"),
         ("objective", describe(cfg.derived.objectives, cfg.data.seq_len)),
+        ("documents", describe_documents(cfg.data)),
         ("global batch", f"{state['global_batch_size']} sequences of {cfg.data.seq_len} tokens"),
         (
             "optimizer",

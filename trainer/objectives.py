@@ -14,6 +14,19 @@ sequence draws its objective. Every draw comes from ``numpy.random.default_rng((
 index))`` of the sample's global index, so a batch is a pure function of (seed, index) and a
 resume replays it exactly, on any number of ranks.
 
+Document masking (``data.document_mask``): a packed row holds several documents, each ending at
+(and including) an EOS. The batch then also carries each position's document id (the count of
+EOS before it in the row, :func:`document_ids`), derived here from the tokens, so prepared shards
+need nothing new; the model turns the ids into its attention masks. For the decoder the ids are
+the input tokens'; ``data.reset_position_ids`` adds ``position_ids`` that restart at 0 with each
+document (Megatron-LM's option). For span corruption every encoder token keeps its raw token's
+document (a sentinel: the first token of its span's), every target token belongs to the
+document of the span it restores, and the appended EOS to the last span's; the decoder inputs
+restart behind ``decoder_start_id`` at each document's first target, so each document's targets
+are decoded as if alone. Prefix LM follows the same rule: its targets are one span, the row's
+suffix, so they belong to the document the split falls in (and so does the encoder's EOS).
+Padding has document -1.
+
 Tensors are int64; B sequences, R raw tokens (``data.seq_len``), I encoder length, L decoder
 length.
 """
@@ -29,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from trainer.config import KilnConfig, ObjectiveConfig
+    from trainer.config import DataConfig, KilnConfig, ObjectiveConfig
 
 IGNORE_INDEX = -100
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
@@ -59,13 +72,63 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
     )  # fmt: skip
 
 
+def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """Each position's document in packed rows: the number of EOS before it (a document ends at
+    and includes its EOS; the next token starts the next). tokens: (..., R) ints -> (..., R)
+    int64, 0 for the row's first document."""
+    eos = tokens == eos_id
+    return (np.cumsum(eos, axis=-1) - eos).astype(np.int64)
+
+
+def document_positions(documents: np.ndarray) -> np.ndarray:
+    """Each position's offset in its own document (what ``data.reset_position_ids`` gives RoPE,
+    as Megatron-LM's ``get_ltor_masks_and_position_ids``): documents (B, R) int64 ids, equal
+    along each document -> (B, R) int64, 0 at each document's first position."""
+    index = np.broadcast_to(np.arange(documents.shape[-1]), documents.shape)
+    first = np.ones(documents.shape, dtype=bool)
+    first[..., 1:] = documents[..., 1:] != documents[..., :-1]
+    return index - np.maximum.accumulate(np.where(first, index, 0), axis=-1)
+
+
 class CausalLM:
-    """Next-token prediction over packed rows of R + 1 tokens."""
+    """Next-token prediction over packed rows of R + 1 tokens.
+
+    Args:
+        document_mask: add ``document_ids`` (B, R) to the inputs (:func:`document_ids` of the
+            input tokens).
+        reset_position_ids: add ``position_ids`` (B, R), restarting per document
+            (:func:`document_positions`); needs ``document_mask``.
+        eos_id: the tokenizer's EOS, which ends each document (needed with ``document_mask``).
+
+    Raises:
+        ValueError: ``document_mask`` without ``eos_id``, or ``reset_position_ids`` without
+            ``document_mask``.
+    """
+
+    def __init__(
+        self,
+        *,
+        document_mask: bool = False,
+        reset_position_ids: bool = False,
+        eos_id: int | None = None,
+    ) -> None:
+        if document_mask and eos_id is None:
+            raise ValueError("document_mask needs the tokenizer's eos_id, which ends documents")
+        if reset_position_ids and not document_mask:
+            raise ValueError("reset_position_ids needs document_mask")
+        self.document_mask, self.reset_position_ids = document_mask, reset_position_ids
+        self.eos_id = eos_id
 
     def __call__(self, rows: np.ndarray, indices: np.ndarray, stream: int) -> Batch:
         """rows: (B, R + 1) int64; indices, stream: unused (nothing is random)."""
         t = torch.from_numpy(rows)
-        return Batch({"input_ids": t[:, :-1].contiguous()}, t[:, 1:].contiguous(), np.empty(0))
+        inputs = {"input_ids": t[:, :-1].contiguous()}
+        if self.document_mask:
+            documents = document_ids(rows[:, :-1], self.eos_id)
+            inputs["document_ids"] = torch.from_numpy(documents)
+            if self.reset_position_ids:
+                inputs["position_ids"] = torch.from_numpy(document_positions(documents))
+        return Batch(inputs, t[:, 1:].contiguous(), np.empty(0))
 
 
 @dataclass(frozen=True)
@@ -176,10 +239,45 @@ def span_corruption(
     )
 
 
+def span_corruption_documents(
+    documents: np.ndarray, noise_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The documents of :func:`span_corruption`'s inputs and targets: a kept token's own, a
+    sentinel's and its span's target tokens' the document of the span's first token, the
+    appended EOS's the last span's.
+
+    Args:
+        documents: (R,) int64 each raw token's document (:func:`document_ids`).
+        noise_mask: (R,) bool, as given to :func:`span_corruption` (ends with noise).
+
+    Returns:
+        (inputs' (R - noise + spans + 1,), targets' (noise + spans + 1,)), int64.
+    """
+    starts = noise_mask & ~np.concatenate([[False], noise_mask[:-1]])
+    keep = ~noise_mask | starts
+    span_documents = documents[starts]  # (spans,)
+    span_of_noise = np.cumsum(starts)[noise_mask] - 1  # each noise token's span
+    slots = np.arange(len(span_of_noise)) + span_of_noise + 1  # as span_corruption's
+    targets = np.empty(len(span_of_noise) + len(span_documents), dtype=np.int64)
+    targets[slots] = span_documents[span_of_noise]
+    targets[slots[starts[noise_mask]] - 1] = span_documents  # the sentinels
+    last = span_documents[-1:]
+    return np.concatenate([documents[keep], last]), np.concatenate([targets, last])
+
+
 def prefix_lm(tokens: np.ndarray, split: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Inputs ``tokens[:split]`` + EOS and targets ``tokens[split:]`` + EOS, int64."""
     eos = np.array([eos_id], dtype=np.int64)
     return np.concatenate([tokens[:split], eos]), np.concatenate([tokens[split:], eos])
+
+
+def prefix_lm_documents(documents: np.ndarray, split: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documents of :func:`prefix_lm`'s inputs and targets: the prefix tokens keep theirs;
+    the targets are one span, so they and the encoder's EOS belong to the document the split
+    falls in, ``documents[split]``. documents: (R,) int64 -> ((split + 1,), (R - split + 1,))."""
+    doc = documents[split]
+    inputs = np.concatenate([documents[:split], [doc]]).astype(np.int64)
+    return inputs, np.full(len(documents) - split + 1, doc, dtype=np.int64)
 
 
 def mixture_lengths(objectives, raw_length: int) -> tuple[int, int]:
@@ -218,6 +316,8 @@ class Seq2Seq:
         eos_id, pad_id, decoder_start_id: the special ids (decoder inputs start with
             ``decoder_start_id``, T5's pad).
         seed: ``data.seed``.
+        document_mask: add ``document_ids`` (B, I) and ``decoder_document_ids`` (B, L) to the
+            inputs and restart the decoder inputs at each document (see the module docstring).
 
     Raises:
         ValueError: an objective of another family, or more noise spans than sentinels.
@@ -233,8 +333,10 @@ class Seq2Seq:
         pad_id: int,
         decoder_start_id: int,
         seed: int,
+        document_mask: bool = False,
     ) -> None:
         self.objectives = list(objectives)
+        self.document_mask = document_mask
         self.raw_length = raw_length
         self.sentinel_ids = np.asarray(sentinel_ids, dtype=np.int64)
         self.eos_id, self.pad_id, self.decoder_start_id = eos_id, pad_id, decoder_start_id
@@ -258,6 +360,13 @@ class Seq2Seq:
 
     def example(self, tokens: np.ndarray, index: int, stream: int) -> tuple[np.ndarray, ...]:
         """(inputs, targets, objective index) of the raw ``tokens`` (R,) of sample ``index``."""
+        return self._example(tokens, index, stream)[:3]
+
+    def _example(
+        self, tokens: np.ndarray, index: int, stream: int, documents: np.ndarray | None = None
+    ) -> tuple:
+        """`example`, then the documents of the inputs and targets (None without
+        ``documents``, the raw tokens' (R,))."""
         rng = np.random.default_rng((self.seed, stream, index))
         k = 0 if len(self.objectives) == 1 else int(rng.choice(len(self.objectives), p=self.probs))
         o = self.objectives[k]
@@ -265,26 +374,36 @@ class Seq2Seq:
             mask = random_spans_noise_mask(
                 len(tokens), o.noise_density, o.mean_noise_span_length, rng
             )
-            return (*span_corruption(tokens, mask, self.sentinel_ids, self.eos_id), k)
+            docs = None if documents is None else span_corruption_documents(documents, mask)
+            return (*span_corruption(tokens, mask, self.sentinel_ids, self.eos_id), k, docs)
         split = int(rng.integers(1, len(tokens)))
-        return (*prefix_lm(tokens, split, self.eos_id), k)
+        docs = None if documents is None else prefix_lm_documents(documents, split)
+        return (*prefix_lm(tokens, split, self.eos_id), k, docs)
 
     def __call__(self, rows: np.ndarray, indices: np.ndarray, stream: int) -> Batch:
         """rows: (B, R + 1) packed rows (the last token is not used); indices: (B,) global
         sample indices (the seed of each example); stream: train or validation.
 
         Returns a :class:`Batch` with inputs ``input_ids`` (B, I), ``attention_mask`` (B, I)
-        (1 = token), ``decoder_input_ids`` (B, L) and labels (B, L) (``-100`` on padding).
+        (1 = token), ``decoder_input_ids`` (B, L) and labels (B, L) (``-100`` on padding); with
+        ``document_mask`` also ``document_ids`` (B, I) and ``decoder_document_ids`` (B, L)
+        (-1 on padding).
         """
         B, (enc_len, dec_len) = len(rows), self.lengths()
         input_ids = np.full((B, enc_len), self.pad_id, dtype=np.int64)
         attention_mask = np.zeros((B, enc_len), dtype=np.int64)
         labels = np.full((B, dec_len), IGNORE_INDEX, dtype=np.int64)
+        enc_docs = np.full((B, enc_len), -1, dtype=np.int64)
+        dec_docs = np.full((B, dec_len), -1, dtype=np.int64)
+        raw = rows[:, : self.raw_length]
+        raw_docs = document_ids(raw, self.eos_id) if self.document_mask else [None] * B
         for b, index in enumerate(np.asarray(indices).tolist()):
-            inputs, targets, _ = self.example(rows[b, : self.raw_length], index, stream)
+            inputs, targets, _, docs = self._example(raw[b], index, stream, raw_docs[b])
             input_ids[b, : len(inputs)] = inputs
             attention_mask[b, : len(inputs)] = 1
             labels[b, : len(targets)] = targets
+            if docs is not None:
+                enc_docs[b, : len(inputs)], dec_docs[b, : len(targets)] = docs
         decoder_input_ids = np.concatenate(
             [np.full((B, 1), self.decoder_start_id), np.where(labels < 0, self.pad_id, labels)],
             axis=1,
@@ -294,6 +413,13 @@ class Seq2Seq:
             "attention_mask": torch.from_numpy(attention_mask),
             "decoder_input_ids": torch.from_numpy(decoder_input_ids),
         }
+        if self.document_mask:
+            # each document's first target is decoded behind the start id, as if alone
+            restart = np.zeros((B, dec_len), dtype=bool)
+            restart[:, 1:] = (dec_docs[:, 1:] != dec_docs[:, :-1]) & (dec_docs[:, 1:] >= 0)
+            decoder_input_ids[restart] = self.decoder_start_id
+            inputs["document_ids"] = torch.from_numpy(enc_docs)
+            inputs["decoder_document_ids"] = torch.from_numpy(dec_docs)
         return Batch(inputs, torch.from_numpy(labels), np.empty(0))
 
 
@@ -315,17 +441,27 @@ def model_lengths(objectives: Sequence[ObjectiveConfig], seq_len: int) -> tuple[
     return mixture_lengths(objectives, seq_len)
 
 
-def build_objective(cfg: KilnConfig, sentinel_ids: np.ndarray | None = None) -> Objective:
+def build_objective(
+    cfg: KilnConfig, sentinel_ids: np.ndarray | None = None, eos_id: int | None = None
+) -> Objective:
     """The objective of the run's ``objective.mixture``: causal LM, or the encoder-decoder
     mixture (which needs the tokenizer's ``sentinel_ids`` for span corruption and the model's
-    special ids).
+    special ids), with ``data.document_mask`` / ``data.reset_position_ids``.
+
+    Args:
+        cfg: the run config.
+        sentinel_ids: the tokenizer's sentinel ids (encoder-decoder objectives).
+        eos_id: the tokenizer's EOS id, which ends each packed document: needed by a decoder
+            with ``data.document_mask`` (an encoder-decoder's is ``model.eos_token_id``).
 
     Raises:
-        ValueError: as :class:`Seq2Seq`.
+        ValueError: as :class:`CausalLM` and :class:`Seq2Seq`.
     """
-    m = cfg.derived.model
+    m, d = cfg.derived.model, cfg.data
     if is_causal(cfg.derived.objectives):
-        return CausalLM()
+        return CausalLM(
+            document_mask=d.document_mask, reset_position_ids=d.reset_position_ids, eos_id=eos_id
+        )
     return Seq2Seq(
         cfg.derived.objectives,
         raw_length=cfg.data.seq_len,
@@ -334,6 +470,7 @@ def build_objective(cfg: KilnConfig, sentinel_ids: np.ndarray | None = None) -> 
         pad_id=m.pad_token_id,
         decoder_start_id=m.decoder_start_token_id,
         seed=cfg.data.seed,
+        document_mask=d.document_mask,
     )
 
 
@@ -398,3 +535,15 @@ def describe(objectives: Sequence[ObjectiveConfig], seq_len: int) -> str:
     pad = " (padded)" if any(o.type == "prefix_lm" for o in objectives) else ""
     lengths = f"encoder {enc_len}, decoder {dec_len}{pad}"
     return f"{' + '.join(parts)}: {seq_len} raw tokens -> {lengths}"
+
+
+def describe_documents(data: DataConfig) -> str:
+    """One line on how the documents packed in a row see each other (``data.document_mask``,
+    ``data.reset_position_ids``), for `--dry-run` and the model card (a training setting: the
+    published model has no mask)."""
+    if not data.document_mask:
+        return "packed rows, attention across document boundaries (data.document_mask=false)"
+    line = "packed rows, attention within each document (data.document_mask=true)"
+    if data.reset_position_ids:
+        line += ", positions restart per document (data.reset_position_ids=true)"
+    return line

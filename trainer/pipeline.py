@@ -182,6 +182,16 @@ def build_pipeline(cfg: KilnConfig, model: nn.Module, loss_fn, *, source: Source
     return _stage_pipeline_class()(model=model, source=source, **kwargs)
 
 
+def first_stage_inputs(cfg: ModelConfig, inputs: dict[str, torch.Tensor]):
+    """The first pipeline layer's input for a batch's model inputs (`trainer.objectives.Batch`):
+    the family's ``model_inputs`` in the spec's order, then the ``document_inputs`` the batch
+    has (``data.document_mask``: document ids, position ids), as the model's pieces read them;
+    a lone input is the tensor itself (the decoder's ``input_ids``), several are a tuple."""
+    s = spec(cfg)
+    values = tuple(inputs[k] for k in (*s.model_inputs, *s.document_inputs) if k in inputs)
+    return values[0] if len(values) == 1 else values
+
+
 def pipeline_loss(loss_fn, chunk_tokens: int):
     """The last stage's loss with a head that hands over its operands in training
     (``layer_specs(head_loss=True)``): ``(h (B, T, D), weight (V, D))`` -> the chunked

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from model.registry import family, spec
-from trainer import storage
+from trainer import mirror, storage
 from trainer.consolidate import (
     CheckpointTensors,
     SafetensorsFolder,
@@ -663,9 +663,7 @@ def start_publish(run_dir: str | Path, step: int, out: Path, dtype: str) -> subp
 def describe(report: PublishReport) -> str:
     """A few lines for the console: files, sizes, the checks."""
     lines = [f"published step {report.step} of {report.checkpoint} to {report.out}:"]
-    lines += [
-        f"  {name:<34} {storage.format_size(size):>10}" for name, size in report.files.items()
-    ]
+    lines += [f"  {name:<34} {mirror.format_size(size):>10}" for name, size in report.files.items()]
     lines.append(
         f"checked: logits max |diff| {report.max_logit_diff_fp32:.2e} (fp32)"
         + (
@@ -689,7 +687,7 @@ def load_snippet(folder: Path | str, model_type: str) -> list[str]:
     (transformers reads local folders and the Hub only)."""
 
     auto = family(model_type).hf_auto_class
-    download, folder = storage.download_lines(folder)
+    download, folder = mirror.download_lines(folder)
     return [
         *download,
         f"from transformers import {auto}, AutoTokenizer",

@@ -132,7 +132,7 @@ class StepReplay:
 def _complete_checkpoints(folder) -> list[int]:
     """Steps of the run's complete checkpoints (a ``trainer_state.json``: written last), sorted;
     read at the URL for a URL run."""
-    from trainer.storage import STATE_FILE
+    from trainer.manifest import STATE_FILE
 
     if folder.store is not None:
         names = folder.store.listing("checkpoints")
@@ -174,7 +174,7 @@ def choose_checkpoint(run: str, step: int, steps: list[int], last_step: int | No
             f"--step {step} is beyond the run: {run} trained steps 1 to {last_step} "
             f"(metrics.jsonl); replay one of those"
         )
-    from trainer.storage import checkpoint_tag
+    from trainer.manifest import checkpoint_tag
 
     have = ", ".join(checkpoint_tag(s) for s in steps) or "none"
     if step == 1:
@@ -254,8 +254,9 @@ def replay_step(run_dir: str | Path, step: int, *, top: int = 5) -> StepReplay:
     from trainer.data.dataset import MANIFEST_FILE, SAMPLE_ID_STRIDE, open_train_data
     from trainer.fingerprint import differences, run_fingerprint
     from trainer.inference import load_run
+    from trainer.manifest import checkpoint_tag
     from trainer.objectives import build_objective
-    from trainer.storage import RunFolder, checkpoint_tag
+    from trainer.storage import RunFolder
 
     if top < 0:
         raise ValueError(f"--top {top}: give 0 or more samples to show")
@@ -298,7 +299,7 @@ def replay_step(run_dir: str | Path, step: int, *, top: int = 5) -> StepReplay:
             f"data as the run had it (data.root={cfg.data.root})"
         )
     model, tokenizer = load_run(run_dir, step=start)  # consolidated, fp32
-    data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids))
+    data = open_train_data(cfg, build_objective(cfg, tokenizer.sentinel_ids, tokenizer.eos_id))
     # The run's rollbacks left global indices out of the order (trainer.data.dataset.
     # skip_excluded). Exclusions only grow, and those of a rollback at step k move only the
     # indices of steps k and later, so the newest checkpoint's list maps every step as trained.

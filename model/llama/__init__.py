@@ -77,6 +77,7 @@ SPEC = FamilySpec(
     default_num_sentinels=0,
     tokenizer_appends_eos=False,
     model_inputs=("input_ids",),
+    document_inputs=("document_ids", "position_ids"),
     flops_per_sequence=flops_per_sequence,
     activation_stacks=activation_stacks,
     architecture_rows=architecture_rows,

@@ -14,7 +14,15 @@ from torch import Tensor, nn
 
 from model.family import Piece
 from model.init import Fill, InitRule, Normal, fill_parameters, seed_source
-from model.layers import Attention, GatedMLP, KVCache, LMHead, RMSNorm, rope_cos_sin
+from model.layers import (
+    Attention,
+    GatedMLP,
+    KVCache,
+    LMHead,
+    RMSNorm,
+    allowed_keys,
+    rope_cos_sin,
+)
 from model.llama.config import LlamaConfig
 
 
@@ -33,6 +41,30 @@ def rope_window(cos: Tensor, sin: Tensor, start: int, length: int) -> tuple[Tens
     return cos[start : start + length], sin[start : start + length]
 
 
+def rope_at(cos: Tensor, sin: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows of the RoPE tables cos, sin: (max_position_embeddings, Dh) at each sequence's
+    own positions ``position_ids`` (B, T) int64 (positions that restart per document,
+    ``data.reset_position_ids``) -> (B, 1, T, Dh) each, broadcasting over the heads.
+
+    Positions must be below ``max_position_embeddings`` (not checked here: that would make the
+    host wait for the device every step; a row's positions never exceed its length, which
+    `rope_window` checks).
+    """
+    return cos[position_ids][:, None], sin[position_ids][:, None]
+
+
+def rope_tables(
+    holder: nn.Module, length: int, position_ids: Tensor | None, start: int = 0
+) -> tuple[Tensor, Tensor]:
+    """cos, sin for ``length`` positions from ``holder``'s tables (``rope_cos``, ``rope_sin``):
+    positions ``start ..`` ((T, Dh) each, `rope_window`), or ``position_ids`` (B, T) int64 when
+    given ((B, 1, T, Dh) each, `rope_at`)."""
+    cos, sin = rope_window(holder.rope_cos, holder.rope_sin, start, length)  # checks the length
+    if position_ids is None:
+        return cos, sin
+    return rope_at(holder.rope_cos, holder.rope_sin, position_ids)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Names match HF's."""
 
@@ -46,10 +78,16 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "silu")
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: KVCache | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, T, D); cos, sin: (T, Dh) for x's positions; returns (B, T, D)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        """x: (B, T, D); cos, sin: (T, Dh) or (B, 1, T, Dh) for x's positions; mask: None
+        (causal) or the (B, 1, T, T) bool document mask of `Attention`; returns (B, T, D)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -164,11 +202,20 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: Tensor,
         *,
+        document_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
         labels: Tensor | None = None,
         loss_chunk_tokens: int | None = None,
     ) -> Tensor:
         """input_ids: (B, T) int64 -> logits: (B, T, V) in the parameters' dtype.
+
+        `document_ids` (B, T) int64 (training on packed rows, ``data.document_mask``): each
+        token's document; attention is causal within a document and never crosses into another
+        (`model.layers.allowed_keys`, one (B, 1, T, T) bool mask for all layers). None: plain
+        causal attention (SDPA's ``is_causal``, no mask tensor). `position_ids` (B, T) int64:
+        each token's RoPE position (restarting per document with ``data.reset_position_ids``;
+        Hugging Face's argument); None: 0 .. T - 1.
 
         `kv_cache` (inference only, from `new_kv_cache`): input_ids are the positions after the
         cached ones, and the cache grows by T.
@@ -180,11 +227,15 @@ class LlamaForCausalLM(nn.Module):
         Raises:
             ValueError: the positions run past `max_position_embeddings`.
         """
+        T = input_ids.shape[1]
         start = 0 if kv_cache is None else kv_cache[0].length
-        cos, sin = rope_window(self.rope_cos, self.rope_sin, start, input_ids.shape[1])  # (T, Dh)
+        cos, sin = rope_tables(self, T, position_ids, start)  # (T, Dh) or (B, 1, T, Dh)
+        mask = None
+        if document_ids is not None:
+            mask = allowed_keys(T, T, causal=True, query_documents=document_ids)  # (B,1,T,T)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if kv_cache is None else kv_cache[i])
+            x = layer(x, cos, sin, None if kv_cache is None else kv_cache[i], mask)
         if labels is None:
             return self.lm_head(self.norm(x))  # (B, T, V)
         return self.lm_head(self.norm(x), labels, loss_chunk_tokens)  # ()
@@ -194,6 +245,12 @@ class LlamaForCausalLM(nn.Module):
         (input_ids (B, T) int64 -> (B, T, D)), each block ((B, T, D) -> (B, T, D), reading the
         RoPE tables from its holder, which every stage keeps on its device), norm, head
         (-> logits (B, T, V)). A tied head is the embedding's piece again (tie key ``"embed"``).
+
+        With document masking the model's input is the tuple ``(input_ids, document_ids[,
+        position_ids])`` (`forward`'s arguments) and the ids travel with the hidden states
+        through the blocks, ``(x, document_ids[, position_ids])``, as integer tensors (no
+        gradient); each block builds its mask and RoPE rows from them (one mask per block
+        rather than per forward: a bool tensor crosses no stage boundary). The norm drops them.
 
         ``head_loss``: in training mode the head returns ``(h (B, T, D), weight (V, D))``, the
         projection's operands, instead of the logits, for a loss that applies the head chunk by
@@ -219,17 +276,27 @@ class LlamaForCausalLM(nn.Module):
 
 
 # -- the pieces' forwards: (holder, inputs) -> outputs (see `model.family.Piece`) ------------------
-def _embed(holder: nn.Module, input_ids: Tensor) -> Tensor:
-    return holder.embed_tokens(input_ids)  # (B, T, D)
+# Between pieces: x (B, T, D), or (x, document_ids, [position_ids]) with document masking.
+def _embed(holder: nn.Module, inputs: Tensor | tuple) -> Tensor | tuple:
+    if isinstance(inputs, Tensor):
+        return holder.embed_tokens(inputs)  # (B, T, D)
+    input_ids, *ids = inputs
+    return holder.embed_tokens(input_ids), *ids
 
 
-def _block(block: DecoderLayer, holder: nn.Module, x: Tensor) -> Tensor:
-    cos, sin = rope_window(holder.rope_cos, holder.rope_sin, 0, x.shape[1])  # (T, Dh)
-    return block(x, cos, sin)
+def _block(block: DecoderLayer, holder: nn.Module, inputs: Tensor | tuple) -> Tensor | tuple:
+    if isinstance(inputs, Tensor):
+        cos, sin = rope_window(holder.rope_cos, holder.rope_sin, 0, inputs.shape[1])  # (T, Dh)
+        return block(inputs, cos, sin)
+    x, document_ids, *position_ids = inputs
+    T = x.shape[1]
+    cos, sin = rope_tables(holder, T, position_ids[0] if position_ids else None)
+    mask = allowed_keys(T, T, causal=True, query_documents=document_ids)  # (B, 1, T, T)
+    return block(x, cos, sin, None, mask), document_ids, *position_ids
 
 
-def _norm(holder: nn.Module, x: Tensor) -> Tensor:
-    return holder.norm(x)
+def _norm(holder: nn.Module, inputs: Tensor | tuple) -> Tensor:
+    return holder.norm(inputs if isinstance(inputs, Tensor) else inputs[0])
 
 
 def _head(head_loss: bool, holder: nn.Module, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:

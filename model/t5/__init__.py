@@ -104,6 +104,7 @@ SPEC = FamilySpec(
     default_num_sentinels=100,
     tokenizer_appends_eos=True,
     model_inputs=("input_ids", "attention_mask", "decoder_input_ids"),
+    document_inputs=("document_ids", "decoder_document_ids"),
     flops_per_sequence=flops_per_sequence,
     activation_stacks=activation_stacks,
     architecture_rows=architecture_rows,

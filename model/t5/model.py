@@ -23,7 +23,15 @@ from torch import Tensor, nn
 
 from model.family import Piece
 from model.init import Fill, InitRule, Normal, fill_parameters, seed_source
-from model.layers import GatedMLP, KVCache, LMHead, RMSNorm, linear_cross_entropy
+from model.layers import (
+    GatedMLP,
+    KVCache,
+    LMHead,
+    RMSNorm,
+    additive_mask,
+    allowed_keys,
+    linear_cross_entropy,
+)
 from model.t5.config import T5Config
 
 
@@ -199,28 +207,40 @@ class T5Stack(nn.Module):
         memory: Tensor | None = None,
         memory_bias: Tensor | None = None,
         cache: list[tuple[KVCache, KVCache]] | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """x: (B, T, D) embedded tokens; pad_bias: (B, 1, 1, T) encoder key mask (encoder only);
-        memory, memory_bias: the encoder output and its key mask (decoder only); cache: one
-        (self, cross) pair per layer (decoder inference). Returns (B, T, D)."""
+        memory, memory_bias: the encoder output and its key bias (decoder only); cache: one
+        (self, cross) pair per layer (decoder inference); document_ids: (B, T) int64 document
+        of each position (packed rows) or None. Returns (B, T, D)."""
         past = cache[0][0].length if cache is not None else 0
-        bias = self.position_bias(x.shape[1], pad_bias, past)
+        bias = self.position_bias(x.shape[1], pad_bias, past, document_ids)
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, bias, memory, memory_bias, None if cache is None else cache[i])
         return self.finish(x)
 
-    def position_bias(self, length: int, pad_bias: Tensor | None = None, past: int = 0) -> Tensor:
+    def position_bias(
+        self,
+        length: int,
+        pad_bias: Tensor | None = None,
+        past: int = 0,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
         """The self-attention bias of T = ``length`` queries after ``past`` cached positions,
-        shared by every block of the stack: the relative position bias (1, H, T, past + T), with
-        the future keys masked in the decoder; in the encoder plus ``pad_bias`` (B, 1, 1, T),
-        the keys' padding, if given (-> (B, H, T, T))."""
+        shared by every block of the stack: the relative position bias (1, H, T, past + T), in
+        the encoder plus ``pad_bias`` (B, 1, 1, T), the keys' padding, if given (-> (B, H, T,
+        T)); the keys `model.layers.allowed_keys` rules out (the decoder's future; with
+        ``document_ids`` (B, T) int64, other documents' keys) set to the dtype's most negative
+        value (-> (B, H, T, T) with documents)."""
         T = length
         bias = self.relative_attention_bias(T, past + T, offset=past)  # (1, H, T, past + T)
-        if self.is_decoder:
-            future = torch.ones(T, past + T, dtype=torch.bool, device=bias.device).triu(past + 1)
-            return bias.masked_fill(future, torch.finfo(bias.dtype).min)
-        return bias if pad_bias is None else bias + pad_bias
+        if not self.is_decoder and pad_bias is not None:
+            bias = bias + pad_bias
+        mask = allowed_keys(
+            T, past + T, causal=self.is_decoder, query_documents=document_ids, device=bias.device
+        )  # (B|1, 1, T, past + T) bool or None
+        return additive_mask(bias, mask)
 
     def finish(self, x: Tensor) -> Tensor:
         """The last block's output (B, T, D) -> the stack's: final norm, then dropout."""
@@ -238,13 +258,31 @@ def padding_bias(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | 
     )
 
 
-def memory_bias(attention_mask: Tensor | None, memory: Tensor, dtype: torch.dtype) -> Tensor:
+def memory_bias(
+    attention_mask: Tensor | None,
+    memory: Tensor,
+    dtype: torch.dtype,
+    document_ids: Tensor | None = None,
+    decoder_document_ids: Tensor | None = None,
+) -> Tensor:
     """The cross-attention bias over the encoder output memory (B, S, D): `padding_bias` of the
-    encoder's (B, S) mask, or zeros (1, 1, 1, S) without one (the attention adds a tensor)."""
+    encoder's (B, S) mask, or zeros (1, 1, 1, S) without one (the attention adds a tensor).
+    With the encoder's ``document_ids`` (B, S) and the decoder's ``decoder_document_ids`` (B, T)
+    (packed rows), a decoder position sees only the encoder positions of its own document:
+    -> (B, 1, T, S), the others at the dtype's most negative value."""
     bias = padding_bias(attention_mask, dtype)
     if bias is None:
         bias = torch.zeros(1, 1, 1, memory.shape[1], dtype=dtype, device=memory.device)
-    return bias
+    if document_ids is None:
+        return bias
+    mask = allowed_keys(
+        decoder_document_ids.shape[1],
+        document_ids.shape[1],
+        causal=False,
+        query_documents=decoder_document_ids,
+        key_documents=document_ids,
+    )  # (B, 1, T, S)
+    return additive_mask(bias, mask)
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -348,11 +386,18 @@ class T5ForConditionalGeneration(nn.Module):
         """The repeated blocks, encoder then decoder (activation checkpointing wraps these)."""
         return [*self.encoder.layers, *self.decoder.layers]
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> Tensor:
         """input_ids: (B, S) int64, attention_mask: (B, S) 1 = token, 0 = padding (None: all
-        tokens) -> encoder output (B, S, D) in the parameters' dtype."""
+        tokens), document_ids: (B, S) int64 each token's document in a packed row (None: one
+        sequence) -> encoder output (B, S, D) in the parameters' dtype."""
         x = self.shared(input_ids)
-        return self.encoder(x, pad_bias=padding_bias(attention_mask, x.dtype))
+        pad_bias = padding_bias(attention_mask, x.dtype)
+        return self.encoder(x, pad_bias=pad_bias, document_ids=document_ids)
 
     def decode(
         self,
@@ -412,6 +457,8 @@ class T5ForConditionalGeneration(nn.Module):
         decoder_input_ids: Tensor,
         attention_mask: Tensor | None = None,
         *,
+        document_ids: Tensor | None = None,
+        decoder_document_ids: Tensor | None = None,
         labels: Tensor | None = None,
         loss_chunk_tokens: int | None = None,
     ) -> Tensor:
@@ -419,16 +466,30 @@ class T5ForConditionalGeneration(nn.Module):
         shifted right behind ``decoder_start_token_id``); attention_mask: (B, S) encoder mask
         (None: no padding). Returns logits (B, T, V) in the parameters' dtype.
 
+        ``document_ids`` (B, S) and ``decoder_document_ids`` (B, T) int64 (training on packed
+        rows, ``data.document_mask``; both or neither): each position's document. The encoder
+        attends within a document, the decoder causally within a document, and cross-attention
+        only to the encoder positions of the decoder position's document; the relative position
+        bias and the padding add to the same masks (`model.layers.allowed_keys`, built once per
+        forward). None: one sequence per row.
+
         With ``labels`` (B, T) int64 (-100: no loss) it returns instead the mean cross-entropy
         () fp32 over the labelled positions, computed by the head ``loss_chunk_tokens`` tokens
-        at a time without the full logits (`model.layers.linear_cross_entropy`)."""
-        memory = self.encode(input_ids, attention_mask)
-        if labels is None:
-            return self.decode(decoder_input_ids, memory, attention_mask)
+        at a time without the full logits (`model.layers.linear_cross_entropy`).
+
+        Raises:
+            ValueError: only one of ``document_ids`` and ``decoder_document_ids``.
+        """
+        if (document_ids is None) != (decoder_document_ids is None):
+            raise ValueError(
+                "document_ids and decoder_document_ids go together (the encoder's and the "
+                "decoder's documents); pass both or neither"
+            )
+        memory = self.encode(input_ids, attention_mask, document_ids)
         x = self.shared(decoder_input_ids)
-        bias = memory_bias(attention_mask, memory, x.dtype)
-        h = self.decoder(x, memory=memory, memory_bias=bias)  # (B, T, D)
-        return self.head(h, labels=labels, chunk_tokens=loss_chunk_tokens)
+        bias = memory_bias(attention_mask, memory, x.dtype, document_ids, decoder_document_ids)
+        h = self.decoder(x, memory=memory, memory_bias=bias, document_ids=decoder_document_ids)
+        return self.head(h, labels=labels, chunk_tokens=loss_chunk_tokens)  # logits or loss
 
     def pipeline_pieces(self, *, head_loss: bool = False) -> list[Piece]:
         """The forward as pieces for a pipeline cut, in order, each mapping the previous one's
@@ -444,6 +505,11 @@ class T5ForConditionalGeneration(nn.Module):
         Each stack's bias is computed once and travels to all its blocks (and its gradient back
         from them); the encoder output and mask travel to every decoder block. Both embeddings
         and a tied head are one holder of ``shared`` (tie key ``"shared"``).
+
+        With document masking the model's input is ``(input_ids, mask, decoder_input_ids,
+        document_ids, decoder_document_ids)`` and the two document id tensors travel at the end
+        of every tuple up to the decoder norm: the bias pieces fold them into the stacks' biases
+        ((B, H, S, S), (B, H, T, T)), each decoder block into its cross-attention bias.
 
         ``head_loss``: in training mode the head returns ``(h (B, T, D), weight (V, D))``, the
         projection's operands (h rescaled as `head` does), instead of the logits, for a loss
@@ -483,42 +549,46 @@ def _norm_modules(stack: T5Stack) -> dict[str, nn.Module]:
     return {"final_layer_norm": stack.final_layer_norm, "dropout": stack.dropout}
 
 
+# Document ids, when given, ride at the end of each tuple (``*docs``: (document_ids,
+# decoder_document_ids), or nothing).
 def _embed_encoder(holder: nn.Module, inputs: tuple) -> tuple:
-    input_ids, attention_mask, decoder_input_ids = inputs
-    return holder.shared(input_ids), attention_mask, decoder_input_ids
+    input_ids, attention_mask, decoder_input_ids, *docs = inputs
+    return holder.shared(input_ids), attention_mask, decoder_input_ids, *docs
 
 
 def _encoder_bias(stack: T5Stack, holder: nn.Module, inputs: tuple) -> tuple:
-    x, attention_mask, decoder_input_ids = inputs
-    bias = stack.position_bias(x.shape[1], padding_bias(attention_mask, x.dtype))  # (B, H, S, S)
-    return stack.dropout(x), bias, attention_mask, decoder_input_ids
+    x, attention_mask, decoder_input_ids, *docs = inputs
+    pad_bias = padding_bias(attention_mask, x.dtype)
+    bias = stack.position_bias(x.shape[1], pad_bias, 0, docs[0] if docs else None)  # (B,H,S,S)
+    return stack.dropout(x), bias, attention_mask, decoder_input_ids, *docs
 
 
 def _encoder_block(block: T5Block, holder: nn.Module, inputs: tuple) -> tuple:
-    x, bias, attention_mask, decoder_input_ids = inputs
-    return block(x, bias), bias, attention_mask, decoder_input_ids
+    x, bias, *rest = inputs
+    return block(x, bias), bias, *rest
 
 
 def _encoder_norm(stack: T5Stack, holder: nn.Module, inputs: tuple) -> tuple:
-    x, _bias, attention_mask, decoder_input_ids = inputs
-    return stack.finish(x), attention_mask, decoder_input_ids
+    x, _bias, *rest = inputs
+    return stack.finish(x), *rest
 
 
 def _embed_decoder(holder: nn.Module, inputs: tuple) -> tuple:
-    memory, attention_mask, decoder_input_ids = inputs
-    return holder.shared(decoder_input_ids), memory, attention_mask
+    memory, attention_mask, decoder_input_ids, *docs = inputs
+    return holder.shared(decoder_input_ids), memory, attention_mask, *docs
 
 
 def _decoder_bias(stack: T5Stack, holder: nn.Module, inputs: tuple) -> tuple:
-    y, memory, attention_mask = inputs
-    bias = stack.position_bias(y.shape[1])  # (1, H, T, T), causal
-    return stack.dropout(y), bias, memory, attention_mask
+    y, *rest = inputs
+    docs = rest[2:]
+    bias = stack.position_bias(y.shape[1], None, 0, docs[1] if docs else None)  # causal
+    return stack.dropout(y), bias, *rest  # bias (1, H, T, T), (B, H, T, T) with documents
 
 
 def _decoder_block(block: T5Block, holder: nn.Module, inputs: tuple) -> tuple:
-    y, bias, memory, attention_mask = inputs
-    y = block(y, bias, memory, memory_bias(attention_mask, memory, y.dtype))
-    return y, bias, memory, attention_mask
+    y, bias, memory, attention_mask, *docs = inputs
+    y = block(y, bias, memory, memory_bias(attention_mask, memory, y.dtype, *docs))
+    return y, bias, memory, attention_mask, *docs
 
 
 def _decoder_norm(stack: T5Stack, holder: nn.Module, inputs: tuple) -> Tensor:
