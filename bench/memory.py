@@ -182,8 +182,8 @@ def worker(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from throughput import SyntheticTokens
 
-    from model import build_model
     from trainer.config import batch_plan, load_config
+    from trainer.construct import build_for_layout
     from trainer.engine import build_engine
     from trainer.loop import Trainer
 
@@ -193,7 +193,8 @@ def worker(args) -> None:
         data = SyntheticTokens(cfg, plan.seq_len, plan.global_batch_size * args.steps)
         distributed.barrier()
         mark("construct")
-        model = build_model(cfg.derived.model, seed=cfg.train.seed)
+        model, _ = build_for_layout(cfg, plan)  # as trainer.main builds it
+        mark("engine")
         engine = build_engine(cfg, model, plan)
         del model
         ones = np.ones(cfg.derived.model.vocab_size)  # token bytes: only evaluate() reads them
@@ -241,8 +242,18 @@ def read_marks(path: Path) -> tuple[int | None, list[tuple[str, float]], int | N
     return pid, phases, maxrss
 
 
-def measure(run: Run, tmp: Path) -> dict:
-    """Launch ``run`` under torchrun and sample its ranks; returns the per-rank figures."""
+def measure(run: Run, tmp: Path, *, glibc_default: bool = False) -> dict:
+    """Launch ``run`` under torchrun and sample its ranks; returns the per-rank figures.
+
+    The ranks start in the environment Kiln's launchers give them
+    (:func:`launcher.local.worker_environment`: a bounded glibc mmap threshold unless this
+    process's environment sets one); ``glibc_default``: without glibc's ``MALLOC_*`` variables
+    (its dynamic mmap threshold), as before the launchers set one."""
+    from launcher.local import worker_environment
+
+    env = worker_environment()
+    if glibc_default:
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     marks = tmp / f"marks-{abs(hash(run.name))}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={run.nproc}", str(Path(__file__).resolve()), "--worker"]
@@ -252,7 +263,7 @@ def measure(run: Run, tmp: Path) -> dict:
     last_rss = [0] * run.nproc
     started = time.time()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             if time.time() - started > JOB_TIMEOUT_S:
                 proc.terminate()
@@ -274,14 +285,19 @@ def measure(run: Run, tmp: Path) -> dict:
         _, phases, maxrss = read_marks(Path(f"{marks}.rank{r}"))
         times = dict(phases)
         p = peaks[r]
+        steady_s = None
+        if "done" in times and run.steps > 1:
+            steady_s = (times["done"] - times["steady"]) / (run.steps - 1)
         rank = {
             "construction": max(p.get("start", 0), p.get("construct", 0)),
+            "engine": p.get("engine"),
             "first_step": p.get("first_step"),
             "steady": max(p.get("steady", 0), p.get("done", 0)) or None,
             "maxrss": maxrss,
             "last_phase": phases[-1][0] if phases else None,
             "last_rss": last_rss[r],
             "time_to_first_step_s": times["steady"] - started if "steady" in times else None,
+            "step_s": steady_s,
         }
         result["ranks"].append(rank)
     if proc.returncode != 0:
@@ -323,17 +339,19 @@ def report(run: Run, result: dict) -> list[str]:
     if "refused" in result:
         return [*lines, f"refused before start: {result['refused']}"]
     lines.append(
-        "rank  construction  first step    steady   ru_maxrss  est. steady  measured/est  "
-        "first step after"
+        "rank  construction    engine  first step    steady   ru_maxrss  est. steady  "
+        "measured/est  first step after  step"
     )
     for r, rank in enumerate(result["ranks"]):
         steady = rank["steady"] or rank["first_step"]
         ratio = f"{max(steady or 0, rank['maxrss'] or 0) / steady_est:11.2f}x" if steady else "-"
-        t = rank["time_to_first_step_s"]
+        t, step = rank["time_to_first_step_s"], rank.get("step_s")
         lines.append(
-            f"{r:4}  {gib(rank['construction'])}      {gib(rank['first_step'])}  "
-            f"{gib(rank['steady'])}   {gib(rank['maxrss'])}     {gib(steady_est)}  {ratio:>12}  "
-            + (f"{t:6.1f} s" if t is not None else "-")
+            f"{r:4}  {gib(rank['construction'])}  {gib(rank.get('engine'))}    "
+            f"{gib(rank['first_step'])}  {gib(rank['steady'])}   {gib(rank['maxrss'])}     "
+            f"{gib(steady_est)}  {ratio:>12}  "
+            + (f"{t:14.1f} s" if t is not None else f"{'-':>16}")
+            + (f"  {step:5.1f} s" if step is not None else "")
         )
     if result["exit"] != 0:
         died = [
@@ -416,6 +434,12 @@ def main(argv=None) -> None:
         help="share of this machine's memory the planner may fill when picking the largest",
     )
     p.add_argument("--nvme-path", default="/tmp/kiln-nvme", help="swap folder for NVMe runs")
+    p.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="start the ranks without MALLOC_* variables (glibc's dynamic mmap threshold) "
+        "instead of the launchers' environment",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--marks", help=argparse.SUPPRESS)
@@ -453,7 +477,7 @@ def main(argv=None) -> None:
                 except ConfigError as e:
                     result = {"refused": str(e)}
             if not result:
-                result = measure(run, Path(tmp))
+                result = measure(run, Path(tmp), glibc_default=args.glibc_malloc)
             figures[name] = result
             print("\n".join(report(run, result)), flush=True)
     if args.json:
