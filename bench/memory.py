@@ -152,7 +152,7 @@ def runs(args) -> dict[str, Run]:
         "t5-large-pipe": Run(
             "t5 large 2-stage pipeline",
             (
-                *base_overrides("t5", "large", 1, 128),
+                *base_overrides("t5", "large", 0, 128),
                 "parallel.pipeline_stages=2",
                 "train.gradient_accumulation_steps=2",
             ),
@@ -329,7 +329,8 @@ def report(run: Run, result: dict) -> list[str]:
         f"{cfg.train.precision}, micro batch {cfg.train.micro_batch_size}, "
         f"{cfg.data.seq_len} tokens, {run.steps} steps",
         f"estimate per rank (GiB): construction {construct_est / GIB:.2f} (runtime "
-        f"{est.runtime / GIB:.2f} + build {est.construction / GIB:.2f}); training "
+        f"{est.runtime / GIB:.2f} + build {est.construction / GIB:.2f}); engine build "
+        f"{(est.runtime + est.engine_build) / GIB:.2f}; training "
         f"{steady_est / GIB:.2f} = runtime + parameters {est.parameters / GIB:.2f} + gradients "
         f"{est.gradients / GIB:.2f} + optimizer {est.optimizer_states / GIB:.2f} + activations "
         f"{est.activations / GIB:.2f} + DeepSpeed buffers {est.buffers / GIB:.2f}"

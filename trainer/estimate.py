@@ -162,9 +162,10 @@ class MemoryEstimate:
     is :attr:`total`. Host memory: ``host_offload`` (offloaded states, pinned on a GPU),
     ``host_swap`` (pinned NVMe swap buffers and parameters kept in host memory under NVMe
     offload), ``construction`` (the model as each rank builds it, before DeepSpeed takes it),
-    ``runtime`` (Python, torch, DeepSpeed). ``nvme`` is the bytes a rank writes to disk.
-    ``ranks_per_node`` processes share a node; ``device_is_host`` is True on a CPU run, where
-    "device" memory is host memory too.
+    ``engine_build`` (host memory at the peak of ``deepspeed.initialize``: the copies it makes
+    while it flattens and partitions the model), ``runtime`` (Python, torch, DeepSpeed).
+    ``nvme`` is the bytes a rank writes to disk. ``ranks_per_node`` processes share a node;
+    ``device_is_host`` is True on a CPU run, where "device" memory is host memory too.
     """
 
     parameters: float
@@ -175,6 +176,7 @@ class MemoryEstimate:
     host_offload: float = 0.0
     host_swap: float = 0.0
     construction: float = 0.0
+    engine_build: float = 0.0
     runtime: float = RUNTIME_BYTES
     nvme: float = 0.0
     ranks_per_node: int = 1
@@ -194,14 +196,14 @@ class MemoryEstimate:
 
     @property
     def host_per_rank(self) -> float:
-        """Peak host bytes of one process: the runtime plus the larger of construction and the
-        training state in host memory (on a CPU run the device's share is host memory too; the
-        model built for construction is what DeepSpeed then partitions, so the two peaks do not
-        add up)."""
+        """Peak host bytes of one process: the runtime plus the largest of construction, the
+        engine build and the training state in host memory (on a CPU run the device's share is
+        host memory too; the model built for construction is what DeepSpeed then flattens and
+        partitions, so the three peaks come one after the other and do not add up)."""
         training = self.host_offload + self.host_swap
         if self.device_is_host:
             training += self.total
-        return self.runtime + max(self.construction, training)
+        return self.runtime + max(self.construction, self.engine_build, training)
 
     @property
     def host_per_node(self) -> float:
@@ -219,9 +221,12 @@ def memory_estimate(
     parameters, fp32 training keeps 4 Psi bytes of weights, 4 Psi of gradients and 8 Psi of Adam
     moments; mixed precision keeps 2 Psi + 2 Psi and 12 Psi of optimizer state (fp32 master
     weights, momentum, variance). Stage 1 partitions the optimizer states over the N_d
-    data-parallel ranks, stage 2 also the gradients, stage 3 also the weights. ZeRO 1-2 keep an
-    fp32 master copy of each rank's partition in fp32 training too (``weights_partition =
-    ... .clone()``); ZeRO-3 shares it with the weights when both are fp32.
+    data-parallel ranks, stage 2 also the gradients, stage 3 also the weights. ZeRO 1-3 keep an
+    fp32 master copy of each rank's partition in fp32 training too: ZeRO 1-2's
+    ``weights_partition = ... .clone()``, and ZeRO-3's ``_create_fp32_partitions``, whose
+    branch that would share fp32 weights compares the tensor's ``torch.device`` with the
+    device's name (a ``str``), which is never equal, and so clones them too (measured:
+    ``tests/test_ds_memory.py``).
 
     DeepSpeed's buffers (``buffers``, elements from :func:`ds_memory_settings` times the element
     size e of the weights): ZeRO-0 with N_d > 1, the all-reduce bucket (5e8 elements or the
@@ -273,7 +278,7 @@ def memory_estimate(
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
     nd = plan.data_parallel_size
     pp = plan.pipeline_stages  # a stage holds ~1/P of the layers
-    if p.zero_stage in (1, 2) and not mixed:
+    if p.zero_stage >= 1 and not mixed:
         optim_bytes += 4  # DeepSpeed's fp32 master partition, a copy even in fp32 training
     weights, grads, optim = (psi / pp * b for b in (weight_bytes, grad_bytes, optim_bytes))
     if p.zero_stage >= 1:
@@ -349,6 +354,7 @@ def memory_estimate(
         construction = 4 * (psi / nd + shape.largest_tensor)
     else:
         construction = 4 * psi / pp
+    engine_build = deepspeed_initialize_bytes(cfg, plan, on_gpu=on_gpu)
     world = pp * nd
     nodes = nodes or cfg.launch.nnodes
     return MemoryEstimate(
@@ -360,10 +366,53 @@ def memory_estimate(
         host_offload=host_offload,
         host_swap=host_swap,
         construction=construction,
+        engine_build=engine_build,
         nvme=nvme,
         ranks_per_node=max(1, math.ceil(world / nodes)),
         device_is_host=not on_gpu,
     )
+
+
+def deepspeed_initialize_bytes(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> float:
+    """Host bytes per rank at the peak of ``deepspeed.initialize`` (the engine build), the
+    model included, as DeepSpeed 0.19 allocates them. With Psi parameters, P pipeline stages,
+    N_d data-parallel ranks and e bytes per weight of the training dtype:
+
+    * ZeRO 1-2 (a pipeline stage too): ``DeepSpeedZeroOptimizer`` concatenates the stage's
+      weights into one flat tensor per parameter group (``flatten_dense_tensors_aligned``)
+      while they still exist: ``2 e Psi / P``. Then the weights become views of the flat tensor
+      and it clones the fp32 master of its partition (``single_partition_of_fp32_groups``):
+      ``e Psi / P + 4 Psi / (P N_d)``. On a GPU with room for the flat tensor all of it happens
+      in device memory (no host bytes); DeepSpeed flattens in host memory only when the device
+      lacks the room.
+    * ZeRO-3 without parameter offload: ``defragment`` (``runtime/zero/utils.py``) copies the
+      rank's partitions into one flat host tensor, ``e Psi / N_d``, freeing each partition as it
+      goes (on a GPU the tensor then goes to the device). On a CPU run the flat tensor stays the
+      weights, and ``_setup_for_real_optimizer`` adds the fp32 master partition (``4 Psi /
+      N_d``, a copy in fp32 training too: :func:`memory_estimate`),
+      ``initialize_optimizer_states``' zero fp32 gradient of the largest sub-group, freed on
+      return, then the fp32 gradient partitions (``grad_partitions_flat_buffer``, ``4 Psi /
+      N_d``).
+    * ZeRO-3 with parameter offload: the partitions already live in host memory or on NVMe
+      (counted in ``host_offload`` and ``host_swap``); ZeRO-0: the engine keeps the model as
+      built, cast to the training dtype: no copy beyond the construction.
+    """
+    p = cfg.parallel
+    psi = float(model_shape(cfg).parameters)
+    e = BYTES[cfg.train.precision]
+    nd, pp = plan.data_parallel_size, plan.pipeline_stages
+    if p.zero_stage in (1, 2):
+        if on_gpu:
+            return 0.0
+        return max(2 * e * psi / pp, e * psi / pp + 4 * psi / (pp * nd))
+    if p.zero_stage == 3 and not p.offload_params:
+        weights = e * psi / nd
+        if on_gpu:
+            return weights
+        master = 4 * psi / nd
+        sub_group = 4 * min(ds_memory_settings(cfg).sub_group_size, psi / nd)
+        return weights + master + max(sub_group, 4 * psi / nd)
+    return 0.0
 
 
 # Of the 34 x D 16-bit values a self-attention block keeps per token (Korthikanti et al. 2022,
