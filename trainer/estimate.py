@@ -248,8 +248,11 @@ def memory_estimate(
     the parameter elements kept in host memory (``max_in_cpu``, set to the live window).
 
     Construction: each rank builds what it holds: under ZeRO-3 its 1/N_d share of the fp32
-    weights (``deepspeed.zero.Init``) plus the largest tensor being initialised whole; a
-    pipeline stage its 1/P of the model; otherwise the whole fp32 model.
+    weights (``deepspeed.zero.Init``) plus the largest tensor being initialised whole (with
+    parameters offloaded to NVMe, the parameter swap buffers in place of the share); a
+    pipeline stage its 1/P of the model; otherwise the whole fp32 model. The engine build:
+    :func:`deepspeed_initialize_bytes`, or with parameter offload the offloaded states and swap
+    buffers, which DeepSpeed allocates there.
 
     Activations per layer follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
     Large Transformer Models", eq. 1): ``s b h (34 + 5 a s / h)`` bytes at 2 bytes per value; the
@@ -350,11 +353,17 @@ def memory_estimate(
     if pp > 1:  # 1F1B: the first stage keeps up to P micro-batches of its 1/P of the layers
         layers *= min(pp, plan.gradient_accumulation_steps) / pp
 
-    if p.zero_stage == 3 and pp == 1:
+    if p.zero_stage == 3 and pp == 1 and p.offload_params and p.offload_device == "nvme":
+        # zero.Init swaps each partition out through the parameter swap buffers it allocates
+        param_swap = DS_PARAM_SWAP_BUFFERS * settings.param_swap_buffer_size * e
+        construction = param_swap + 4 * shape.largest_tensor
+    elif p.zero_stage == 3 and pp == 1:
         construction = 4 * (psi / nd + shape.largest_tensor)
     else:
         construction = 4 * psi / pp
     engine_build = deepspeed_initialize_bytes(cfg, plan, on_gpu=on_gpu)
+    if p.offload_params:  # the offload's host memory and swap buffers exist from the build on
+        engine_build = max(engine_build, host_offload + host_swap)
     world = pp * nd
     nodes = nodes or cfg.launch.nnodes
     return MemoryEstimate(
