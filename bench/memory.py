@@ -332,8 +332,9 @@ def report(run: Run, result: dict) -> list[str]:
         f"{est.runtime / GIB:.2f} + build {est.construction / GIB:.2f}); engine build "
         f"{(est.runtime + est.engine_build) / GIB:.2f}; training "
         f"{steady_est / GIB:.2f} = runtime + parameters {est.parameters / GIB:.2f} + gradients "
-        f"{est.gradients / GIB:.2f} + optimizer {est.optimizer_states / GIB:.2f} + activations "
-        f"{est.activations / GIB:.2f} + DeepSpeed buffers {est.buffers / GIB:.2f}"
+        f"{est.gradients / GIB:.2f} + optimizer {est.optimizer_states / GIB:.2f} + max("
+        f"activations {est.activations / GIB:.2f} + DeepSpeed buffers {est.buffers / GIB:.2f}, "
+        f"optimizer step {est.step_buffers / GIB:.2f})"
         + (f" + host swap {est.host_swap / GIB:.2f}" if est.host_swap else "")
         + (f"; NVMe {est.nvme / GIB:.2f}" if est.nvme else ""),
     ]
@@ -372,8 +373,8 @@ def plan_lines() -> list[str]:
     lines = [
         "\n## plan only: one node of 8 GPUs, bf16, micro batch 1, 2048 tokens "
         "(GiB per rank; host per node)",
-        "preset  layout                 device  (states + activations + buffers)   host/rank  "
-        "host/node  construction/rank",
+        "preset  layout                 device  (states + activations + buffers | step)  "
+        "host/rank  host/node  construction/rank",
     ]
     for preset in ("7b", "13b"):
         base = (
@@ -402,7 +403,8 @@ def plan_lines() -> list[str]:
             states = est.parameters + est.gradients + est.optimizer_states
             lines.append(
                 f"{preset:6}  {layout:20}  {gib(est.total)}  ({states / GIB:.2f} + "
-                f"{est.activations / GIB:.2f} + {est.buffers / GIB:.2f})"
+                f"{est.activations / GIB:.2f} + {est.buffers / GIB:.2f} | "
+                f"{est.step_buffers / GIB:.2f})"
                 f"{'':>14}{gib(est.host_per_rank)}  {gib(est.host_per_node)}  "
                 f"{gib(est.construction)}"
             )

@@ -74,9 +74,11 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
         f"gradients:             {_gib(mem.gradients)}",
         f"optimizer states:      {_gib(mem.optimizer_states)}",
         f"activations:           {_gib(mem.activations)}{_activation_options(cfg)}",
-        f"DeepSpeed buffers:     {_gib(mem.buffers)} (buckets, gathered ZeRO-3 parameters, "
-        "step copy)",
-        f"total on the device:   {_gib(mem.total)}",
+        f"DeepSpeed buffers:     {_gib(mem.buffers)} (forward/backward: buckets, gathered "
+        "ZeRO-3 parameters)",
+        f"optimizer step:        {_gib(mem.step_buffers)} (its gradient copy and AdamW's "
+        "temporaries, once the activations are freed)",
+        f"total on the device:   {_gib(mem.total)} (states + the larger of the two phases)",
     ]
     if mem.host_offload:
         lines.append(

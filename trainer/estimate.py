@@ -157,9 +157,11 @@ class MemoryEstimate:
     """Memory of one training process (rank), in bytes, and of one node.
 
     Device memory: ``parameters``, ``gradients``, ``optimizer_states`` (fp32 master weights where
-    DeepSpeed keeps them, Adam's two moments), ``activations`` and ``buffers`` (DeepSpeed's:
-    gradient buckets, gathered ZeRO-3 parameters, the optimizer step's gradient copy); their sum
-    is :attr:`total`. Host memory: ``host_offload`` (offloaded states, pinned on a GPU),
+    DeepSpeed keeps them, Adam's two moments), ``activations`` and ``buffers`` (DeepSpeed's
+    during forward and backward: gradient buckets, gathered ZeRO-3 parameters), and
+    ``step_buffers`` (the optimizer step's: its fp32 gradient copy, AdamW's temporaries, which
+    come after backward has freed the activations); :attr:`total` is the peak of the two
+    phases. Host memory: ``host_offload`` (offloaded states, pinned on a GPU),
     ``host_swap`` (pinned NVMe swap buffers and parameters kept in host memory under NVMe
     offload), ``construction`` (the model as each rank builds it, before DeepSpeed takes it),
     ``engine_build`` (host memory at the peak of ``deepspeed.initialize``: the copies it makes
@@ -173,6 +175,7 @@ class MemoryEstimate:
     optimizer_states: float
     activations: float
     buffers: float = 0.0
+    step_buffers: float = 0.0
     host_offload: float = 0.0
     host_swap: float = 0.0
     construction: float = 0.0
@@ -184,10 +187,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        """Device bytes per rank: model states + activations + DeepSpeed's buffers."""
-        return (
-            self.parameters + self.gradients + self.optimizer_states + self.activations
-        ) + self.buffers
+        """Device bytes per rank at the peak of a step: model states + the larger of forward /
+        backward (activations + DeepSpeed's buffers) and the optimizer step (its buffers)."""
+        states = self.parameters + self.gradients + self.optimizer_states
+        return states + max(self.activations + self.buffers, self.step_buffers)
 
     @property
     def cpu_offloaded(self) -> float:
@@ -228,17 +231,21 @@ def memory_estimate(
     device's name (a ``str``), which is never equal, and so clones them too (measured:
     ``tests/test_ds_memory.py``).
 
-    DeepSpeed's buffers (``buffers``, elements from :func:`ds_memory_settings` times the element
-    size e of the weights): ZeRO-0 with N_d > 1, the all-reduce bucket (5e8 elements or the
-    gradients); ZeRO 1-2, one reduce bucket (fp32 under ZeRO-1, which accumulates in fp32) and
-    one all-gather bucket; ZeRO-3, the reduce bucket, the gathered parameters (up to
+    DeepSpeed's buffers (elements from :func:`ds_memory_settings` times the element size e of
+    the weights), in forward and backward (``buffers``): ZeRO-0 with N_d > 1, the all-reduce
+    bucket (5e8 elements or the gradients); ZeRO 1-2, one reduce bucket (fp32 under ZeRO-1,
+    which accumulates in fp32); ZeRO-3, the reduce bucket, the gathered parameters (up to
     ``stage3_max_live_parameters``, never more than the model), the persistent small tensors
-    (at most 3 norm-sized vectors per block, whole on every rank), autograd's full-size gradient
-    of the largest tensor before it is reduced, and the optimizer step's fp32 copy of one
-    sub-group's gradients (``_prepare_fp32_grad_for_sub_group``). Torch's AdamW (Kiln's optimizer
-    except on a GPU with offload, where DeepSpeed's fused CPUAdam steps) adds two fp32
-    temporaries of the tensor it steps (``_single_tensor_adamw``'s ``denom``): a parameter under
-    ZeRO-0, the rank's flat partition under ZeRO 1-2, one sub-group under ZeRO-3.
+    (at most 3 norm-sized vectors per block, whole on every rank) and autograd's full-size
+    gradient of the largest tensor before it is reduced. In the optimizer step
+    (``step_buffers``), after backward has freed the activations and released the gathered
+    parameters: ZeRO 1-2's all-gather bucket; ZeRO-3's reduce bucket and persistent tensors (kept
+    allocated) and its fp32 copy of one sub-group's gradients
+    (``_prepare_fp32_grad_for_sub_group``); and torch's AdamW (Kiln's optimizer except on a GPU
+    with offload, where DeepSpeed's fused CPUAdam steps), two fp32 temporaries of the tensor it
+    steps (``_single_tensor_adamw``'s ``denom``): a parameter under ZeRO-0, the rank's flat
+    partition under ZeRO 1-2, one sub-group under ZeRO-3. The two phases' peaks do not add up
+    (measured on the 1b run, bench/memory.py).
 
     Offload (``offload_device``): optimizer states, with their fp32 gradient partition (which
     leaves the device under ZeRO 2-3), and/or
@@ -291,12 +298,13 @@ def memory_estimate(
     if p.zero_stage >= 3:
         weights /= nd
 
-    buffers = 0.0
+    buffers = step_buffers = 0.0
     if p.zero_stage == 0 and nd > 1:
         buffers = min(DS_ALLREDUCE_BUCKET, psi / pp) * e
     elif p.zero_stage in (1, 2):
         reduce_e = 4 if p.zero_stage == 1 else e
-        buffers = settings.reduce_bucket_size * reduce_e + settings.allgather_bucket_size * e
+        buffers = settings.reduce_bucket_size * reduce_e
+        step_buffers = settings.allgather_bucket_size * e
     elif p.zero_stage == 3:
         gathered = min(psi, settings.stage3_max_live_parameters + shape.largest_tensor)
         persistent = 3 * shape.num_blocks * shape.d_model  # norm vectors under the threshold
@@ -307,7 +315,7 @@ def memory_estimate(
         # copies it into the reduce bucket
         full_grad = shape.largest_tensor
         buffers = (settings.reduce_bucket_size + gathered + persistent + full_grad) * e
-        buffers += step_copy
+        step_buffers = (settings.reduce_bucket_size + persistent) * e + step_copy
     if not (on_gpu and p.offload_optimizer):  # torch's AdamW (a GPU with offload: CPUAdam, fused)
         # `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`: two fp32 temporaries
         # of the tensor being stepped: a parameter (ZeRO-0), the rank's flat partition (ZeRO
@@ -315,7 +323,7 @@ def memory_estimate(
         unit = {0: shape.largest_tensor, 1: psi / pp / nd, 2: psi / pp / nd}.get(
             p.zero_stage, min(settings.sub_group_size, psi / nd)
         )
-        buffers += 2 * 4 * unit
+        step_buffers += 2 * 4 * unit
 
     host_offload = host_swap = nvme = 0.0
     offloaded_optim = optim + 4 * psi / pp / nd if p.offload_optimizer else 0.0  # + fp32 grads
@@ -372,6 +380,7 @@ def memory_estimate(
         optimizer_states=optim,
         activations=layers + logits,
         buffers=buffers,
+        step_buffers=step_buffers,
         host_offload=host_offload,
         host_swap=host_swap,
         construction=construction,
