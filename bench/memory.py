@@ -1,16 +1,17 @@
 """Peak resident memory per rank of real multi-process Kiln runs, beside the ``--dry-run`` plan.
 
 For each run it makes, it prints per rank: the peak resident set size (RSS) at construction
-(model built and wrapped in the DeepSpeed engine), during the first optimizer step and over the
-steady-state steps after it, beside the planner's estimate
-(:func:`trainer.estimate.memory_estimate`, what ``kiln train --dry-run`` shows), and the time
-from launch to the end of the first step.
+(the model built), at the engine build (``deepspeed.initialize``), during the first optimizer
+step and over the steady-state steps after it, beside the planner's estimate
+(:func:`trainer.estimate.memory_estimate`, what ``kiln train --dry-run`` shows), the time
+from launch to the end of the first step and a steady step's time.
 
 How: every run is a fresh ``python -m torch.distributed.run --nproc_per_node N bench/memory.py
 --worker ...`` job, as ``kiln train`` starts one: each rank builds the model
-(``model.build_model``), wraps it (``trainer.engine.build_engine``, the DeepSpeed config of
-``trainer.engine.deepspeed_config``) and steps it with ``trainer.loop.Trainer.train_step`` on
-synthetic token batches (``bench/throughput.py``'s ``SyntheticTokens``). Each rank appends its
+(``trainer.construct.build_for_layout``), wraps it (``trainer.engine.build_engine``, the
+DeepSpeed config of ``trainer.engine.deepspeed_config``) and steps it with
+``trainer.loop.Trainer.train_step`` on synthetic token batches (``bench/throughput.py``'s
+``SyntheticTokens``). Each rank appends its
 pid and a line per phase change, with a timestamp, to a marks file; this process samples every
 rank's RSS (``VmRSS`` of ``/proc/<pid>/status``) every 50 ms and files each sample under the
 rank's current phase. At the end each rank adds its own ``getrusage`` peak (``ru_maxrss``),
@@ -19,9 +20,13 @@ which catches spikes between samples. A rank killed by the kernel's OOM killer s
 
 Estimates compared, per rank (CPU run: device memory is host memory):
 
-* construction: ``runtime + construction`` (the model as the layout builds it; the target
-  design: under ZeRO-3 each rank's 1/N share, ``deepspeed.zero.Init``);
-* first step / steady: ``runtime + model states + activations + DeepSpeed buffers``
+* construction: ``runtime + construction`` (the model as the layout builds it,
+  ``trainer.construct.build_for_layout`` as ``trainer.main`` calls it: under ZeRO-3 each rank's
+  1/N share, ``deepspeed.zero.Init``);
+* engine: ``runtime + engine_build`` (what ``deepspeed.initialize`` copies: flat weights, the
+  fp32 master, the gradient partitions);
+* first step / steady: ``runtime + model states + max(activations + DeepSpeed's forward /
+  backward buffers, the optimizer step's buffers)``
   (:attr:`trainer.estimate.MemoryEstimate.host_per_rank`).
 
 Runs (``--runs``, comma-separated; each one at a time, several minutes for the large ones):
@@ -36,22 +41,25 @@ Runs (``--runs``, comma-separated; each one at a time, several minutes for the l
   ``--largest-layers 0`` (the default) takes the most blocks whose planned host memory for the
   node fits in ``--host-share`` of this machine's memory (:func:`largest_layers`);
 * ``t5-large``, ``t5-large-pipe``: T5 ``large`` under ZeRO-3 and under a 2-stage pipeline
-  (ZeRO-1, 2 micro-batches), 2 processes, 3 steps;
+  (ZeRO-0: one data-parallel rank per stage, where ZeRO-1 partitions nothing and would cost
+  4.14 GiB more per rank, the plan's 21.9 GiB for the node; 2 micro-batches), 2 processes,
+  3 steps;
 * ``plan``: estimates only: the ``7b`` and ``13b`` presets on one 8-GPU node (bf16, micro batch
   1, 2048 tokens) under ZeRO-3 and under a 4-stage pipeline x 2 data-parallel (ZeRO-1, 8
   micro-batches): device and host memory per rank, host memory per node.
 
-The allocator: workers inherit the environment. With glibc's default (a dynamic mmap
-threshold), memory freed after the whole model is built on every rank (today's construction)
-stays in the process's heap, so RSS exceeds what the live tensors need; measured here on the
-``125m`` run: 2.60 GiB per rank by default, 1.98 GiB with ``MALLOC_MMAP_THRESHOLD_=131072``
-(freed large blocks go back to the system) against an estimate of 1.96 GiB. Run both ways to
-tell the planner's accounting from the allocator's retention.
+The allocator: the ranks start in the environment Kiln's launchers give them
+(:func:`launcher.local.worker_environment`: ``MALLOC_MMAP_THRESHOLD_=131072`` unless this
+process's environment sets one); ``--glibc-malloc`` starts them without glibc's ``MALLOC_*``
+variables (its dynamic mmap threshold), as Kiln did before. glibc then keeps the large blocks
+DeepSpeed frees in its heaps: measured here on the ``125m`` run, 2.94 / 2.75 GiB per rank
+without the threshold, 1.98 / 1.97 with it (estimate 2.13), at the same step time (9.6 s and
+9.1 s on the shared machine).
 
 Heavy runs on a shared machine: wrap the command in ``flock /tmp/kiln-heavy.lock``.
 
     python bench/memory.py --runs plan,125m
-    MALLOC_MMAP_THRESHOLD_=131072 python bench/memory.py --runs 125m
+    python bench/memory.py --runs 125m --glibc-malloc
     flock /tmp/kiln-heavy.lock python bench/memory.py --runs 1b --json out.json
 """
 
