@@ -251,8 +251,9 @@ def memory_estimate(
     leaves the device under ZeRO 2-3), and/or
     ZeRO-3 weight partitions move to host memory (``host_offload``), or with ``nvme`` to disk
     (``nvme``), where host memory keeps DeepSpeed's swap buffers: 4 optimizer sub-groups of
-    fp32 (``offload_optimizer.buffer_count``), and 5 parameter buffers (``offload_param``) plus
-    the parameter elements kept in host memory (``max_in_cpu``, set to the live window).
+    fp32 (``offload_optimizer.buffer_count``) and the fp32 gradient partitions, which are not
+    swapped, and 5 parameter buffers (``offload_param``) plus the parameter elements kept in
+    host memory (``max_in_cpu``, set to the live window).
 
     Construction: each rank builds what it holds: under ZeRO-3 its 1/N_d share of the fp32
     weights (``deepspeed.zero.Init``) plus the largest tensor being initialised whole (with
@@ -338,6 +339,10 @@ def memory_estimate(
         nvme = offloaded_optim + offloaded_weights
         if p.offload_optimizer:
             host_swap += DS_OPTIMIZER_SWAP_BUFFERS * min(settings.sub_group_size, psi / nd) * 4
+            # the fp32 gradient partitions stay in host memory (stage3.py's
+            # grad_partitions_flat_buffer on the offload device, which is the CPU)
+            nvme -= 4 * psi / pp / nd
+            host_swap += 4 * psi / pp / nd
         if p.offload_params:
             host_swap += DS_PARAM_SWAP_BUFFERS * settings.param_swap_buffer_size * e
             host_swap += min(settings.stage3_max_live_parameters, psi / nd) * e  # max_in_cpu
