@@ -56,6 +56,12 @@ DeepSpeed frees in its heaps: measured here on the ``125m`` run, 2.94 / 2.75 GiB
 without the threshold, 1.98 / 1.97 with it (estimate 2.13), at the same step time (9.6 s and
 9.1 s on the shared machine).
 
+Measured here (2 cores, shared): ``1b`` per rank, measured / planned: construction 2.60 / 2.68
+GiB, engine build 6.65 / 6.30, first step 10.84, steady 11.46 / 11.43, ru_maxrss 11.46; 92 s to
+the end of the first step, 47 s a step. ``largest-nvme --largest-nvme-layers 1`` (126M
+parameters): 1.82 / 1.96 at construction, 3.53 / 3.10 at the engine build, 4.01 / 3.88 steady;
+52 s to the first step, 13 s a step.
+
 Heavy runs on a shared machine: wrap the command in ``flock /tmp/kiln-heavy.lock``.
 
     python bench/memory.py --runs plan,125m
