@@ -60,7 +60,9 @@ Measured here (2 cores, shared): ``1b`` per rank, measured / planned: constructi
 GiB, engine build 6.65 / 6.30, first step 10.84, steady 11.46 / 11.43, ru_maxrss 11.46; 92 s to
 the end of the first step, 47 s a step. ``largest-nvme --largest-nvme-layers 1`` (126M
 parameters): 1.82 / 1.96 at construction, 3.53 / 3.10 at the engine build, 4.01 / 3.88 steady;
-52 s to the first step, 13 s a step.
+52 s to the first step, 13 s a step. ``t5-large``: 1.91 / 2.08 at construction, 5.04 / 4.87 at
+the engine build, 8.39-8.44 / 8.41 steady; ``t5-large-pipe`` (ZeRO-0): 7.39 (encoder stage) and
+8.10 (decoder stage) / 6.58 steady, the plan's equal stages too small for the decoder's.
 
 Heavy runs on a shared machine: wrap the command in ``flock /tmp/kiln-heavy.lock``.
 
