@@ -1,16 +1,17 @@
 """Peak resident memory per rank of real multi-process Kiln runs, beside the ``--dry-run`` plan.
 
 For each run it makes, it prints per rank: the peak resident set size (RSS) at construction
-(model built and wrapped in the DeepSpeed engine), during the first optimizer step and over the
-steady-state steps after it, beside the planner's estimate
-(:func:`trainer.estimate.memory_estimate`, what ``kiln train --dry-run`` shows), and the time
-from launch to the end of the first step.
+(the model built), at the engine build (``deepspeed.initialize``), during the first optimizer
+step and over the steady-state steps after it, beside the planner's estimate
+(:func:`trainer.estimate.memory_estimate`, what ``kiln train --dry-run`` shows), the time
+from launch to the end of the first step and a steady step's time.
 
 How: every run is a fresh ``python -m torch.distributed.run --nproc_per_node N bench/memory.py
 --worker ...`` job, as ``kiln train`` starts one: each rank builds the model
-(``model.build_model``), wraps it (``trainer.engine.build_engine``, the DeepSpeed config of
-``trainer.engine.deepspeed_config``) and steps it with ``trainer.loop.Trainer.train_step`` on
-synthetic token batches (``bench/throughput.py``'s ``SyntheticTokens``). Each rank appends its
+(``trainer.construct.build_for_layout``), wraps it (``trainer.engine.build_engine``, the
+DeepSpeed config of ``trainer.engine.deepspeed_config``) and steps it with
+``trainer.loop.Trainer.train_step`` on synthetic token batches (``bench/throughput.py``'s
+``SyntheticTokens``). Each rank appends its
 pid and a line per phase change, with a timestamp, to a marks file; this process samples every
 rank's RSS (``VmRSS`` of ``/proc/<pid>/status``) every 50 ms and files each sample under the
 rank's current phase. At the end each rank adds its own ``getrusage`` peak (``ru_maxrss``),
@@ -19,9 +20,13 @@ which catches spikes between samples. A rank killed by the kernel's OOM killer s
 
 Estimates compared, per rank (CPU run: device memory is host memory):
 
-* construction: ``runtime + construction`` (the model as the layout builds it; the target
-  design: under ZeRO-3 each rank's 1/N share, ``deepspeed.zero.Init``);
-* first step / steady: ``runtime + model states + activations + DeepSpeed buffers``
+* construction: ``runtime + construction`` (the model as the layout builds it,
+  ``trainer.construct.build_for_layout`` as ``trainer.main`` calls it: under ZeRO-3 each rank's
+  1/N share, ``deepspeed.zero.Init``);
+* engine: ``runtime + engine_build`` (what ``deepspeed.initialize`` copies: flat weights, the
+  fp32 master, the gradient partitions);
+* first step / steady: ``runtime + model states + max(activations + DeepSpeed's forward /
+  backward buffers, the optimizer step's buffers)``
   (:attr:`trainer.estimate.MemoryEstimate.host_per_rank`).
 
 Runs (``--runs``, comma-separated; each one at a time, several minutes for the large ones):
@@ -36,22 +41,33 @@ Runs (``--runs``, comma-separated; each one at a time, several minutes for the l
   ``--largest-layers 0`` (the default) takes the most blocks whose planned host memory for the
   node fits in ``--host-share`` of this machine's memory (:func:`largest_layers`);
 * ``t5-large``, ``t5-large-pipe``: T5 ``large`` under ZeRO-3 and under a 2-stage pipeline
-  (ZeRO-1, 2 micro-batches), 2 processes, 3 steps;
+  (ZeRO-0: one data-parallel rank per stage, where ZeRO-1 partitions nothing and would cost
+  4.14 GiB more per rank, the plan's 21.9 GiB for the node; 2 micro-batches), 2 processes,
+  3 steps;
 * ``plan``: estimates only: the ``7b`` and ``13b`` presets on one 8-GPU node (bf16, micro batch
   1, 2048 tokens) under ZeRO-3 and under a 4-stage pipeline x 2 data-parallel (ZeRO-1, 8
   micro-batches): device and host memory per rank, host memory per node.
 
-The allocator: workers inherit the environment. With glibc's default (a dynamic mmap
-threshold), memory freed after the whole model is built on every rank (today's construction)
-stays in the process's heap, so RSS exceeds what the live tensors need; measured here on the
-``125m`` run: 2.60 GiB per rank by default, 1.98 GiB with ``MALLOC_MMAP_THRESHOLD_=131072``
-(freed large blocks go back to the system) against an estimate of 1.96 GiB. Run both ways to
-tell the planner's accounting from the allocator's retention.
+The allocator: the ranks start in the environment Kiln's launchers give them
+(:func:`launcher.local.worker_environment`: ``MALLOC_MMAP_THRESHOLD_=131072`` unless this
+process's environment sets one); ``--glibc-malloc`` starts them without glibc's ``MALLOC_*``
+variables (its dynamic mmap threshold), as Kiln did before. glibc then keeps the large blocks
+DeepSpeed frees in its heaps: measured here on the ``125m`` run, 2.94 / 2.75 GiB per rank
+without the threshold, 1.98 / 1.97 with it (estimate 2.13), at the same step time (9.6 s and
+9.1 s on the shared machine).
+
+Measured here (2 cores, shared): ``1b`` per rank, measured / planned: construction 2.60 / 2.68
+GiB, engine build 6.65 / 6.30, first step 10.84, steady 11.46 / 11.43, ru_maxrss 11.46; 92 s to
+the end of the first step, 47 s a step. ``largest-nvme --largest-nvme-layers 1`` (126M
+parameters): 1.82 / 1.96 at construction, 3.53 / 3.10 at the engine build, 4.01 / 3.88 steady;
+52 s to the first step, 13 s a step. ``t5-large``: 1.91 / 2.08 at construction, 5.04 / 4.87 at
+the engine build, 8.39-8.44 / 8.41 steady; ``t5-large-pipe`` (ZeRO-0): 7.39 (encoder stage) and
+8.10 (decoder stage) / 6.58 steady, the plan's equal stages too small for the decoder's.
 
 Heavy runs on a shared machine: wrap the command in ``flock /tmp/kiln-heavy.lock``.
 
     python bench/memory.py --runs plan,125m
-    MALLOC_MMAP_THRESHOLD_=131072 python bench/memory.py --runs 125m
+    python bench/memory.py --runs 125m --glibc-malloc
     flock /tmp/kiln-heavy.lock python bench/memory.py --runs 1b --json out.json
 """
 
@@ -152,7 +168,7 @@ def runs(args) -> dict[str, Run]:
         "t5-large-pipe": Run(
             "t5 large 2-stage pipeline",
             (
-                *base_overrides("t5", "large", 1, 128),
+                *base_overrides("t5", "large", 0, 128),
                 "parallel.pipeline_stages=2",
                 "train.gradient_accumulation_steps=2",
             ),
@@ -182,8 +198,8 @@ def worker(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from throughput import SyntheticTokens
 
-    from model import build_model
     from trainer.config import batch_plan, load_config
+    from trainer.construct import build_for_layout
     from trainer.engine import build_engine
     from trainer.loop import Trainer
 
@@ -193,7 +209,8 @@ def worker(args) -> None:
         data = SyntheticTokens(cfg, plan.seq_len, plan.global_batch_size * args.steps)
         distributed.barrier()
         mark("construct")
-        model = build_model(cfg.derived.model, seed=cfg.train.seed)
+        model, _ = build_for_layout(cfg, plan)  # as trainer.main builds it
+        mark("engine")
         engine = build_engine(cfg, model, plan)
         del model
         ones = np.ones(cfg.derived.model.vocab_size)  # token bytes: only evaluate() reads them
@@ -241,8 +258,18 @@ def read_marks(path: Path) -> tuple[int | None, list[tuple[str, float]], int | N
     return pid, phases, maxrss
 
 
-def measure(run: Run, tmp: Path) -> dict:
-    """Launch ``run`` under torchrun and sample its ranks; returns the per-rank figures."""
+def measure(run: Run, tmp: Path, *, glibc_default: bool = False) -> dict:
+    """Launch ``run`` under torchrun and sample its ranks; returns the per-rank figures.
+
+    The ranks start in the environment Kiln's launchers give them
+    (:func:`launcher.local.worker_environment`: a bounded glibc mmap threshold unless this
+    process's environment sets one); ``glibc_default``: without glibc's ``MALLOC_*`` variables
+    (its dynamic mmap threshold), as before the launchers set one."""
+    from launcher.local import worker_environment
+
+    env = worker_environment()
+    if glibc_default:
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     marks = tmp / f"marks-{abs(hash(run.name))}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={run.nproc}", str(Path(__file__).resolve()), "--worker"]
@@ -252,7 +279,7 @@ def measure(run: Run, tmp: Path) -> dict:
     last_rss = [0] * run.nproc
     started = time.time()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             if time.time() - started > JOB_TIMEOUT_S:
                 proc.terminate()
@@ -274,14 +301,19 @@ def measure(run: Run, tmp: Path) -> dict:
         _, phases, maxrss = read_marks(Path(f"{marks}.rank{r}"))
         times = dict(phases)
         p = peaks[r]
+        steady_s = None
+        if "done" in times and run.steps > 1:
+            steady_s = (times["done"] - times["steady"]) / (run.steps - 1)
         rank = {
             "construction": max(p.get("start", 0), p.get("construct", 0)),
+            "engine": p.get("engine"),
             "first_step": p.get("first_step"),
             "steady": max(p.get("steady", 0), p.get("done", 0)) or None,
             "maxrss": maxrss,
             "last_phase": phases[-1][0] if phases else None,
             "last_rss": last_rss[r],
             "time_to_first_step_s": times["steady"] - started if "steady" in times else None,
+            "step_s": steady_s,
         }
         result["ranks"].append(rank)
     if proc.returncode != 0:
@@ -313,27 +345,31 @@ def report(run: Run, result: dict) -> list[str]:
         f"{cfg.train.precision}, micro batch {cfg.train.micro_batch_size}, "
         f"{cfg.data.seq_len} tokens, {run.steps} steps",
         f"estimate per rank (GiB): construction {construct_est / GIB:.2f} (runtime "
-        f"{est.runtime / GIB:.2f} + build {est.construction / GIB:.2f}); training "
+        f"{est.runtime / GIB:.2f} + build {est.construction / GIB:.2f}); engine build "
+        f"{(est.runtime + est.engine_build) / GIB:.2f}; training "
         f"{steady_est / GIB:.2f} = runtime + parameters {est.parameters / GIB:.2f} + gradients "
-        f"{est.gradients / GIB:.2f} + optimizer {est.optimizer_states / GIB:.2f} + activations "
-        f"{est.activations / GIB:.2f} + DeepSpeed buffers {est.buffers / GIB:.2f}"
+        f"{est.gradients / GIB:.2f} + optimizer {est.optimizer_states / GIB:.2f} + max("
+        f"activations {est.activations / GIB:.2f} + DeepSpeed buffers {est.buffers / GIB:.2f}, "
+        f"optimizer step {est.step_buffers / GIB:.2f})"
         + (f" + host swap {est.host_swap / GIB:.2f}" if est.host_swap else "")
         + (f"; NVMe {est.nvme / GIB:.2f}" if est.nvme else ""),
     ]
     if "refused" in result:
         return [*lines, f"refused before start: {result['refused']}"]
     lines.append(
-        "rank  construction  first step    steady   ru_maxrss  est. steady  measured/est  "
-        "first step after"
+        "rank  construction    engine  first step    steady   ru_maxrss  est. steady  "
+        "measured/est  first step after  step"
     )
     for r, rank in enumerate(result["ranks"]):
         steady = rank["steady"] or rank["first_step"]
         ratio = f"{max(steady or 0, rank['maxrss'] or 0) / steady_est:11.2f}x" if steady else "-"
-        t = rank["time_to_first_step_s"]
+        t, step = rank["time_to_first_step_s"], rank.get("step_s")
         lines.append(
-            f"{r:4}  {gib(rank['construction'])}      {gib(rank['first_step'])}  "
-            f"{gib(rank['steady'])}   {gib(rank['maxrss'])}     {gib(steady_est)}  {ratio:>12}  "
-            + (f"{t:6.1f} s" if t is not None else "-")
+            f"{r:4}  {gib(rank['construction'])}  {gib(rank.get('engine'))}    "
+            f"{gib(rank['first_step'])}  {gib(rank['steady'])}   {gib(rank['maxrss'])}     "
+            f"{gib(steady_est)}  {ratio:>12}  "
+            + (f"{t:14.1f} s" if t is not None else f"{'-':>16}")
+            + (f"  {step:5.1f} s" if step is not None else "")
         )
     if result["exit"] != 0:
         died = [
@@ -353,8 +389,8 @@ def plan_lines() -> list[str]:
     lines = [
         "\n## plan only: one node of 8 GPUs, bf16, micro batch 1, 2048 tokens "
         "(GiB per rank; host per node)",
-        "preset  layout                 device  (states + activations + buffers)   host/rank  "
-        "host/node  construction/rank",
+        "preset  layout                 device  (states + activations + buffers | step)  "
+        "host/rank  host/node  construction/rank",
     ]
     for preset in ("7b", "13b"):
         base = (
@@ -383,7 +419,8 @@ def plan_lines() -> list[str]:
             states = est.parameters + est.gradients + est.optimizer_states
             lines.append(
                 f"{preset:6}  {layout:20}  {gib(est.total)}  ({states / GIB:.2f} + "
-                f"{est.activations / GIB:.2f} + {est.buffers / GIB:.2f})"
+                f"{est.activations / GIB:.2f} + {est.buffers / GIB:.2f} | "
+                f"{est.step_buffers / GIB:.2f})"
                 f"{'':>14}{gib(est.host_per_rank)}  {gib(est.host_per_node)}  "
                 f"{gib(est.construction)}"
             )
@@ -416,6 +453,12 @@ def main(argv=None) -> None:
         help="share of this machine's memory the planner may fill when picking the largest",
     )
     p.add_argument("--nvme-path", default="/tmp/kiln-nvme", help="swap folder for NVMe runs")
+    p.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="start the ranks without MALLOC_* variables (glibc's dynamic mmap threshold) "
+        "instead of the launchers' environment",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--marks", help=argparse.SUPPRESS)
@@ -453,7 +496,7 @@ def main(argv=None) -> None:
                 except ConfigError as e:
                     result = {"refused": str(e)}
             if not result:
-                result = measure(run, Path(tmp))
+                result = measure(run, Path(tmp), glibc_default=args.glibc_malloc)
             figures[name] = result
             print("\n".join(report(run, result)), flush=True)
     if args.json:

@@ -7,12 +7,37 @@ them. SIGTERM and SIGUSR1 sent to this process are forwarded to the workers the 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
+
+# glibc's malloc raises its mmap threshold (up to 32 MiB) each time a block above it is freed, so
+# blocks of up to 32 MiB (gradient buckets, gathered ZeRO-3 parameters, optimizer temporaries)
+# are later carved from the heap and kept there when freed: the `1b` preset under ZeRO-3 on two
+# 12 GiB CPU ranks is killed for memory in its first step by what the heaps keep. Setting the
+# threshold fixes it (and turns off the dynamic raise and the trim threshold's with it: mallopt(3)):
+# blocks of 128 KiB and more are mapped and unmapped on their own and go back to the system when
+# freed. bench/memory.py measures both. A value the user exports wins.
+MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def malloc_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The glibc allocator variables the training processes start with: each of
+    :data:`MALLOC_DEFAULTS`, or the value ``environ`` (default: ``os.environ``) already has."""
+    environ = os.environ if environ is None else environ
+    return {key: environ.get(key, value) for key, value in MALLOC_DEFAULTS.items()}
+
+
+def worker_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of the training processes: ``environ`` (default: ``os.environ``)
+    with :func:`malloc_environment`'s defaults for the allocator variables it lacks."""
+    environ = os.environ if environ is None else environ
+    return {**environ, **malloc_environment(environ)}
 
 
 def torchrun_command(
@@ -40,11 +65,12 @@ def torchrun_command(
 
 
 def run_workers(cmd: list[str]) -> int:
-    """Run ``cmd`` (a torchrun command), forwarding stop signals to its workers.
+    """Run ``cmd`` (a torchrun command) in :func:`worker_environment`, forwarding stop signals
+    to its workers.
 
     Returns torchrun's exit code; 0 also when a forwarded signal stopped the run cleanly.
     """
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=worker_environment())
     interrupts = 0
 
     def forward(signum, _frame):

@@ -169,7 +169,7 @@ def submit(
     accumulation changes; every size in the range must divide it) and the sampler reshards the
     data, so no sample is skipped or repeated; steps since that checkpoint are trained again.
     """
-    from launcher.ray_driver import CONFIG_ENV, parse_num_workers, worker_counts
+    from launcher.ray_driver import parse_num_workers, worker_counts
 
     cfg = preflight.load(config, overrides)
     try:
@@ -221,7 +221,7 @@ def submit(
         ) from None
     job_id = client.submit_job(
         entrypoint=shlex.join(entrypoint),
-        runtime_env={"env_vars": {CONFIG_ENV: cfg.to_yaml(), "PYTHONUNBUFFERED": "1", **faults}},
+        runtime_env={"env_vars": job_env_vars(cfg, faults)},
         metadata={"kiln_run_dir": cfg.run_dir, "kiln_config": str(config)},
     )
     click.echo(f"submitted Ray job {job_id} (run folder {cfg.run_dir} on the cluster)")
@@ -258,3 +258,19 @@ def _relative_paths(cfg: KilnConfig) -> list[str]:
         for i, s in enumerate(d.sources):
             paths[f"{d.name} sources[{i}].path"] = s.path
     return [f"{k}={v}" for k, v in paths.items() if is_relative_path(v)]
+
+
+def job_env_vars(cfg: KilnConfig, extra: dict[str, str]) -> dict[str, str]:
+    """The ``env_vars`` of a submitted job's runtime environment, which Ray sets in the job's
+    driver and in every worker process it starts for the job: the resolved config (YAML),
+    unbuffered output, glibc's allocator settings (:func:`launcher.local.malloc_environment`:
+    Kiln's defaults, or the values this shell exports), and ``extra``."""
+    from launcher.local import malloc_environment
+    from launcher.ray_driver import CONFIG_ENV
+
+    return {
+        CONFIG_ENV: cfg.to_yaml(),
+        "PYTHONUNBUFFERED": "1",
+        **malloc_environment(),
+        **extra,
+    }

@@ -74,9 +74,11 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
         f"gradients:             {_gib(mem.gradients)}",
         f"optimizer states:      {_gib(mem.optimizer_states)}",
         f"activations:           {_gib(mem.activations)}{_activation_options(cfg)}",
-        f"DeepSpeed buffers:     {_gib(mem.buffers)} (buckets, gathered ZeRO-3 parameters, "
-        "step copy)",
-        f"total on the device:   {_gib(mem.total)}",
+        f"DeepSpeed buffers:     {_gib(mem.buffers)} (forward/backward: buckets, gathered "
+        "ZeRO-3 parameters)",
+        f"optimizer step:        {_gib(mem.step_buffers)} (its gradient copy and AdamW's "
+        "temporaries, once the activations are freed)",
+        f"total on the device:   {_gib(mem.total)} (states + the larger of the two phases)",
     ]
     if mem.host_offload:
         lines.append(
@@ -88,10 +90,22 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
         lines.append(f"NVMe swap buffers:     {_gib(mem.host_swap)} of host memory")
     lines += [
         f"construction:          {_gib(mem.construction)} (the model as this rank builds it)",
+        f"engine build:          {_gib(mem.engine_build)} (deepspeed.initialize: its flat "
+        "copies of the weights, fp32 master, gradient partitions)",
         f"runtime:               {_gib(mem.runtime)} (Python, torch, DeepSpeed)",
         f"host memory per rank:  {_gib(mem.host_per_rank)} (peak)",
         f"host memory per node:  {_gib(mem.host_per_node)} ({mem.ranks_per_node} ranks)",
     ]
+    if p.zero_stage > 0 and plan.data_parallel_size == 1:
+        plain = cfg.model_copy(update={"parallel": p.model_copy(update={"zero_stage": 0})})
+        extra = mem.host_per_rank - memory_estimate(plain, plan, on_gpu=on_gpu).host_per_rank
+        if extra > 0:
+            # one data-parallel rank per stage: ZeRO partitions over 1, yet DeepSpeed keeps its
+            # flat copies (an fp32 master under ZeRO 1-2) and AdamW steps the whole partition
+            lines.append(
+                f"note: ZeRO stage {p.zero_stage} with 1 data-parallel rank partitions nothing "
+                f"and costs {_gib(extra).strip()} more per rank than parallel.zero_stage=0"
+            )
     settings = ds_memory_settings(cfg)
     zero = settings.zero_config(p.zero_stage)
     if zero:

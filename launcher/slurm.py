@@ -36,6 +36,7 @@ import click
 import jinja2
 
 from launcher import preflight
+from launcher.local import MALLOC_DEFAULTS
 from launcher.preflight import user_errors
 from trainer.config import KilnConfig
 from trainer.errors import COLLECTED_ENV, describe_failures, read_failures
@@ -204,6 +205,7 @@ def render_script(
         env_setup_path=opts.env_setup.resolve() if opts.env_setup else "",
         config_yaml=cfg.to_yaml(),
         collected_env=COLLECTED_ENV,
+        malloc_defaults=MALLOC_DEFAULTS,
     )
 
 

@@ -297,3 +297,57 @@ def test_the_reader_refuses_a_folder_of_another_shape(folders):
         reader("layers.0.mlp.up_proj.weight", torch.Size([64, 64]), 0, 64 * 64)
     with pytest.raises(ValueError, match="missing keys"):
         HFWeightReader(folders["llama"], cfg.model_copy(update={"num_hidden_layers": 3}))
+
+
+def _aio_buildable() -> bool:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible(verbose=False)
+
+
+def nvme_weights_on_rank(nvme_path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Build the wide debug model under ZeRO-3 with parameters offloaded to NVMe; return the
+    gathered weights and the parameters whose partitions live in swap files."""
+    import deepspeed
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    from trainer import distributed
+
+    world = distributed.init_distributed()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    cfg = run_config("llama", *NVME_WIDE, f"parallel.nvme_path={nvme_path}")
+    module, _ = build_for_layout(cfg, batch_plan(cfg, world.world_size))
+    on_nvme = [
+        n
+        for n, p in module.named_parameters()
+        if p.ds_tensor.final_location == OffloadDeviceEnum.nvme
+    ]
+    weights = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            weights[name] = p.data.clone()
+    return weights, on_nvme
+
+
+# d_model 1024: the embedding's and the attention's partitions reach aio's 1 MB and are swapped
+NVME_WIDE = (
+    "model.hidden_size=1024",
+    "parallel.zero_stage=3",
+    "parallel.offload_params=true",
+    "parallel.offload_optimizer=true",
+    "parallel.offload_device=nvme",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _aio_buildable(), reason="DeepSpeed's async_io op needs libaio-dev")
+def test_zero3_with_nvme_offload_starts_from_the_seeds_weights(tmp_path):
+    """Partitions that zero.Init swaps to NVMe are filled too (swapped in, written, swapped
+    out): gathered, the weights are the one-process model's bit for bit."""
+    ranks = run_distributed(nvme_weights_on_rank, 2, str(tmp_path / "nvme"))
+    cfg = run_config("llama", *NVME_WIDE, f"parallel.nvme_path={tmp_path}")
+    want = build_model(cfg.derived.model, seed=SEED)
+    for weights, on_nvme in ranks:
+        assert "embed_tokens.weight" in on_nvme
+        for key, value in want.named_parameters():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)

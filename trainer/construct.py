@@ -106,22 +106,31 @@ def fill_partitions(model: nn.Module, source: Source) -> None:
     parameter's ``ds_numel`` padded with zeros (DeepSpeed's layout, `partition_parameters.py`
     ``_partition_param``). Only those elements are drawn or read.
 
+    A partition that ``zero.Init`` swapped out to NVMe (``offload_device: nvme``: every
+    partition of at least ``aio``'s 1 MB) is swapped into one of DeepSpeed's parameter swap
+    buffers, written there and swapped out again (``param.nvme_swapper``, DeepSpeed's
+    `AsyncPartitionedParameterSwapper`), one parameter at a time.
+
     Raises:
-        ValueError: a parameter is not ZeRO-3 partitioned, or its partition lives on NVMe (not
-            written in place).
+        ValueError: a parameter is not ZeRO-3 partitioned.
     """
     import torch.distributed as dist
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 
     for name, param in model.named_parameters():
         part = getattr(param, "ds_tensor", None)
         if part is None:
             raise ValueError(f"{name} is not a ZeRO-3 partitioned parameter")
-        if getattr(part, "final_location", None) == OffloadDeviceEnum.nvme:
-            raise ValueError(f"{name}'s partition is on NVMe; it cannot be filled in place")
+        on_nvme = getattr(part, "final_location", None) == OffloadDeviceEnum.nvme
+        if on_nvme and part.status == PartitionedParamStatus.NOT_AVAILABLE:
+            param.nvme_swapper.swap_in([param], async_op=False)
+            part = param.ds_tensor
         size = part.ds_numel
         start = min(size * dist.get_rank(group=param.ds_process_group), param.ds_numel)
         stop = min(start + size, param.ds_numel)
         values = source(name, param.ds_shape, start, stop)
         part[: stop - start].copy_(values)
         part[stop - start :].zero_()
+        if on_nvme:
+            param.nvme_swapper.swap_out_and_release([param])

@@ -157,14 +157,17 @@ class MemoryEstimate:
     """Memory of one training process (rank), in bytes, and of one node.
 
     Device memory: ``parameters``, ``gradients``, ``optimizer_states`` (fp32 master weights where
-    DeepSpeed keeps them, Adam's two moments), ``activations`` and ``buffers`` (DeepSpeed's:
-    gradient buckets, gathered ZeRO-3 parameters, the optimizer step's gradient copy); their sum
-    is :attr:`total`. Host memory: ``host_offload`` (offloaded states, pinned on a GPU),
+    DeepSpeed keeps them, Adam's two moments), ``activations`` and ``buffers`` (DeepSpeed's
+    during forward and backward: gradient buckets, gathered ZeRO-3 parameters), and
+    ``step_buffers`` (the optimizer step's: its fp32 gradient copy, AdamW's temporaries, which
+    come after backward has freed the activations); :attr:`total` is the peak of the two
+    phases. Host memory: ``host_offload`` (offloaded states, pinned on a GPU),
     ``host_swap`` (pinned NVMe swap buffers and parameters kept in host memory under NVMe
     offload), ``construction`` (the model as each rank builds it, before DeepSpeed takes it),
-    ``runtime`` (Python, torch, DeepSpeed). ``nvme`` is the bytes a rank writes to disk.
-    ``ranks_per_node`` processes share a node; ``device_is_host`` is True on a CPU run, where
-    "device" memory is host memory too.
+    ``engine_build`` (host memory at the peak of ``deepspeed.initialize``: the copies it makes
+    while it flattens and partitions the model), ``runtime`` (Python, torch, DeepSpeed).
+    ``nvme`` is the bytes a rank writes to disk. ``ranks_per_node`` processes share a node;
+    ``device_is_host`` is True on a CPU run, where "device" memory is host memory too.
     """
 
     parameters: float
@@ -172,9 +175,11 @@ class MemoryEstimate:
     optimizer_states: float
     activations: float
     buffers: float = 0.0
+    step_buffers: float = 0.0
     host_offload: float = 0.0
     host_swap: float = 0.0
     construction: float = 0.0
+    engine_build: float = 0.0
     runtime: float = RUNTIME_BYTES
     nvme: float = 0.0
     ranks_per_node: int = 1
@@ -182,10 +187,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        """Device bytes per rank: model states + activations + DeepSpeed's buffers."""
-        return (
-            self.parameters + self.gradients + self.optimizer_states + self.activations
-        ) + self.buffers
+        """Device bytes per rank at the peak of a step: model states + the larger of forward /
+        backward (activations + DeepSpeed's buffers) and the optimizer step (its buffers)."""
+        states = self.parameters + self.gradients + self.optimizer_states
+        return states + max(self.activations + self.buffers, self.step_buffers)
 
     @property
     def cpu_offloaded(self) -> float:
@@ -194,14 +199,14 @@ class MemoryEstimate:
 
     @property
     def host_per_rank(self) -> float:
-        """Peak host bytes of one process: the runtime plus the larger of construction and the
-        training state in host memory (on a CPU run the device's share is host memory too; the
-        model built for construction is what DeepSpeed then partitions, so the two peaks do not
-        add up)."""
+        """Peak host bytes of one process: the runtime plus the largest of construction, the
+        engine build and the training state in host memory (on a CPU run the device's share is
+        host memory too; the model built for construction is what DeepSpeed then flattens and
+        partitions, so the three peaks come one after the other and do not add up)."""
         training = self.host_offload + self.host_swap
         if self.device_is_host:
             training += self.total
-        return self.runtime + max(self.construction, training)
+        return self.runtime + max(self.construction, self.engine_build, training)
 
     @property
     def host_per_node(self) -> float:
@@ -219,32 +224,43 @@ def memory_estimate(
     parameters, fp32 training keeps 4 Psi bytes of weights, 4 Psi of gradients and 8 Psi of Adam
     moments; mixed precision keeps 2 Psi + 2 Psi and 12 Psi of optimizer state (fp32 master
     weights, momentum, variance). Stage 1 partitions the optimizer states over the N_d
-    data-parallel ranks, stage 2 also the gradients, stage 3 also the weights. ZeRO 1-2 keep an
-    fp32 master copy of each rank's partition in fp32 training too (``weights_partition =
-    ... .clone()``); ZeRO-3 shares it with the weights when both are fp32.
+    data-parallel ranks, stage 2 also the gradients, stage 3 also the weights. ZeRO 1-3 keep an
+    fp32 master copy of each rank's partition in fp32 training too: ZeRO 1-2's
+    ``weights_partition = ... .clone()``, and ZeRO-3's ``_create_fp32_partitions``, whose
+    branch that would share fp32 weights compares the tensor's ``torch.device`` with the
+    device's name (a ``str``), which is never equal, and so clones them too (measured:
+    ``tests/test_ds_memory.py``).
 
-    DeepSpeed's buffers (``buffers``, elements from :func:`ds_memory_settings` times the element
-    size e of the weights): ZeRO-0 with N_d > 1, the all-reduce bucket (5e8 elements or the
-    gradients); ZeRO 1-2, one reduce bucket (fp32 under ZeRO-1, which accumulates in fp32) and
-    one all-gather bucket; ZeRO-3, the reduce bucket, the gathered parameters (up to
+    DeepSpeed's buffers (elements from :func:`ds_memory_settings` times the element size e of
+    the weights), in forward and backward (``buffers``): ZeRO-0 with N_d > 1, the all-reduce
+    bucket (5e8 elements or the gradients); ZeRO 1-2, one reduce bucket (fp32 under ZeRO-1,
+    which accumulates in fp32); ZeRO-3, the reduce bucket, the gathered parameters (up to
     ``stage3_max_live_parameters``, never more than the model), the persistent small tensors
-    (at most 3 norm-sized vectors per block, whole on every rank), autograd's full-size gradient
-    of the largest tensor before it is reduced, and the optimizer step's fp32 copy of one
-    sub-group's gradients (``_prepare_fp32_grad_for_sub_group``). Torch's AdamW (Kiln's optimizer
-    except on a GPU with offload, where DeepSpeed's fused CPUAdam steps) adds two fp32
-    temporaries of the tensor it steps (``_single_tensor_adamw``'s ``denom``): a parameter under
-    ZeRO-0, the rank's flat partition under ZeRO 1-2, one sub-group under ZeRO-3.
+    (at most 3 norm-sized vectors per block, whole on every rank) and autograd's full-size
+    gradient of the largest tensor before it is reduced. In the optimizer step
+    (``step_buffers``), after backward has freed the activations and released the gathered
+    parameters: ZeRO 1-2's all-gather bucket; ZeRO-3's reduce bucket and persistent tensors (kept
+    allocated) and its fp32 copy of one sub-group's gradients
+    (``_prepare_fp32_grad_for_sub_group``); and torch's AdamW (Kiln's optimizer except on a GPU
+    with offload, where DeepSpeed's fused CPUAdam steps), two fp32 temporaries of the tensor it
+    steps (``_single_tensor_adamw``'s ``denom``): a parameter under ZeRO-0, the rank's flat
+    partition under ZeRO 1-2, one sub-group under ZeRO-3. The two phases' peaks do not add up
+    (measured on the 1b run, bench/memory.py).
 
     Offload (``offload_device``): optimizer states, with their fp32 gradient partition (which
     leaves the device under ZeRO 2-3), and/or
     ZeRO-3 weight partitions move to host memory (``host_offload``), or with ``nvme`` to disk
     (``nvme``), where host memory keeps DeepSpeed's swap buffers: 4 optimizer sub-groups of
-    fp32 (``offload_optimizer.buffer_count``), and 5 parameter buffers (``offload_param``) plus
-    the parameter elements kept in host memory (``max_in_cpu``, set to the live window).
+    fp32 (``offload_optimizer.buffer_count``) and the fp32 gradient partitions, which are not
+    swapped, and 5 parameter buffers (``offload_param``) plus the parameter elements kept in
+    host memory (``max_in_cpu``, set to the live window).
 
     Construction: each rank builds what it holds: under ZeRO-3 its 1/N_d share of the fp32
-    weights (``deepspeed.zero.Init``) plus the largest tensor being initialised whole; a
-    pipeline stage its 1/P of the model; otherwise the whole fp32 model.
+    weights (``deepspeed.zero.Init``) plus the largest tensor being initialised whole (with
+    parameters offloaded to NVMe, the parameter swap buffers in place of the share); a
+    pipeline stage its 1/P of the model; otherwise the whole fp32 model. The engine build:
+    :func:`deepspeed_initialize_bytes`, or with parameter offload the offloaded states and swap
+    buffers, which DeepSpeed allocates there.
 
     Activations per layer follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
     Large Transformer Models", eq. 1): ``s b h (34 + 5 a s / h)`` bytes at 2 bytes per value; the
@@ -273,7 +289,7 @@ def memory_estimate(
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
     nd = plan.data_parallel_size
     pp = plan.pipeline_stages  # a stage holds ~1/P of the layers
-    if p.zero_stage in (1, 2) and not mixed:
+    if p.zero_stage >= 1 and not mixed:
         optim_bytes += 4  # DeepSpeed's fp32 master partition, a copy even in fp32 training
     weights, grads, optim = (psi / pp * b for b in (weight_bytes, grad_bytes, optim_bytes))
     if p.zero_stage >= 1:
@@ -283,12 +299,13 @@ def memory_estimate(
     if p.zero_stage >= 3:
         weights /= nd
 
-    buffers = 0.0
+    buffers = step_buffers = 0.0
     if p.zero_stage == 0 and nd > 1:
         buffers = min(DS_ALLREDUCE_BUCKET, psi / pp) * e
     elif p.zero_stage in (1, 2):
         reduce_e = 4 if p.zero_stage == 1 else e
-        buffers = settings.reduce_bucket_size * reduce_e + settings.allgather_bucket_size * e
+        buffers = settings.reduce_bucket_size * reduce_e
+        step_buffers = settings.allgather_bucket_size * e
     elif p.zero_stage == 3:
         gathered = min(psi, settings.stage3_max_live_parameters + shape.largest_tensor)
         persistent = 3 * shape.num_blocks * shape.d_model  # norm vectors under the threshold
@@ -299,7 +316,7 @@ def memory_estimate(
         # copies it into the reduce bucket
         full_grad = shape.largest_tensor
         buffers = (settings.reduce_bucket_size + gathered + persistent + full_grad) * e
-        buffers += step_copy
+        step_buffers = (settings.reduce_bucket_size + persistent) * e + step_copy
     if not (on_gpu and p.offload_optimizer):  # torch's AdamW (a GPU with offload: CPUAdam, fused)
         # `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`: two fp32 temporaries
         # of the tensor being stepped: a parameter (ZeRO-0), the rank's flat partition (ZeRO
@@ -307,7 +324,7 @@ def memory_estimate(
         unit = {0: shape.largest_tensor, 1: psi / pp / nd, 2: psi / pp / nd}.get(
             p.zero_stage, min(settings.sub_group_size, psi / nd)
         )
-        buffers += 2 * 4 * unit
+        step_buffers += 2 * 4 * unit
 
     host_offload = host_swap = nvme = 0.0
     offloaded_optim = optim + 4 * psi / pp / nd if p.offload_optimizer else 0.0  # + fp32 grads
@@ -322,6 +339,10 @@ def memory_estimate(
         nvme = offloaded_optim + offloaded_weights
         if p.offload_optimizer:
             host_swap += DS_OPTIMIZER_SWAP_BUFFERS * min(settings.sub_group_size, psi / nd) * 4
+            # the fp32 gradient partitions stay in host memory (stage3.py's
+            # grad_partitions_flat_buffer on the offload device, which is the CPU)
+            nvme -= 4 * psi / pp / nd
+            host_swap += 4 * psi / pp / nd
         if p.offload_params:
             host_swap += DS_PARAM_SWAP_BUFFERS * settings.param_swap_buffer_size * e
             host_swap += min(settings.stage3_max_live_parameters, psi / nd) * e  # max_in_cpu
@@ -345,10 +366,17 @@ def memory_estimate(
     if pp > 1:  # 1F1B: the first stage keeps up to P micro-batches of its 1/P of the layers
         layers *= min(pp, plan.gradient_accumulation_steps) / pp
 
-    if p.zero_stage == 3 and pp == 1:
+    if p.zero_stage == 3 and pp == 1 and p.offload_params and p.offload_device == "nvme":
+        # zero.Init swaps each partition out through the parameter swap buffers it allocates
+        param_swap = DS_PARAM_SWAP_BUFFERS * settings.param_swap_buffer_size * e
+        construction = param_swap + 4 * shape.largest_tensor
+    elif p.zero_stage == 3 and pp == 1:
         construction = 4 * (psi / nd + shape.largest_tensor)
     else:
         construction = 4 * psi / pp
+    engine_build = deepspeed_initialize_bytes(cfg, plan, on_gpu=on_gpu)
+    if p.offload_params:  # the offload's host memory and swap buffers exist from the build on
+        engine_build = max(engine_build, host_offload + host_swap)
     world = pp * nd
     nodes = nodes or cfg.launch.nnodes
     return MemoryEstimate(
@@ -357,13 +385,57 @@ def memory_estimate(
         optimizer_states=optim,
         activations=layers + logits,
         buffers=buffers,
+        step_buffers=step_buffers,
         host_offload=host_offload,
         host_swap=host_swap,
         construction=construction,
+        engine_build=engine_build,
         nvme=nvme,
         ranks_per_node=max(1, math.ceil(world / nodes)),
         device_is_host=not on_gpu,
     )
+
+
+def deepspeed_initialize_bytes(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> float:
+    """Host bytes per rank at the peak of ``deepspeed.initialize`` (the engine build), the
+    model included, as DeepSpeed 0.19 allocates them. With Psi parameters, P pipeline stages,
+    N_d data-parallel ranks and e bytes per weight of the training dtype:
+
+    * ZeRO 1-2 (a pipeline stage too): ``DeepSpeedZeroOptimizer`` concatenates the stage's
+      weights into one flat tensor per parameter group (``flatten_dense_tensors_aligned``)
+      while they still exist: ``2 e Psi / P``. Then the weights become views of the flat tensor
+      and it clones the fp32 master of its partition (``single_partition_of_fp32_groups``):
+      ``e Psi / P + 4 Psi / (P N_d)``. On a GPU with room for the flat tensor all of it happens
+      in device memory (no host bytes); DeepSpeed flattens in host memory only when the device
+      lacks the room.
+    * ZeRO-3 without parameter offload: ``defragment`` (``runtime/zero/utils.py``) copies the
+      rank's partitions into one flat host tensor, ``e Psi / N_d``, freeing each partition as it
+      goes (on a GPU the tensor then goes to the device). On a CPU run the flat tensor stays the
+      weights, and ``_setup_for_real_optimizer`` adds the fp32 master partition (``4 Psi /
+      N_d``, a copy in fp32 training too: :func:`memory_estimate`),
+      ``initialize_optimizer_states``' zero fp32 gradient of the largest sub-group, freed on
+      return, then the fp32 gradient partitions (``grad_partitions_flat_buffer``, ``4 Psi /
+      N_d``).
+    * ZeRO-3 with parameter offload: the partitions already live in host memory or on NVMe
+      (counted in ``host_offload`` and ``host_swap``); ZeRO-0: the engine keeps the model as
+      built, cast to the training dtype: no copy beyond the construction.
+    """
+    p = cfg.parallel
+    psi = float(model_shape(cfg).parameters)
+    e = BYTES[cfg.train.precision]
+    nd, pp = plan.data_parallel_size, plan.pipeline_stages
+    if p.zero_stage in (1, 2):
+        if on_gpu:
+            return 0.0
+        return max(2 * e * psi / pp, e * psi / pp + 4 * psi / (pp * nd))
+    if p.zero_stage == 3 and not p.offload_params:
+        weights = e * psi / nd
+        if on_gpu:
+            return weights
+        master = 4 * psi / nd
+        sub_group = 4 * min(ds_memory_settings(cfg).sub_group_size, psi / nd)
+        return weights + master + max(sub_group, 4 * psi / nd)
+    return 0.0
 
 
 # Of the 34 x D 16-bit values a self-attention block keeps per token (Korthikanti et al. 2022,
