@@ -146,6 +146,55 @@ def test_resume_with_compile_is_exact(runs):
     assert step_sample_ids(resumed) == {s: step_sample_ids(reference)[s] for s in (3, 4)}
 
 
+# Every fast-path option at once: compiled blocks and loss, document mask with positions reset
+# per document, the chunked loss, attention-only recomputation in every other block, batches made
+# ahead in a worker (data.prefetch_steps, on by default).
+ALL_OPTIONS = dict(
+    data__document_mask="true",
+    data__reset_position_ids="true",
+    data__prefetch_steps=2,
+    train__loss_chunk_tokens=48,
+    train__activation_checkpointing="attention",
+    train__activation_checkpointing_every=2,
+)
+
+
+@pytest.fixture(scope="module")
+def all_options_runs(prepared_data, tmp_path_factory) -> dict[str, Path]:
+    """4 steps of the decoder on one process with every option (checkpoints at 2 and 4), eager
+    and compiled; and the compiled run cut back to step 2 and resumed."""
+    common = dict(train__max_steps=STEPS, checkpoint__save_every=2, **ALL_OPTIONS)
+    eager = train_config(tmp_path_factory.mktemp("all-eager"), prepared_data, **common)
+    compiled = train_config(
+        tmp_path_factory.mktemp("all-compiled"), prepared_data, **common, train__compile="true"
+    )
+    (done,) = run_distributed(train_counting_graphs, 1, eager, compiled)
+    tmp = tmp_path_factory.mktemp("all-resumed")
+    resumed = train_config(tmp, prepared_data, **common, train__compile="true")
+    continue_from(done[1][0], 2, tmp)
+    (more,) = run_distributed(train_counting_graphs, 1, resumed)
+    done += more
+    assert [graphs > 0 for _, graphs in done] == [False, True, True]
+    return {key: run for key, (run, _) in zip(["eager", "compiled", "resumed"], done, strict=True)}
+
+
+@pytest.mark.slow
+def test_every_option_on_compiled_equals_eager_and_resumes_exactly(all_options_runs):
+    """With every fast-path option on, compiled losses equal eager ones (fp32 rounding) and a
+    resume from step 2 repeats steps 3-4 exactly, on the same samples."""
+    eager, compiled = (step_losses(all_options_runs[k]) for k in ("eager", "compiled"))
+    assert sorted(compiled) == list(range(1, STEPS + 1))
+    for s in compiled:
+        assert compiled[s] == pytest.approx(eager[s], abs=LOSS_ATOL), (s, compiled[s], eager[s])
+    resumed = all_options_runs["resumed"]
+    got = step_losses(resumed)
+    assert sorted(got) == [3, 4]
+    for s in (3, 4):
+        assert got[s] == pytest.approx(compiled[s], abs=1e-6), (s, got[s], compiled[s])
+    reference = step_sample_ids(all_options_runs["compiled"])
+    assert step_sample_ids(resumed) == {s: reference[s] for s in (3, 4)}
+
+
 def test_blocks_are_compiled_in_place():
     """Each block's call goes through its compiled wrapper; names and the model's own forward
     are untouched."""
