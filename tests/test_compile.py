@@ -148,7 +148,7 @@ def test_resume_with_compile_is_exact(runs):
 
 # Every fast-path option at once: compiled blocks and loss, document mask with positions reset
 # per document, the chunked loss, attention-only recomputation in every other block, batches made
-# ahead in a worker (data.prefetch_steps, on by default).
+# ahead in a worker (data.prefetch_steps).
 ALL_OPTIONS = dict(
     data__document_mask="true",
     data__reset_position_ids="true",

@@ -107,7 +107,7 @@ def test_a_damaged_shard_raises_the_synchronous_error(prepared_data, tmp_path):
 def test_prefetch_config_fields():
     d = load_config(None, ["data.prefetch_steps=0", "data.prefetch_workers=2"]).data
     assert (d.prefetch_steps, d.prefetch_workers) == (0, 2)
-    assert load_config(None, []).data.prefetch_steps == 2
+    assert load_config(None, []).data.prefetch_steps == 0  # off unless asked for
     with pytest.raises(ValueError, match="prefetch_steps"):
         load_config(None, ["data.prefetch_steps=-1"])
 
