@@ -33,6 +33,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,8 +167,8 @@ def main(argv=None) -> int:
         shape = argparse.Namespace(vocab_size=args.vocab, seq_len=seq, micro_batch_size=micro)
         fpt = flops_per_token(bench_config(shape, preset, 0))
         for compile in (0, 1):
-            out = Path(f"/tmp/kiln-gpu-bench-{preset.replace(':', '-')}-{compile}.json")
-            out.unlink(missing_ok=True)
+            # a fresh folder of this run's own: no fixed /tmp name that another user's run shares
+            out = Path(tempfile.mkdtemp(prefix="kiln-gpu-bench-")) / "result.json"
             cmd = [sys.executable, __file__, "--worker", f"--preset={preset}"]
             cmd += [f"--compile={compile}", f"--out={out}", f"--steps={args.steps}"]
             cmd += [f"--warmup={args.warmup}", f"--vocab={args.vocab}"]
