@@ -7,7 +7,11 @@ prefetching on and off, across evaluation, a rollback and a resume, with the dat
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,10 +108,39 @@ def test_a_damaged_shard_raises_the_synchronous_error(prepared_data, tmp_path):
     assert prefetcher._iter is None  # the workers were stopped
 
 
+def test_workers_outlive_the_stop_signal_sent_to_the_whole_job_step(prepared_data, tmp_path):
+    """Slurm's ``scancel --signal=TERM`` (and ``--signal=USR1@N``) reaches every process of the
+    step, the data workers included, while the training process finishes its step and saves: the
+    workers keep serving the order (a worker that died of the signal would make the training
+    process raise in the middle of the stop, one rank alone, and the job hang), and close() still
+    ends them."""
+    data, plan, _ = _data(tmp_path, prepared_data, "llama")
+    prefetcher = Prefetcher(data, plan, 0, prefetch_steps=2, max_steps=20, workers=2)
+    with ThreadPoolExecutor(1) as pool:
+        _same(
+            pool.submit(prefetcher.get, 0, 0).result(timeout=HANG_S),
+            micro_batch(data, plan, 0, 0, 0),
+        )
+        workers = multiprocessing.active_children()
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+            os.kill(worker.pid, signal.SIGUSR1)
+        time.sleep(1.0)  # the signals land; the DataLoader checks on its workers at each get
+        for step, micro in [(0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]:
+            got = pool.submit(prefetcher.get, step, micro).result(timeout=HANG_S)
+            _same(got, micro_batch(data, plan, 0, step, micro))
+        assert all(w.is_alive() for w in workers)
+    prefetcher.close()
+    for worker in workers:
+        worker.join(timeout=HANG_S)
+    assert not any(w.is_alive() for w in workers)
+
+
 def test_prefetch_config_fields():
     d = load_config(None, ["data.prefetch_steps=0", "data.prefetch_workers=2"]).data
     assert (d.prefetch_steps, d.prefetch_workers) == (0, 2)
-    assert load_config(None, []).data.prefetch_steps == 0  # off unless asked for
+    assert load_config(None, []).data.prefetch_steps == 2
     with pytest.raises(ValueError, match="prefetch_steps"):
         load_config(None, ["data.prefetch_steps=-1"])
 

@@ -128,12 +128,11 @@ class DataConfig(_Section):
         "about 1.4 GiB/s per CPU core; sizes are always checked)",
     )
     prefetch_steps: NonNegativeInt = Field(
-        0,
+        2,
         description="optimizer steps of batches prepared ahead of the training step in "
         "DataLoader worker processes (reads and the objective, e.g. span corruption; pinned "
-        "for non-blocking copies on CUDA); 0 (the default): each batch read in the training "
-        "process when the step needs it. Off by default: on a CPU it saves nothing measurable, "
-        "and a Slurm job stopped by SIGTERM with it on did not end (under investigation)",
+        "for non-blocking copies on CUDA); 0: each batch read in the training process when "
+        "the step needs it",
     )
     prefetch_workers: PositiveInt = Field(
         1, description="DataLoader worker processes per rank that prepare the batches ahead"

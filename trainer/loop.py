@@ -473,12 +473,22 @@ class Trainer:
             TrainingDivergedError: a ``stop`` action, or a divergence past the rollback cap
                 (after the step is saved).
         """
-        t = self.cfg.train
         intervals = [cb.poll_interval for cb in self.callbacks if cb.poll_interval is not None]
         self._poll_interval = min(intervals, default=None)  # of on_poll, in seconds
         self._last_poll = time.monotonic()
         self._call("on_train_start")
         self.batches.start(self.step)  # the workers fill while step 0 evaluates
+        try:  # the workers stop however fit ends (they ignore the step's stop signals)
+            self._train()
+        finally:
+            self.batches.close()
+        self._call("on_train_end")
+        if self.health_stop is not None:
+            raise self.health_stop
+
+    def _train(self) -> None:
+        """:meth:`fit`'s evaluation at step 0 and its steps, to the last one or a stop."""
+        t = self.cfg.train
         if self.step == 0:
             self._evaluate_and_report()
         window_loss = torch.zeros((), device=self.world.device)
@@ -509,10 +519,6 @@ class Trainer:
                 self._evaluate_and_report()
             if self.stopping:
                 break
-        self.batches.close()
-        self._call("on_train_end")
-        if self.health_stop is not None:
-            raise self.health_stop
 
     # -- rollback -----------------------------------------------------------------------------
     def _rolled_back(self) -> bool:

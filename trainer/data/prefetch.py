@@ -36,12 +36,23 @@ Errors: an exception raised while a worker makes a batch is raised again in the 
 by :meth:`Prefetcher.get` as the same type with the same message as the synchronous path gives
 (a note names the step and micro-batch); a worker that dies (a signal, the out-of-memory killer)
 raises the DataLoader's ``RuntimeError`` naming its pid.
+
+Stop signals: a scheduler's stop (Slurm's ``scancel --signal=TERM``, ``--signal=USR1@N``)
+reaches every process of the job step, the workers included. The training process handles it
+(:meth:`trainer.loop.Trainer.install_signal_handlers`: finish the step, save, exit); a worker
+ignores SIGTERM and SIGUSR1 (:func:`_ignore_stop_signals`) and ends when the training process
+closes the loader (:meth:`Prefetcher.close`) or dies (the DataLoader's watchdog). Left to the
+DataLoader's own SIGTERM handler, a worker dies of the signal, and the training process's SIGCHLD
+handler then raises "DataLoader worker exited unexpectedly" wherever that process happens to be:
+on one rank in the middle of the stop's collectives, leaving the other ranks waiting forever (a
+Slurm job that never ends, seen in the clean-clone CI).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import pickle
+import signal
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -119,6 +130,13 @@ class _MicroBatches(torch.utils.data.Dataset):
             return _WorkerError(e, step, micro)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """The workers' ``worker_init_fn``: SIGTERM and SIGUSR1 are the training process's to handle
+    (see the module docstring); it runs after the DataLoader installs its own worker handlers."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _as_is(item):  # the DataLoader's collate_fn: the dataset makes whole batches
     return item
 
@@ -190,6 +208,7 @@ class Prefetcher:
             # prefetching. The batches draw nothing from it (objectives seed by sample index).
             generator=torch.Generator().manual_seed(0),
             multiprocessing_context=_START_METHOD,
+            worker_init_fn=_ignore_stop_signals,
         )
         self._iter = iter(loader)
         self._next = first
