@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import step_losses, step_sample_ids, t5_sections, train_config
@@ -123,9 +125,8 @@ def test_workers_outlive_the_stop_signal_sent_to_the_whole_job_step(prepared_dat
         )
         workers = multiprocessing.active_children()
         assert len(workers) == 2
-        for worker in workers:
-            os.kill(worker.pid, signal.SIGTERM)
-            os.kill(worker.pid, signal.SIGUSR1)
+        for sig in ("TERM", "USR1"):  # from another process, as slurmstepd sends them
+            subprocess.run(["kill", f"-{sig}", *(str(w.pid) for w in workers)], check=True)
         time.sleep(1.0)  # the signals land; the DataLoader checks on its workers at each get
         for step, micro in [(0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]:
             got = pool.submit(prefetcher.get, step, micro).result(timeout=HANG_S)
@@ -135,6 +136,47 @@ def test_workers_outlive_the_stop_signal_sent_to_the_whole_job_step(prepared_dat
     for worker in workers:
         worker.join(timeout=HANG_S)
     assert not any(w.is_alive() for w in workers)
+
+
+# A training process that ends without closing its Prefetcher: it exits (multiprocessing ends the
+# workers with a SIGTERM at interpreter exit), or it is killed (the orphaned workers end).
+_UNCLOSED = """
+import multiprocessing, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_prefetch import _data
+from trainer.data.prefetch import Prefetcher
+data, plan, _ = _data(Path({tmp!r}), Path({data!r}), "llama")
+prefetcher = Prefetcher(data, plan, 0, prefetch_steps=2, max_steps=20, workers=2)
+prefetcher.get(0, 0)
+print(*(w.pid for w in multiprocessing.active_children()), flush=True)
+if {end!r} == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("end", ["exits", "killed"])
+def test_workers_end_with_a_training_process_that_did_not_close_them(end, prepared_data, tmp_path):
+    code = _UNCLOSED.format(
+        tests=str(Path(__file__).parent), tmp=str(tmp_path), data=str(prepared_data), end=end
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S
+    )
+    assert proc.returncode == (0 if end == "exits" else -signal.SIGKILL), proc.stderr
+    pids = [int(pid) for pid in proc.stdout.split()]
+    assert len(pids) == 2
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10  # the orphans' watch wakes every second
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in pids)
 
 
 def test_prefetch_config_fields():

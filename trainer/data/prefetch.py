@@ -39,20 +39,26 @@ raises the DataLoader's ``RuntimeError`` naming its pid.
 
 Stop signals: a scheduler's stop (Slurm's ``scancel --signal=TERM``, ``--signal=USR1@N``)
 reaches every process of the job step, the workers included. The training process handles it
-(:meth:`trainer.loop.Trainer.install_signal_handlers`: finish the step, save, exit); a worker
-ignores SIGTERM and SIGUSR1 (:func:`_ignore_stop_signals`) and ends when the training process
-closes the loader (:meth:`Prefetcher.close`) or dies (the DataLoader's watchdog). Left to the
-DataLoader's own SIGTERM handler, a worker dies of the signal, and the training process's SIGCHLD
-handler then raises "DataLoader worker exited unexpectedly" wherever that process happens to be:
-on one rank in the middle of the stop's collectives, leaving the other ranks waiting forever (a
-Slurm job that never ends, seen in the clean-clone CI).
+(:meth:`trainer.loop.Trainer.install_signal_handlers`: finish the step, save, exit) and then
+closes the loader (:meth:`Prefetcher.close`, called by ``Trainer.fit`` however it ends). A worker
+(:func:`_worker_signals`) takes SIGTERM and SIGUSR1 itself: it ends at once on a SIGTERM from
+the training process (the DataLoader's last resort, and ``multiprocessing``'s at interpreter
+exit) and within a second of the training process's death, and ignores the rest. Left to the
+DataLoader's own SIGTERM handler, a worker dies of the scheduler's signal, and the training
+process's SIGCHLD handler then raises "DataLoader worker exited unexpectedly" wherever that
+process happens to be: on one rank in the middle of the stop's collectives, leaving the other
+ranks waiting forever (a Slurm job that never ended, seen in the clean-clone CI). Left to ignore
+every SIGTERM, a worker could not be ended by its parent (a process that exits without closing
+the loader waits for it forever) and, orphaned with a full result pipe, would never end.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import signal
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -130,11 +136,24 @@ class _MicroBatches(torch.utils.data.Dataset):
             return _WorkerError(e, step, micro)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """The workers' ``worker_init_fn``: SIGTERM and SIGUSR1 are the training process's to handle
-    (see the module docstring); it runs after the DataLoader installs its own worker handlers."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+def _worker_signals(_worker_id: int) -> None:
+    """The workers' ``worker_init_fn`` (it runs after the DataLoader installs its own worker
+    handlers): SIGTERM and SIGUSR1 are blocked and a daemon thread takes them
+    (``sigtimedwait``), ending the worker (``os._exit``: what it made is dropped) on a SIGTERM
+    from the training process or within a second of that process's death, and ignoring the
+    stop signals anyone else sends (see the module docstring)."""
+    stops = {signal.SIGTERM, signal.SIGUSR1}
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # threads started from here inherit it
+
+    def watch() -> None:
+        while True:
+            info = signal.sigtimedwait(stops, 1.0)  # None: a second without a signal
+            ended = info is not None and (info.si_signo, info.si_pid) == (signal.SIGTERM, parent)
+            if ended or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="kiln_stop_signals", daemon=True).start()
 
 
 def _as_is(item):  # the DataLoader's collate_fn: the dataset makes whole batches
@@ -208,7 +227,7 @@ class Prefetcher:
             # prefetching. The batches draw nothing from it (objectives seed by sample index).
             generator=torch.Generator().manual_seed(0),
             multiprocessing_context=_START_METHOD,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_worker_signals,
         )
         self._iter = iter(loader)
         self._next = first
