@@ -62,7 +62,11 @@ processes. Workers inherit the environment, so allocator settings (``MALLOC_*``)
 holds all of them (each its own model, optimizer and batches) and times one optimizer step of
 each in turn, the order rotated every round; the ratio to the plain loop is taken per round and
 its median reported, so load that other processes put on the machine for seconds or minutes
-hits every runner of a round alike.
+hits every runner of a round alike. After the rounds each runner takes one more step under
+``torch.profiler`` (:func:`kernel_seconds`): the table shows its share in GEMMs and in attention
+kernels, and the script prints the ceiling those kernels put on any runner that calls them:
+the plain loop's step time / the seconds of Kiln's GEMMs and attention (Amdahl's law:
+compilation removes and fuses the other ops, not these).
 
 Targets (CPU, fp32, one process): Kiln ZeRO-0 >= 1.0x the plain loop's tokens/s; Kiln compiled
 >= 1.15x. The ratios are printed with PASS/FAIL; the exit code is 0 either way. The hf and
@@ -296,6 +300,7 @@ def interleaved_worker(args, world) -> None:
             losses[name] = steps[name][0]().item()
             times[name].append(time.perf_counter() - start)
             waits[name].append(runner.data_wait_s)
+    kernels = {name: kernel_seconds(steps[name][0]) for name in names}
     result = {}
     for name in names:
         tokens = steps[name][1].tokens_per_step
@@ -308,8 +313,32 @@ def interleaved_worker(args, world) -> None:
             "round_ratios": [p / t for p, t in zip(times["plain"], times[name], strict=True)],
             "data_wait_pct": 100 * sum(waits[name]) / sum(times[name]),
             "threads": torch.get_num_threads(),
+            **kernels[name],
         }
     Path(args.out).write_text(json.dumps(result))
+
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def kernel_seconds(train_step) -> dict[str, float]:
+    """One more optimizer step of ``train_step`` under ``torch.profiler`` (CPU): its wall
+    seconds, and the self CPU seconds of its matrix multiplications (:data:`GEMM_OPS`, eager or
+    called by Inductor's compiled code) and of its attention kernels (any op named
+    ``scaled_dot_product``: SDPA forward and backward), summed over the threads that ran them
+    (on one process these are the step's one thread of ops; the kernels' own OpenMP threads
+    are not ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        train_step()
+        wall = time.perf_counter() - start
+    gemm = attention = 0.0
+    for event in prof.key_averages():
+        if event.key in GEMM_OPS:
+            gemm += event.self_cpu_time_total / 1e6
+        elif "scaled_dot_product" in event.key:
+            attention += event.self_cpu_time_total / 1e6
+    return {"profiled_step_s": wall, "gemm_s": gemm, "attention_s": attention}
 
 
 def worker(args) -> None:
@@ -555,8 +584,8 @@ def interleaved_main(args, peak: float) -> None:
 
     began, dump = time.perf_counter(), {}
     head = f"{'preset':>8} {'runner':>8} {'step s':>7} {'tokens/s':>9} {'x plain':>7} {'MFU %':>6}"
-    head += f" {'warmup s':>8} {'last loss':>9} {'wait %':>6}"
-    lines, verdicts = [head, "-" * len(head)], []
+    head += f" {'warmup s':>8} {'last loss':>9} {'wait %':>6} {'GEMM %':>6} {'attn %':>6}"
+    lines, verdicts, ceilings = [head, "-" * len(head)], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             peers = list(args.peers)
@@ -576,18 +605,31 @@ def interleaved_main(args, peak: float) -> None:
                 lines.append(
                     f"{preset:>8} {name:>8} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.1f} "
                     f"{ratio:>7.3f} {mfu:>6.1f} {r['warmup_s']:>8.1f} {r['last_loss']:>9.4f} "
-                    f"{r['data_wait_pct']:>6.2f}"
+                    f"{r['data_wait_pct']:>6.2f} {100 * r['gemm_s'] / r['profiled_step_s']:>6.1f}"
+                    f" {100 * r['attention_s'] / r['profiled_step_s']:>6.1f}"
                 )
                 if name != "plain":
                     verdicts.append((preset, name, ratio, [round(x, 3) for x in r["round_ratios"]]))
+            kiln, plain = fig["runners"]["kiln"], fig["runners"]["plain"]
+            kernels = kiln["gemm_s"] + kiln["attention_s"]
+            ceilings.append((preset, kernels, plain["step_s"], plain["step_s"] / kernels))
     print("\n" + "\n".join(lines))
     print(
         "\nOne process per preset, fp32; step s: median over the rounds; x plain: median over "
         "the rounds of (plain loop step time / this runner's step time) in the same round; "
         f"MFU against {peak / 1e9:.1f} GFLOP/s (1024^3 matmul); warmup s: the untimed first "
         "steps (compilation included for compiled); wait %: the time the runner waited for "
-        "batches (Kiln: made data.prefetch_steps ahead) as a share of its step time."
+        "batches (Kiln: made data.prefetch_steps ahead) as a share of its step time; GEMM %, "
+        "attn %: the share of one more (profiled) step spent in matrix multiplications and in "
+        "attention kernels (self CPU time of aten::mm/addmm/bmm/baddbmm and of the SDPA ops)."
     )
+    for preset, kernels, plain_s, ceiling in ceilings:
+        print(
+            f"{preset}: Kiln's matmuls and attention kernels take {kernels:.3f} s a step, the "
+            f"plain loop's whole step {plain_s:.3f} s: a runner that runs the same kernels "
+            f"reaches at most {ceiling:.3f}x the plain loop (compilation fuses and removes the "
+            "other ops; it calls the same GEMM and attention kernels)"
+        )
     names = {"kiln": "Kiln ZeRO-0", "compiled": "Kiln compiled", "hf": "Hugging Face"}
     names["fused"] = "plain loop with fused AdamW"
     print_verdicts(
