@@ -70,6 +70,13 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
         f"# memory per rank (estimate; {device}; ZeRO stage {p.zero_stage}, "
         f"{plan.pipeline_stages} pipeline stage(s), {cfg.train.precision}, "
         f"{plan.data_parallel_size} data-parallel ranks)",
+    ]
+    if mem.stage is not None:
+        lines.append(
+            f"pipeline stage:        {mem.stage} of 0-{plan.pipeline_stages - 1} (the one "
+            "that needs the most: its own layers and 1F1B's micro-batches in flight)"
+        )
+    lines += [
         f"parameters:            {_gib(mem.parameters)}",
         f"gradients:             {_gib(mem.gradients)}",
         f"optimizer states:      {_gib(mem.optimizer_states)}",

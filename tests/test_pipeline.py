@@ -291,3 +291,54 @@ def test_layer_files_keep_their_layout(tie):
     assert got["decoder.layers.0.cross_attn.k_proj.weight"] == (7, "cross_attn.k_proj.weight")
     assert got["decoder.final_layer_norm.weight"] == (10, "final_layer_norm.weight")
     assert got["lm_head.weight"] == ((0, "shared.weight") if tie else (11, "lm_head.weight"))
+
+
+# -- the planner's view of the stages --------------------------------------------------------------
+PARTITIONS = [
+    ["model.name=debug", "parallel.pipeline_partition=parameters"],
+    ["model.name=debug", "model.tie_word_embeddings=false", "parallel.pipeline_partition=blocks"],
+    ["model.model_type=t5", "model.name=debug", "parallel.pipeline_partition=parameters"],
+    ["model.model_type=t5", "model.name=debug", "parallel.pipeline_partition=uniform"],
+]
+
+
+def _stage_held(overrides: list[str]) -> tuple[int, int, int]:
+    """This rank's pipeline stage as trainer.main builds it: (stage id, distinct parameter
+    elements it holds, transformer blocks among its layers)."""
+    import deepspeed
+
+    from trainer import distributed
+    from trainer.construct import build_for_layout
+    from trainer.pipeline import PipeBlock
+
+    world = distributed.init_distributed()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    cfg = load_config(None, [*overrides, "parallel.pipeline_stages=2"])
+    module, _ = build_for_layout(cfg, batch_plan(cfg, world.world_size))
+    held = {id(p): p.numel() for p in module.parameters()}
+    blocks = sum(isinstance(m, PipeBlock) for m in module.modules())
+    return module.stage_id, sum(held.values()), blocks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", PARTITIONS, ids=["llama", "llama-blocks", "t5", "t5-uniform"])
+def test_stage_shapes_are_the_stages_deepspeed_builds(overrides):
+    """The planner's stages (trainer.pipeline.stage_shapes, computed on the meta device) hold the
+    parameters and blocks of the stages DeepSpeed's PipelineModule builds on 2 processes, for
+    each partition method; T5's decoder stage holds more than its encoder stage (cross-attention)
+    and the estimate is that stage's."""
+    from trainer.estimate import memory_estimate
+    from trainer.pipeline import stage_shapes
+
+    cfg = load_config(None, [*overrides, "parallel.pipeline_stages=2"])
+    shapes = stage_shapes(cfg)
+    built = sorted(run_distributed(_stage_held, 2, overrides))
+    assert [(s.parameters, len(s.blocks)) for s in shapes] == [b[1:] for b in built]
+    assert [s.has_head for s in shapes] == [False, True]
+    assert sorted(i for s in shapes for i in s.blocks) == list(range(cfg.derived.model.num_blocks))
+    est = memory_estimate(cfg, batch_plan(cfg, 2))
+    worst = max(range(2), key=lambda s: shapes[s].parameters)
+    if cfg.derived.model.model_type == "t5" and "uniform" not in overrides[-1]:
+        assert shapes[1].parameters > shapes[0].parameters
+        assert est.stage == worst == 1
+    assert est.parameters == 4 * shapes[est.stage].parameters  # fp32, ZeRO-0

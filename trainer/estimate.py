@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from model.family import ActivationStack
 from model.registry import spec
 from trainer.config import BatchPlan, KilnConfig
 from trainer.objectives import model_lengths
+
+if TYPE_CHECKING:
+    from trainer.pipeline import StageShape
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -167,7 +171,9 @@ class MemoryEstimate:
     ``engine_build`` (host memory at the peak of ``deepspeed.initialize``: the copies it makes
     while it flattens and partitions the model), ``runtime`` (Python, torch, DeepSpeed).
     ``nvme`` is the bytes a rank writes to disk. ``ranks_per_node`` processes share a node;
-    ``device_is_host`` is True on a CPU run, where "device" memory is host memory too.
+    ``device_is_host`` is True on a CPU run, where "device" memory is host memory too. ``stage``:
+    with pipeline stages, the stage these figures are for (the one that needs the most); None
+    without.
     """
 
     parameters: float
@@ -184,6 +190,7 @@ class MemoryEstimate:
     nvme: float = 0.0
     ranks_per_node: int = 1
     device_is_host: bool = True
+    stage: int | None = None
 
     @property
     def total(self) -> float:
@@ -258,7 +265,7 @@ def memory_estimate(
     Construction: each rank builds what it holds: under ZeRO-3 its 1/N_d share of the fp32
     weights (``deepspeed.zero.Init``) plus the largest tensor being initialised whole (with
     parameters offloaded to NVMe, the parameter swap buffers in place of the share); a
-    pipeline stage its 1/P of the model; otherwise the whole fp32 model. The engine build:
+    pipeline stage its own layers; otherwise the whole fp32 model. The engine build:
     :func:`deepspeed_initialize_bytes`, or with parameter offload the offloaded states and swap
     buffers, which DeepSpeed allocates there.
 
@@ -269,10 +276,14 @@ def memory_estimate(
     checkpointing only each layer's input (``2 s b h`` bytes at 2 bytes per value) is kept, plus
     one layer being recomputed. For T5, encoder blocks count at the encoder length and decoder
     blocks, which add cross-attention, at 1.5x the per-value term and the decoder length.
-    With P pipeline stages a stage holds 1/P of the model states and, under DeepSpeed's 1F1B
-    schedule, the activations of up to min(P, micro-batches) micro-batches of its layers (the
-    first stage's worst case). The fp32 logits and their gradient (``2 * 4 s b V`` bytes) are
-    added on top. Fragmentation and the CUDA context are not included.
+    With P pipeline stages each stage is estimated apart and the figures are those of the stage
+    that needs the most (``stage``; device memory on GPUs, host memory on CPUs): the model
+    states of the layers DeepSpeed gives it (:func:`trainer.pipeline.stage_shapes`: T5's
+    decoder blocks, with cross-attention, weigh more than its encoder's; a tied embedding counts
+    on each stage that uses it) and, under DeepSpeed's 1F1B schedule, the activations of its
+    blocks for min(P - s, micro-batches) micro-batches at stage s. The fp32 logits and their
+    gradient (``2 * 4 s b V`` bytes) are added on the last stage (every rank without a
+    pipeline). Fragmentation and the CUDA context are not included.
 
     Args:
         cfg: the resolved config.
@@ -280,6 +291,26 @@ def memory_estimate(
         on_gpu: the ranks train on GPUs (device and host memory differ); False: on CPUs.
         nodes: nodes the ranks are spread over; None: ``launch.nnodes``.
     """
+    if plan.pipeline_stages == 1:
+        return _rank_estimate(cfg, plan, on_gpu, nodes, None)
+    from trainer.pipeline import stage_shapes
+
+    stages = [
+        _rank_estimate(cfg, plan, on_gpu, nodes, (s, shape))
+        for s, shape in enumerate(stage_shapes(cfg))
+    ]
+    return max(stages, key=lambda e: (e.total, e.host_per_rank) if on_gpu else e.host_per_rank)
+
+
+def _rank_estimate(
+    cfg: KilnConfig,
+    plan: BatchPlan,
+    on_gpu: bool,
+    nodes: int | None,
+    stage: tuple[int, StageShape] | None,
+) -> MemoryEstimate:
+    """:func:`memory_estimate` of a rank of the whole model (``stage`` None) or of pipeline
+    stage ``stage = (index, what it holds)``."""
     m, p = cfg.derived.model, cfg.parallel
     shape = model_shape(cfg)
     settings = ds_memory_settings(cfg)
@@ -287,11 +318,11 @@ def memory_estimate(
     mixed = cfg.train.precision != "fp32"
     e = BYTES[cfg.train.precision]
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
-    nd = plan.data_parallel_size
-    pp = plan.pipeline_stages  # a stage holds ~1/P of the layers
+    nd, pp = plan.data_parallel_size, plan.pipeline_stages
+    held = psi if stage is None else float(stage[1].parameters)  # this rank's model (stage)
     if p.zero_stage >= 1 and not mixed:
         optim_bytes += 4  # DeepSpeed's fp32 master partition, a copy even in fp32 training
-    weights, grads, optim = (psi / pp * b for b in (weight_bytes, grad_bytes, optim_bytes))
+    weights, grads, optim = (held * b for b in (weight_bytes, grad_bytes, optim_bytes))
     if p.zero_stage >= 1:
         optim /= nd
     if p.zero_stage >= 2:
@@ -301,7 +332,7 @@ def memory_estimate(
 
     buffers = step_buffers = 0.0
     if p.zero_stage == 0 and nd > 1:
-        buffers = min(DS_ALLREDUCE_BUCKET, psi / pp) * e
+        buffers = min(DS_ALLREDUCE_BUCKET, held) * e
     elif p.zero_stage in (1, 2):
         reduce_e = 4 if p.zero_stage == 1 else e
         buffers = settings.reduce_bucket_size * reduce_e
@@ -321,13 +352,13 @@ def memory_estimate(
         # `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`: two fp32 temporaries
         # of the tensor being stepped: a parameter (ZeRO-0), the rank's flat partition (ZeRO
         # 1-2), one sub-group (ZeRO-3)
-        unit = {0: shape.largest_tensor, 1: psi / pp / nd, 2: psi / pp / nd}.get(
+        unit = {0: shape.largest_tensor, 1: held / nd, 2: held / nd}.get(
             p.zero_stage, min(settings.sub_group_size, psi / nd)
         )
         step_buffers += 2 * 4 * unit
 
     host_offload = host_swap = nvme = 0.0
-    offloaded_optim = optim + 4 * psi / pp / nd if p.offload_optimizer else 0.0  # + fp32 grads
+    offloaded_optim = optim + 4 * held / nd if p.offload_optimizer else 0.0  # + fp32 grads
     if p.offload_optimizer:
         optim = 0.0
         if p.zero_stage >= 2:  # the gradient partition lives with the optimizer (on the host)
@@ -341,8 +372,8 @@ def memory_estimate(
             host_swap += DS_OPTIMIZER_SWAP_BUFFERS * min(settings.sub_group_size, psi / nd) * 4
             # the fp32 gradient partitions stay in host memory (stage3.py's
             # grad_partitions_flat_buffer on the offload device, which is the CPU)
-            nvme -= 4 * psi / pp / nd
-            host_swap += 4 * psi / pp / nd
+            nvme -= 4 * held / nd
+            host_swap += 4 * held / nd
         if p.offload_params:
             host_swap += DS_PARAM_SWAP_BUFFERS * settings.param_swap_buffer_size * e
             host_swap += min(settings.stage3_max_live_parameters, psi / nd) * e  # max_in_cpu
@@ -357,14 +388,18 @@ def memory_estimate(
         e,
         cfg.train.activation_checkpointing,
         cfg.train.activation_checkpointing_every,
+        held=None if stage is None else set(stage[1].blocks),
     )
     # fp32 logits and their gradient: of all the tokens, or of one chunk with the chunked loss
     tokens = stacks[-1].seq_len * b
     if cfg.train.loss_chunk_tokens:
         tokens = min(tokens, cfg.train.loss_chunk_tokens)
     logits = 2 * 4 * tokens * float(m.vocab_size or 0)
-    if pp > 1:  # 1F1B: the first stage keeps up to P micro-batches of its 1/P of the layers
-        layers *= min(pp, plan.gradient_accumulation_steps) / pp
+    if stage is not None:
+        # 1F1B: stage s keeps the activations of min(P - s, micro-batches) micro-batches
+        # (DeepSpeed's TrainSchedule.num_pipe_buffers); the last stage computes the logits
+        layers *= min(pp - stage[0], plan.gradient_accumulation_steps)
+        logits *= stage[1].has_head
 
     if p.zero_stage == 3 and pp == 1 and p.offload_params and p.offload_device == "nvme":
         # zero.Init swaps each partition out through the parameter swap buffers it allocates
@@ -373,8 +408,8 @@ def memory_estimate(
     elif p.zero_stage == 3 and pp == 1:
         construction = 4 * (psi / nd + shape.largest_tensor)
     else:
-        construction = 4 * psi / pp
-    engine_build = deepspeed_initialize_bytes(cfg, plan, on_gpu=on_gpu)
+        construction = 4 * held
+    engine_build = deepspeed_initialize_bytes(cfg, plan, on_gpu=on_gpu, held=held)
     if p.offload_params:  # the offload's host memory and swap buffers exist from the build on
         engine_build = max(engine_build, host_offload + host_swap)
     world = pp * nd
@@ -393,13 +428,17 @@ def memory_estimate(
         nvme=nvme,
         ranks_per_node=max(1, math.ceil(world / nodes)),
         device_is_host=not on_gpu,
+        stage=None if stage is None else stage[0],
     )
 
 
-def deepspeed_initialize_bytes(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> float:
+def deepspeed_initialize_bytes(
+    cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool, held: float | None = None
+) -> float:
     """Host bytes per rank at the peak of ``deepspeed.initialize`` (the engine build), the
-    model included, as DeepSpeed 0.19 allocates them. With Psi parameters, P pipeline stages,
-    N_d data-parallel ranks and e bytes per weight of the training dtype:
+    model included, as DeepSpeed 0.19 allocates them. With Psi parameters, P pipeline stages
+    (``held``: the stage's parameters; None: Psi / P), N_d data-parallel ranks and e bytes per
+    weight of the training dtype:
 
     * ZeRO 1-2 (a pipeline stage too): ``DeepSpeedZeroOptimizer`` concatenates the stage's
       weights into one flat tensor per parameter group (``flatten_dense_tensors_aligned``)
@@ -424,10 +463,11 @@ def deepspeed_initialize_bytes(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool
     psi = float(model_shape(cfg).parameters)
     e = BYTES[cfg.train.precision]
     nd, pp = plan.data_parallel_size, plan.pipeline_stages
+    held = psi / pp if held is None else held
     if p.zero_stage in (1, 2):
         if on_gpu:
             return 0.0
-        return max(2 * e * psi / pp, e * psi / pp + 4 * psi / (pp * nd))
+        return max(2 * e * held, e * held + 4 * held / nd)
     if p.zero_stage == 3 and not p.offload_params:
         weights = e * psi / nd
         if on_gpu:
@@ -450,6 +490,7 @@ def activation_bytes(
     bytes_per_value: int,
     mode: str,
     every: int = 1,
+    held: set[int] | None = None,
 ) -> float:
     """Bytes of the blocks' stored activations in one micro-batch's forward, as
     ``train.activation_checkpointing`` = ``mode`` and ``_every`` = ``every`` leave them.
@@ -460,6 +501,7 @@ def activation_bytes(
     values (``attention``: each attention sublayer, self and cross, 9 x D; ``mlp``: 17 x D;
     :data:`SUBLAYER_VALUES_FREED`); backward recomputes one checkpointed unit at a time, which
     adds one unit's values once. ``bytes_per_value``: the training dtype's element size.
+    ``held``: the global indices of the blocks counted (a pipeline stage's); None: all.
     """
     from trainer.engine import checkpointed_blocks
 
@@ -468,9 +510,12 @@ def activation_bytes(
     chosen = set(checkpointed_blocks(total_blocks, every)) if mode != "none" else set()
     out, first, transient = 0.0, 0, 0.0
     for stack in stacks:
-        n, tokens, h = stack.num_blocks, stack.seq_len * micro_batch_size, stack.d_model
-        checkpointed = len(chosen & set(range(first, first + n)))
-        first += n
+        mine = set(range(first, first + stack.num_blocks))
+        first += stack.num_blocks
+        if held is not None:
+            mine &= held
+        n, tokens, h = len(mine), stack.seq_len * micro_batch_size, stack.d_model
+        checkpointed = len(chosen & mine)
         per_block = stack.values_per_token
         if mode == "full":
             freed = per_block - 2
