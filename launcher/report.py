@@ -83,8 +83,8 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
         f"activations:           {_gib(mem.activations)}{_activation_options(cfg)}",
         f"DeepSpeed buffers:     {_gib(mem.buffers)} (forward/backward: buckets, gathered "
         "ZeRO-3 parameters)",
-        f"optimizer step:        {_gib(mem.step_buffers)} (its gradient copy and AdamW's "
-        "temporaries, once the activations are freed)",
+        f"optimizer step:        {_gib(mem.step_buffers)} (ZeRO's fp32 gradient copy and "
+        "buckets, once the activations are freed)",
         f"total on the device:   {_gib(mem.total)} (states + the larger of the two phases)",
     ]
     if mem.host_offload:

@@ -125,8 +125,8 @@ def ds_memory_settings(cfg: KilnConfig) -> DsMemorySettings:
       largest tensor)``: the block being computed and the next one (prefetch), and never less
       than the embedding table, which ZeRO-3 gathers whole;
     * ``sub_group_size`` = the mean block: the optimizer steps a rank's partition one sub-group
-      at a time, and each sub-group costs an fp32 copy of its gradients and torch AdamW's
-      temporaries (3 x 4 bytes per element; 1.4 GB at DeepSpeed's 1e9 default on a 1B model);
+      at a time, and each sub-group costs an fp32 copy of its gradients (4 bytes per element;
+      0.5 GB per rank at DeepSpeed's 1e9 default on a 1B model on 2 ranks);
     * ``offload_param.buffer_size`` (NVMe) the largest tensor (DeepSpeed refuses a smaller one;
       its default, 1e8 elements, costs 5 pinned buffers of 0.4 GB in fp32 on a smaller model),
       and ``offload_param.max_in_cpu`` the live window above.
@@ -163,8 +163,8 @@ class MemoryEstimate:
     Device memory: ``parameters``, ``gradients``, ``optimizer_states`` (fp32 master weights where
     DeepSpeed keeps them, Adam's two moments), ``activations`` and ``buffers`` (DeepSpeed's
     during forward and backward: gradient buckets, gathered ZeRO-3 parameters), and
-    ``step_buffers`` (the optimizer step's: its fp32 gradient copy, AdamW's temporaries, which
-    come after backward has freed the activations); :attr:`total` is the peak of the two
+    ``step_buffers`` (the optimizer step's: ZeRO's fp32 gradient copy and buckets, which come
+    after backward has freed the activations); :attr:`total` is the peak of the two
     phases. Host memory: ``host_offload`` (offloaded states, pinned on a GPU),
     ``host_swap`` (pinned NVMe swap buffers and parameters kept in host memory under NVMe
     offload), ``construction`` (the model as each rank builds it, before DeepSpeed takes it),
@@ -248,10 +248,11 @@ def memory_estimate(
     (``step_buffers``), after backward has freed the activations and released the gathered
     parameters: ZeRO 1-2's all-gather bucket; ZeRO-3's reduce bucket and persistent tensors (kept
     allocated) and its fp32 copy of one sub-group's gradients
-    (``_prepare_fp32_grad_for_sub_group``); and torch's AdamW (Kiln's optimizer except on a GPU
-    with offload, where DeepSpeed's fused CPUAdam steps), two fp32 temporaries of the tensor it
-    steps (``_single_tensor_adamw``'s ``denom``): a parameter under ZeRO-0, the rank's flat
-    partition under ZeRO 1-2, one sub-group under ZeRO-3. The two phases' peaks do not add up
+    (``_prepare_fp32_grad_for_sub_group``). The optimizer itself adds nothing: Kiln's is
+    torch's fused AdamW (DeepSpeed's CPUAdam on a GPU with offload), which steps in place, where
+    the single-tensor AdamW allocated two fp32 temporaries of the tensor it steps (``denom``;
+    measured: the first step of a 50M-element parameter grows the peak by 2.01 tensors fused,
+    the two moments, against 4.02 single-tensor). The two phases' peaks do not add up
     (measured on the 1b run, bench/memory.py).
 
     Offload (``offload_device``): optimizer states, with their fp32 gradient partition (which
@@ -348,15 +349,6 @@ def _rank_estimate(
         full_grad = shape.largest_tensor
         buffers = (settings.reduce_bucket_size + gathered + persistent + full_grad) * e
         step_buffers = (settings.reduce_bucket_size + persistent) * e + step_copy
-    if not (on_gpu and p.offload_optimizer):  # torch's AdamW (a GPU with offload: CPUAdam, fused)
-        # `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`: two fp32 temporaries
-        # of the tensor being stepped: a parameter (ZeRO-0), the rank's flat partition (ZeRO
-        # 1-2), one sub-group (ZeRO-3)
-        unit = {0: shape.largest_tensor, 1: held / nd, 2: held / nd}.get(
-            p.zero_stage, min(settings.sub_group_size, psi / nd)
-        )
-        step_buffers += 2 * 4 * unit
-
     host_offload = host_swap = nvme = 0.0
     offloaded_optim = optim + 4 * held / nd if p.offload_optimizer else 0.0  # + fp32 grads
     if p.offload_optimizer:
