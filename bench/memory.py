@@ -337,7 +337,7 @@ def gib(n: float | None) -> str:
 def report(run: Run, result: dict) -> list[str]:
     cfg, est = estimate(run.overrides, run.nproc)
     psi = cfg.derived.model.num_parameters()
-    steady_est = est.host_per_rank
+    steady_est = est.host_per_rank - est.data_workers  # the rank itself (workers: own processes)
     construct_est = est.runtime + est.construction
     lines = [
         f"\n## {run.name}: {psi / 1e6:.0f}M parameters, ZeRO-{cfg.parallel.zero_stage}, "

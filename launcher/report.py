@@ -100,6 +100,8 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
         f"engine build:          {_gib(mem.engine_build)} (deepspeed.initialize: its flat "
         "copies of the weights, fp32 master, gradient partitions)",
         f"runtime:               {_gib(mem.runtime)} (Python, torch, DeepSpeed)",
+        f"data workers:          {_gib(mem.data_workers)} ({cfg.data.prefetch_workers} "
+        f"prefetch process(es); data.prefetch_steps={cfg.data.prefetch_steps})",
         f"host memory per rank:  {_gib(mem.host_per_rank)} (peak)",
         f"host memory per node:  {_gib(mem.host_per_node)} ({mem.ranks_per_node} ranks)",
     ]

@@ -105,6 +105,10 @@ def train_config(tmp_path: Path, data_root: Path, **sections) -> Path:
         "checkpoint.save_every=3",
         "checkpoint.keep_last=5",
         "tracking.wandb_mode=disabled",
+        # Batches read in the step: a prefetch worker is a fresh process (~2 s to start on 2
+        # cores) at every fit; the tests that prefetch (test_prefetch, test_compile's every
+        # option, the Slurm stop signal, the Ray submission) ask for it.
+        "data.prefetch_steps=0",
     ]
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in sections.items()]
     path = tmp_path / "config.yaml"

@@ -138,6 +138,25 @@ def test_workers_outlive_the_stop_signal_sent_to_the_whole_job_step(prepared_dat
     assert not any(w.is_alive() for w in workers)
 
 
+def test_workers_do_not_keep_the_training_process_memory(prepared_data, tmp_path):
+    """The workers are fresh processes, not forks of the training process: a fork would keep the
+    pages of every tensor the training process writes after it (its parameters, optimizer
+    states and swap buffers, at every step) as the child's private copy, doubling the process
+    (bench/memory.py: a rank of 7 GiB under NVMe offload with a forked worker of 6.1 GiB was
+    killed for memory). Here the training process writes 768 MiB after the workers started;
+    each worker's unique memory stays far below it."""
+    data, plan, _ = _data(tmp_path, prepared_data, "llama")
+    state = torch.zeros(192 * 2**20)  # 768 MiB, as the weights and optimizer states
+    prefetcher = Prefetcher(data, plan, 0, prefetch_steps=2, max_steps=20)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(prefetcher.get, 0, 0).result(timeout=HANG_S)
+        state.add_(1.0)  # an optimizer step
+        (worker,) = multiprocessing.active_children()
+        unique = psutil.Process(worker.pid).memory_full_info().uss
+    prefetcher.close()
+    assert unique < 384 * 2**20, f"a worker holds {unique / 2**20:.0f} MiB of its own"
+
+
 # A training process that ends without closing its Prefetcher: it exits (multiprocessing ends the
 # workers with a SIGTERM at interpreter exit), or it is killed (the orphaned workers end).
 _UNCLOSED = """

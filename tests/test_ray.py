@@ -247,6 +247,7 @@ def test_submit_trains_like_local(ray_cluster, prepared_data, local_reference, t
         run_dir=f"file://{run}",
         train__max_steps=STEPS,
         checkpoint__save_every=SAVE_EVERY,
+        data__prefetch_steps=2,  # workers spawned from a Ray worker; the reference reads in-step
     )
     result = kiln(*_submit(config, ray_cluster))
     out = result.stdout + result.stderr

@@ -255,7 +255,8 @@ def test_sigterm_stops_without_requeue_then_resubmit_resumes_and_cancel(
     training step through scancel, never to srun (which would SIGKILL the step); the ranks save and
     the job ends without requeueing itself. A second submit is refused while the first job runs and
     resumes from the checkpoint afterwards; `kiln slurm cancel` cancels it."""
-    config = train_config(tmp_path, prepared_data, train__max_steps=100_000)
+    # with batches made ahead: the step's signal reaches the data workers too
+    config = train_config(tmp_path, prepared_data, train__max_steps=100_000, data__prefetch_steps=2)
     run = config.parent / "run"
     job_id = submit(config)
     log = run / "slurm" / f"{job_id}.out"

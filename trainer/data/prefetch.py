@@ -19,17 +19,17 @@ as before prefetching existed.
 
 Why worker processes (DataLoader) and not a background thread. ``bench/prefetch.py`` runs both
 beside the synchronous path in one Trainer (fp32, this 2-core CPU, micro batch 1 x 2 micro-batches
-of 256 tokens, 2 steps ahead, under a load of 3-13 from other processes, so step times varied
-5-67 s): the wait per step was 1.0 / 3.2 / 1.0 ms (synchronous / DataLoader / thread) at the 125m
+of 256 tokens, 2 steps ahead, under a load of 3-13 from other processes, so step times varied 5-67
+s): the wait per step was 1.0 / 3.2 / 1.0 ms (synchronous / DataLoader / thread) at the 125m
 decoder and 1.5 / 9.4 / 3.4 ms at T5 small, all under 0.05% of the step; starting the source at a
-block's first step cost 150-220 ms with the DataLoader (fork + first batch) against 2-4 ms for a
-thread. On a CPU the two are equal for the target; the choice is made for the GPU, where the
-training thread does little but launch kernels: a thread runs the objective's Python and numpy
-code under the training thread's GIL, each of its slices delaying the next kernel launch by up to
-``sys.getswitchinterval()`` (5 ms), a cost that lands in the step time, not in the data wait. A
-worker process shares nothing with the training thread but the cores, and the DataLoader brings
-pinning in its own thread, worker-death detection and a well-kept implementation. Its price, the
-worker start, is paid at the start of training (during the step-0 evaluation) and after a
+block's first step cost 150-220 ms with the DataLoader (then forked; spawned workers take ~1.9 s)
+against 2-4 ms for a thread. On a CPU the two are equal for the target; the choice is made for the
+GPU, where the training thread does little but launch kernels: a thread runs the objective's Python
+and numpy code under the training thread's GIL, each of its slices delaying the next kernel launch
+by up to ``sys.getswitchinterval()`` (5 ms), a cost that lands in the step time, not in the data
+wait. A worker process shares nothing with the training thread but the cores, and the DataLoader
+brings pinning in its own thread, worker-death detection and a well-kept implementation. Its price,
+the worker start, is paid at the start of training (during the step-0 evaluation) and after a
 rollback or resume.
 
 Errors: an exception raised while a worker makes a batch is raised again in the training process
@@ -54,7 +54,7 @@ the loader waits for it forever) and, orphaned with a full result pipe, would ne
 
 from __future__ import annotations
 
-import multiprocessing
+import functools
 import os
 import pickle
 import signal
@@ -72,12 +72,16 @@ if TYPE_CHECKING:
     from trainer.data.dataset import TrainData
 
 
-# How workers start: a fork of the training process where the platform has it (~40 ms here with
-# a 125m model loaded, ~0.2 s with 4 GiB of tensors) rather than the default of the process's
-# multiprocessing (a spawned process, such as a test's rank, passes "spawn" on to its children:
-# 2-3.5 s measured here to re-import torch and the trainer in the worker). The worker only reads
-# files and runs numpy: none of the parent's threads (gloo, CUDA) is used in the child.
-_START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+# How workers start: spawned, a fresh interpreter (~1.9 s to the first batch here, ~3 s for a
+# restart, 252 MiB resident of which 170 MiB its own), not forked. A fork shares the training
+# process's pages copy-on-write, and every page that process writes afterwards (parameters,
+# gradients, optimizer states, offload and swap buffers: all of them, every step) is then
+# copied, the child keeping the old one: bench/memory.py's 1.5B decoder under NVMe offload had
+# ranks of 7 GiB and forked workers of 6.1 GiB each until the machine ran out of memory. The
+# dataset travels pickled (its memory maps reopen in the worker). Spawning re-imports the
+# training process's main module under another name, as multiprocessing does: a script that
+# trains must keep its entry point under ``if __name__ == "__main__":``.
+_START_METHOD = "spawn"
 
 
 class _WorkerError:
@@ -136,14 +140,16 @@ class _MicroBatches(torch.utils.data.Dataset):
             return _WorkerError(e, step, micro)
 
 
-def _worker_signals(_worker_id: int) -> None:
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def _worker_signals(parent: int, _worker_id: int) -> None:
     """The workers' ``worker_init_fn`` (it runs after the DataLoader installs its own worker
     handlers): SIGTERM and SIGUSR1 are blocked and a daemon thread takes them
     (``sigtimedwait``), ending the worker (``os._exit``: what it made is dropped) on a SIGTERM
-    from the training process or within a second of that process's death, and ignoring the
-    stop signals anyone else sends (see the module docstring)."""
-    stops = {signal.SIGTERM, signal.SIGUSR1}
-    parent = os.getppid()
+    from the training process (pid ``parent``) or within a second of that process's death, and
+    ignoring the stop signals anyone else sends (see the module docstring)."""
+    stops = _STOP_SIGNALS
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # threads started from here inherit it
 
     def watch() -> None:
@@ -227,9 +233,18 @@ class Prefetcher:
             # prefetching. The batches draw nothing from it (objectives seed by sample index).
             generator=torch.Generator().manual_seed(0),
             multiprocessing_context=_START_METHOD,
-            worker_init_fn=_worker_signals,
+            # the training process's pid, taken here: a worker still starting when that
+            # process dies would otherwise see its new parent as its own
+            worker_init_fn=functools.partial(_worker_signals, os.getpid()),
         )
-        self._iter = iter(loader)
+        # The workers start with the stop signals blocked (a mask survives fork and exec), so
+        # one that arrives while a worker is still importing stays pending until the worker's
+        # own thread takes it (_worker_signals) instead of ending it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self._iter = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._next = first
         self._excluded = self.data.excluded.copy()
         self.starts += 1
