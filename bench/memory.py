@@ -65,7 +65,8 @@ which is the largest that fits here without offload): 1.83 / 1.96 at constructio
 at the engine build, 7.59 / 7.31 steady (1.04x), 14.33 GiB per rank on disk / 14.2; 224 s to the
 first step, 110 s a step. ``t5-large``: 1.91 / 2.08 at construction, 5.04 / 4.87 at the engine
 build, 8.39-8.44 / 8.41 steady; ``t5-large-pipe`` (ZeRO-0): 7.39 (encoder stage) and 8.10 (decoder
-stage) / 6.58 steady, the plan's equal stages too small for the decoder's.
+stage) steady against 7.86 / 8.16 planned per stage (the report compares with the larger stage's),
+31 s to the first step, 19 s a step.
 
 Heavy runs on a shared machine: wrap the command in ``flock /tmp/kiln-heavy.lock``.
 

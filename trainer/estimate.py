@@ -248,21 +248,24 @@ def memory_estimate(
     ``tests/test_ds_memory.py``).
 
     DeepSpeed's buffers (elements from :func:`ds_memory_settings` times the element size e of
-    the weights), in forward and backward (``buffers``): ZeRO-0 with N_d > 1, the all-reduce
-    bucket (5e8 elements or the gradients); ZeRO 1-2, one reduce bucket (fp32 under ZeRO-1,
-    which accumulates in fp32); ZeRO-3, the reduce bucket, the gathered parameters (up to
-    ``stage3_max_live_parameters``, never more than the model), the persistent small tensors
-    (at most 3 norm-sized vectors per block, whole on every rank) and autograd's full-size
-    gradient of the largest tensor before it is reduced. In the optimizer step
+    the weights), in forward and backward (``buffers``): ZeRO-0, the all-reduce bucket (5e8
+    elements or the gradients), which DeepSpeed flattens the gradients into at every step
+    whatever N_d, 1 included (``buffered_allreduce_fallback``; the pipeline engine's
+    ``_exec_reduce_grads`` too: measured on T5 large's 2-stage ZeRO-0 run, 8.10 GiB on the
+    larger stage against 8.16 planned with it, 6.64 without); ZeRO 1-2, one reduce bucket (fp32
+    under ZeRO-1, which accumulates in fp32); ZeRO-3, the reduce bucket, the gathered parameters
+    (up to ``stage3_max_live_parameters``, never more than the model), the persistent small
+    tensors (at most 3 norm-sized vectors per block, whole on every rank) and autograd's
+    full-size gradient of the largest tensor before it is reduced. In the optimizer step
     (``step_buffers``), after backward has freed the activations and released the gathered
-    parameters: ZeRO 1-2's all-gather bucket; ZeRO-3's reduce bucket and persistent tensors (kept
-    allocated) and its fp32 copy of one sub-group's gradients
-    (``_prepare_fp32_grad_for_sub_group``). The optimizer itself adds nothing: Kiln's is
-    torch's fused AdamW (DeepSpeed's CPUAdam on a GPU with offload), which steps in place, where
-    the single-tensor AdamW allocated two fp32 temporaries of the tensor it steps (``denom``;
+    parameters: ZeRO 1-2's all-gather bucket; ZeRO-3's reduce bucket and persistent tensors
+    (kept allocated) and its fp32 copy of one sub-group's gradients
+    (``_prepare_fp32_grad_for_sub_group``). The optimizer itself adds nothing: Kiln's is torch's
+    fused AdamW (DeepSpeed's CPUAdam on a GPU with offload), which steps in place, where the
+    single-tensor AdamW allocated two fp32 temporaries of the tensor it steps (``denom``;
     measured: the first step of a 50M-element parameter grows the peak by 2.01 tensors fused,
-    the two moments, against 4.02 single-tensor). The two phases' peaks do not add up
-    (measured on the 1b run, bench/memory.py).
+    the two moments, against 4.02 single-tensor). The two phases' peaks do not add up (measured
+    on the 1b run, bench/memory.py).
 
     Offload (``offload_device``): optimizer states, with their fp32 gradient partition (which
     leaves the device under ZeRO 2-3), and/or ZeRO-3 weight partitions move to host memory
@@ -341,7 +344,7 @@ def _rank_estimate(
         weights /= nd
 
     buffers = step_buffers = 0.0
-    if p.zero_stage == 0 and nd > 1:
+    if p.zero_stage == 0:
         buffers = min(DS_ALLREDUCE_BUCKET, held) * e
     elif p.zero_stage in (1, 2):
         reduce_e = 4 if p.zero_stage == 1 else e
