@@ -90,7 +90,11 @@ def train(
 
             cuda = torch.cuda.is_available()
         plan = preflight.check(cfg, [world_size], cuda_available=cuda, restart=restart)
-    for warning in plan.warnings:
+        warnings = list(plan.warnings)
+        if cuda is not None:  # the processes start on this machine: it is the node
+            memory = preflight.host_memory_warning(cfg, plan.batch, on_gpu=cuda)
+            warnings += [memory] if memory else []
+    for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
         from launcher.report import plan_report

@@ -163,6 +163,32 @@ def check(
     return RunPlan(batches, tuple(warnings))
 
 
+def host_memory_warning(
+    cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool, node_bytes: int | None = None
+) -> str | None:
+    """A warning when the planned host memory of one node (:func:`trainer.estimate.
+    memory_estimate`'s ``host_per_node``: the node's ranks and their data workers) exceeds
+    ``node_bytes`` (None: this machine's physical memory, ``os.sysconf``); None when it fits.
+    A warning, not a refusal: the plan is an estimate (measured within 0.94-1.04x of real runs,
+    bench/memory.py) and the node may be another machine's size."""
+    import os
+
+    from trainer.estimate import memory_estimate
+
+    if node_bytes is None:
+        node_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = memory_estimate(cfg, plan, on_gpu=on_gpu).host_per_node
+    if need <= node_bytes:
+        return None
+    gib = 2**30
+    return (
+        f"the plan needs {need / gib:.1f} GiB of host memory on this node and it has "
+        f"{node_bytes / gib:.1f} GiB: the run will likely be killed for memory. "
+        f"`kiln train --dry-run` shows where it goes; fewer processes per node, a higher "
+        f"parallel.zero_stage, parallel.offload_device=nvme or data.prefetch_steps=0 lower it"
+    )
+
+
 def check_nvme_offload(cfg: KilnConfig, builder: Any = None) -> None:
     """Refuse ``parallel.offload_device=nvme`` where DeepSpeed's async I/O op cannot be built
     (it swaps ZeRO-Infinity's tensors to ``parallel.nvme_path`` with libaio), before any process

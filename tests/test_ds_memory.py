@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from launcher.cli import cli
-from launcher.preflight import check_nvme_offload
+from launcher.preflight import check_nvme_offload, host_memory_warning
 from launcher.report import plan_report
 from tests.distributed import run_distributed
 from trainer.config import ConfigError, batch_plan, load_config
@@ -225,6 +225,18 @@ def test_the_estimate_counts_host_memory_per_node():
     swap_buffers = 5 * settings.param_swap_buffer_size * e
     assert nvme.construction == swap_buffers + 4 * shape.largest_tensor
     assert nvme.engine_build >= nvme.host_swap
+
+
+def test_a_plan_larger_than_the_node_is_warned_about():
+    """`kiln train` warns before starting when the planned host memory of the node (its ranks
+    and their data workers) exceeds the machine's, and names the way out."""
+    cfg = cfg_with("model.name=1b", "parallel.zero_stage=3", "data.seq_len=128")
+    plan = batch_plan(cfg, 2)
+    need = memory_estimate(cfg, plan).host_per_node
+    assert host_memory_warning(cfg, plan, on_gpu=False, node_bytes=int(need) + 1) is None
+    text = host_memory_warning(cfg, plan, on_gpu=False, node_bytes=int(need) - 2**30)
+    assert f"needs {need / 2**30:.1f} GiB of host memory" in text
+    assert "killed for memory" in text and "--dry-run" in text and "offload_device=nvme" in text
 
 
 def test_dry_run_report_shows_buffers_settings_and_host_memory():
