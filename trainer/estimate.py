@@ -214,9 +214,9 @@ class MemoryEstimate:
     def host_per_rank(self) -> float:
         """Peak host bytes of one process and its data workers: the runtime and the workers
         plus the largest of construction, the engine build and the training state in host
-        memory (on a CPU run the device's share is
-        host memory too; the model built for construction is what DeepSpeed then flattens and
-        partitions, so the three peaks come one after the other and do not add up)."""
+        memory (on a CPU run the device's share is host memory too; the model built for
+        construction is what DeepSpeed then flattens and partitions, so the three peaks come
+        one after the other and do not add up)."""
         training = self.host_offload + self.host_swap
         if self.device_is_host:
             training += self.total

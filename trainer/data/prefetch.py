@@ -149,12 +149,11 @@ def _worker_signals(parent: int, _worker_id: int) -> None:
     (``sigtimedwait``), ending the worker (``os._exit``: what it made is dropped) on a SIGTERM
     from the training process (pid ``parent``) or within a second of that process's death, and
     ignoring the stop signals anyone else sends (see the module docstring)."""
-    stops = _STOP_SIGNALS
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # threads started from here inherit it
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # threads started here inherit it
 
     def watch() -> None:
         while True:
-            info = signal.sigtimedwait(stops, 1.0)  # None: a second without a signal
+            info = signal.sigtimedwait(_STOP_SIGNALS, 1.0)  # None: a second without a signal
             ended = info is not None and (info.si_signo, info.si_pid) == (signal.SIGTERM, parent)
             if ended or os.getppid() != parent:
                 os._exit(0)
