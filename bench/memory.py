@@ -24,7 +24,8 @@ Estimates compared, per rank (CPU run: device memory is host memory):
   ``trainer.construct.build_for_layout`` as ``trainer.main`` calls it: under ZeRO-3 each rank's
   1/N share, ``deepspeed.zero.Init``);
 * engine: ``runtime + engine_build`` (what ``deepspeed.initialize`` copies: flat weights, the
-  fp32 master, the gradient partitions);
+  fp32 master, the gradient partitions; under ZeRO-3 the largest tensor gathered whole while
+  it hooks the gradients);
 * first step / steady: ``runtime + model states + max(activations + DeepSpeed's forward /
   backward buffers, the optimizer step's buffers)``
   (:attr:`trainer.estimate.MemoryEstimate.host_per_rank`).
@@ -56,14 +57,15 @@ DeepSpeed frees in its heaps: measured here on the ``125m`` run, 2.94 / 2.75 GiB
 without the threshold, 1.98 / 1.97 with it (estimate 2.13), at the same step time (9.6 s and
 9.1 s on the shared machine).
 
-Measured here (2 cores, shared): ``1b`` per rank, measured / planned: construction 2.60 / 2.68 GiB,
-engine build 6.65 / 6.30, first step 10.84, steady 11.46 / 11.43, ru_maxrss 11.46; 92 s to the end
-of the first step, 47 s a step. ``largest-nvme --largest-nvme-layers 1`` (126M parameters): 1.82 /
-1.96 at construction, 3.53 / 3.10 at the engine build, 4.01 / 3.88 steady; 52 s to the first step,
-13 s a step. ``largest-nvme --largest-nvme-layers 24`` (1,525M parameters, larger than ``1b``,
-which is the largest that fits here without offload): 1.83 / 1.96 at construction, 6.72-6.75 / 6.42
-at the engine build, 7.59 / 7.31 steady (1.04x), 14.33 GiB per rank on disk / 14.2; 224 s to the
-first step, 110 s a step. ``t5-large``: 1.91 / 2.08 at construction, 5.04 / 4.87 at the engine
+Measured here (2 cores, shared): ``1b`` per rank, measured / planned: construction 2.62-2.66 /
+2.68 GiB, engine build 6.69-6.70 / 6.79, first step 10.38, steady 11.35-11.36 / 11.43, ru_maxrss
+11.36-11.39; 124 s to the end of the first step, 47 s a step. ``largest-nvme
+--largest-nvme-layers 1`` (126M parameters): 1.82 / 1.96 at construction, 3.53 / 3.59 at the
+engine build, 4.01 / 3.88 steady; 52 s to the first step, 13 s a step. ``largest-nvme
+--largest-nvme-layers 24`` (1,525M parameters, larger than ``1b``, which is the largest that
+fits here without offload): 1.83 / 1.96 at construction, 6.72-6.75 / 6.41 at the engine build,
+7.59 / 7.31 steady (1.04x), 14.33 GiB per rank on disk / 14.2; 224 s to the first step, 110 s a
+step. ``t5-large``: 1.91 / 2.08 at construction, 5.04 / 5.12 at the engine
 build, 8.39-8.44 / 8.41 steady; ``t5-large-pipe`` (ZeRO-0): 7.39 (encoder stage) and 8.10 (decoder
 stage) steady against 7.86 / 8.16 planned per stage (the report compares with the larger stage's),
 31 s to the first step, 19 s a step.

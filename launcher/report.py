@@ -98,7 +98,7 @@ def memory_lines(cfg: KilnConfig, plan: BatchPlan, *, on_gpu: bool) -> list[str]
     lines += [
         f"construction:          {_gib(mem.construction)} (the model as this rank builds it)",
         f"engine build:          {_gib(mem.engine_build)} (deepspeed.initialize: its flat "
-        "copies of the weights, fp32 master, gradient partitions)",
+        "copies of the weights, fp32 master, gradient partitions, a tensor gathered whole)",
         f"runtime:               {_gib(mem.runtime)} (Python, torch, DeepSpeed)",
         f"data workers:          {_gib(mem.data_workers)} ({cfg.data.prefetch_workers} "
         f"prefetch process(es); data.prefetch_steps={cfg.data.prefetch_steps})",

@@ -35,7 +35,8 @@ def aio_buildable() -> bool:
 def test_derived_settings_follow_the_model_and_reach_deepspeeds_config():
     cfg = cfg_with("model.name=125m", "parallel.zero_stage=3")
     shape = model_shape(cfg)
-    assert shape.d_model == 768 and shape.largest_tensor == 512 * 768
+    assert shape.d_model == 768
+    assert shape.largest_tensor == 2048 * 768  # an MLP weight: the 512 x 768 table is smaller
     zero = deepspeed_config(cfg, batch_plan(cfg, 2), on_gpu=False)["zero_optimization"]
     window = 2 * shape.block_parameters  # two blocks outweigh the 512 x 768 table
     assert zero["reduce_bucket_size"] == 768**2
@@ -286,8 +287,10 @@ SMALL = ["model.name=debug", "model.hidden_size=256", "model.intermediate_size=7
 def _held_after_initialize(overrides):
     """Build the engine on this rank as trainer.main does; return the bytes of the distinct
     storages DeepSpeed's ZeRO optimizer holds (flat weights, fp32 master partitions, gradient
-    partitions) and of its flat weights alone."""
+    partitions), of its flat weights alone, and of the largest tensor it gathered whole while
+    it built (``all_gather_into_tensor``'s output)."""
     import deepspeed
+    import deepspeed.comm
 
     from trainer import distributed
     from trainer.construct import build_for_layout
@@ -298,7 +301,17 @@ def _held_after_initialize(overrides):
     cfg = cfg_with(*overrides)
     plan = batch_plan(cfg, world.world_size)
     model, _ = build_for_layout(cfg, plan)
-    opt = build_engine(cfg, model, plan).optimizer
+    gathered, all_gather = [0], deepspeed.comm.all_gather_into_tensor
+
+    def recording(output, *args, **kwargs):
+        gathered.append(output.numel() * output.element_size())
+        return all_gather(output, *args, **kwargs)
+
+    deepspeed.comm.all_gather_into_tensor = recording
+    try:
+        opt = build_engine(cfg, model, plan).optimizer
+    finally:
+        deepspeed.comm.all_gather_into_tensor = all_gather
     if cfg.parallel.zero_stage == 3:
         flat = [opt.lp_param_buffer]
         tensors = [*flat, opt.grad_partitions_flat_buffer, *opt.fp32_partitioned_groups_flat]
@@ -310,24 +323,27 @@ def _held_after_initialize(overrides):
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
         return sum(storages.values())
 
-    return nbytes(tensors), nbytes(flat)
+    return nbytes(tensors), nbytes(flat), max(gathered)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_the_engine_build_estimate_counts_what_deepspeed_allocates(stage):
     """``deepspeed.initialize`` on 2 CPU ranks (fp32): ZeRO-3 keeps the flat weight partition
-    and the fp32 gradient partitions (the master shares the weights); ZeRO-1 concatenates the
-    whole model into a flat copy while the weights still exist, then keeps the flat weights and
-    its fp32 master partition. The planner's engine_build is at least what it holds after, and
-    its ZeRO-1 peak is the model twice."""
+    and the fp32 gradient partitions (the master shares the weights) and, while it registers
+    the gradient hooks, gathers each parameter whole (the largest: the embedding table, which
+    gloo stages in a second full-size buffer); ZeRO-1 concatenates the whole model into a flat
+    copy while the weights still exist, then keeps the flat weights and its fp32 master
+    partition. The planner's engine_build is at least what it holds after, its ZeRO-3 peak adds
+    twice the largest gathered tensor, and its ZeRO-1 peak is the model twice."""
     overrides = [*SMALL, f"parallel.zero_stage={stage}"]
-    (held, flat), _ = run_distributed(_held_after_initialize, 2, overrides)
+    (held, flat, gathered), _ = run_distributed(_held_after_initialize, 2, overrides)
     cfg = cfg_with(*overrides)
     est = memory_estimate(cfg, batch_plan(cfg, 2))
     assert est.engine_build >= held
     if stage == 3:
-        assert est.engine_build == pytest.approx(held, rel=0.02)
+        assert gathered == 4 * model_shape(cfg).largest_tensor  # fp32; here an MLP weight
+        assert est.engine_build == pytest.approx(held + 2 * gathered, rel=0.02)
     else:
         assert est.engine_build == pytest.approx(2 * flat, rel=0.02)
     assert est.host_per_rank >= est.runtime + est.engine_build
