@@ -115,6 +115,23 @@ def test_nvme_offload_reaches_deepspeed_with_its_path():
     assert "aio" in ds
 
 
+def test_the_largest_tensor_is_the_models_largest_parameter():
+    """DeepSpeed refuses an NVMe parameter buffer smaller than a parameter; with a small
+    vocabulary the largest is an MLP weight, not the embedding table."""
+    import torch
+
+    from model.registry import spec
+
+    for overrides in (["model.name=125m"], ["model.model_type=t5", "model.name=small"]):
+        cfg = cfg_with(*overrides)
+        m = cfg.derived.model
+        with torch.device("meta"):
+            model = spec(m).model_class(m)
+        largest = max(p.numel() for p in model.parameters())
+        shape = model_shape(cfg)
+        assert shape.largest_tensor == largest > m.vocab_size * shape.d_model  # the table
+
+
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
