@@ -366,6 +366,56 @@ def test_the_engine_build_estimate_counts_what_deepspeed_allocates(stage):
     assert est.host_per_rank >= est.runtime + est.engine_build
 
 
+def _step_gradient_bytes(overrides):
+    """One ZeRO-1 step on this rank: the bytes of the fp32 gradient DeepSpeed hands the
+    optimizer, and whether they are a storage of their own (not the parameters' gradients)."""
+    import deepspeed
+    import torch
+
+    from trainer import distributed
+    from trainer.construct import build_for_layout
+    from trainer.engine import build_engine
+
+    world = distributed.init_distributed()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    cfg = cfg_with(*overrides)
+    plan = batch_plan(cfg, world.world_size)
+    model, _ = build_for_layout(cfg, plan)
+    engine = build_engine(cfg, model, plan)
+    opt, seen = engine.optimizer, []
+    inner = opt._optimizer_step
+
+    def recording(group):
+        grad = opt.single_partition_of_fp32_groups[group].grad
+        own = {
+            p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None
+        }
+        storage = grad.untyped_storage()
+        seen.append((storage.nbytes(), storage.data_ptr() not in own))
+        return inner(group)
+
+    opt._optimizer_step = recording
+    ids = torch.randint(0, 512, (1, 16))
+    logits = engine(ids)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+    engine.backward(loss)
+    engine.step()
+    return seen
+
+
+@pytest.mark.slow
+def test_the_zero1_step_buffers_count_the_flat_gradient_partition():
+    """``stage_1_and_2.step`` flattens the rank's gradient partition into a new fp32 tensor
+    for the optimizer while the gradients still exist: the plan's step buffers hold it."""
+    overrides = [*SMALL, "parallel.zero_stage=1"]
+    seen, _ = run_distributed(_step_gradient_bytes, 2, overrides)
+    cfg = cfg_with(*overrides)
+    est = memory_estimate(cfg, batch_plan(cfg, 2))
+    flat = sum(nbytes for nbytes, _ in seen)
+    assert all(own for _, own in seen) and flat >= 4 * model_shape(cfg).parameters / 2 * 0.99
+    assert est.step_buffers >= flat
+
+
 def test_the_dry_run_says_when_zero_partitions_nothing():
     pipe = ["model.name=125m", "parallel.pipeline_stages=2", "train.gradient_accumulation_steps=2"]
     zero1 = cfg_with(*pipe, "parallel.zero_stage=1")
