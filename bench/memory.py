@@ -43,7 +43,7 @@ Runs (``--runs``, comma-separated; each one at a time, several minutes for the l
   node fits in ``--host-share`` of this machine's memory (:func:`largest_layers`);
 * ``t5-large``, ``t5-large-pipe``, ``t5-large-pipe-zero1``: T5 ``large`` under ZeRO-3 and
   under a 2-stage pipeline (ZeRO-0: one data-parallel rank per stage; and ZeRO-1, which
-  partitions nothing there and costs 1.46 GiB more per rank; 2 micro-batches), 2 processes,
+  partitions nothing there and costs 2.98 GiB more per rank; 2 micro-batches), 2 processes,
   3 steps;
 * ``plan``: estimates only: the ``7b`` and ``13b`` presets on one 8-GPU node (bf16, micro batch
   1, 2048 tokens) under ZeRO-3 and under a 4-stage pipeline x 2 data-parallel (ZeRO-1, 8
@@ -57,20 +57,20 @@ DeepSpeed frees in its heaps: measured here on the ``125m`` run, 2.94 / 2.75 GiB
 without the threshold, 1.98 / 1.97 with it (estimate 2.13), at the same step time (9.6 s and
 9.1 s on the shared machine).
 
-Measured here (2 cores, shared): ``1b`` per rank, measured / planned: construction 2.62-2.66 /
-2.68 GiB, engine build 6.69-6.70 / 6.79, first step 10.38, steady 11.35-11.36 / 11.43, ru_maxrss
-11.36-11.39; 124 s to the end of the first step, 47 s a step. ``largest-nvme
---largest-nvme-layers 1`` (126M parameters): 1.82 / 1.96 at construction, 3.53 / 3.59 at the
-engine build, 4.01 / 3.88 steady; 52 s to the first step, 13 s a step. ``largest-nvme
---largest-nvme-layers 24`` (1,525M parameters, larger than ``1b``, which is the largest that
-fits here without offload): 1.83 / 1.96 at construction, 6.72-6.75 / 6.41 at the engine build,
-7.59 / 7.31 steady (1.04x), 14.33 GiB per rank on disk / 14.2; 224 s to the first step, 110 s a
-step. ``t5-large``: 1.91 / 2.08 at construction, 5.04 / 5.12 at the engine
-build, 8.39-8.44 / 8.41 steady; ``t5-large-pipe`` (ZeRO-0): 7.39 (encoder stage) and 8.10 (decoder
-stage) steady against 7.86 / 8.16 planned per stage (the report compares with the larger stage's),
-31 s to the first step, 19 s a step; ``t5-large-pipe-zero1``: 1.76 / 1.94 at construction against
-2.02, 4.58 / 4.96 at the engine build against 5.06, 8.83 / 9.66 steady against 9.62 (the decoder
-stage), 49 s to the first step, 22 s a step.
+Measured here (2 cores, shared): ``1b`` per rank, measured / planned: construction 2.62-2.66 / 2.68
+GiB, engine build 6.69-6.70 / 6.79, first step 10.38, steady 11.35-11.36 / 11.43, ru_maxrss
+11.36-11.39; 124 s to the end of the first step, 47 s a step. ``largest-nvme --largest-nvme-layers
+1`` (126M parameters): 1.82 / 1.96 at construction, 3.53 / 3.59 at the engine build, 4.01 / 3.88
+steady; 52 s to the first step, 13 s a step. ``largest-nvme --largest-nvme-layers 24`` (1,525M
+parameters, larger than ``1b``, which is the largest that fits here without offload): 1.83 / 1.96
+at construction, 6.72-6.75 / 6.41 at the engine build, 7.59 / 7.31 steady (1.04x), 14.33 GiB per
+rank on disk / 14.2; 224 s to the first step, 110 s a step. ``t5-large``: 1.91 / 2.08 at
+construction, 5.04 / 5.12 at the engine build, 8.39-8.44 / 8.41 steady; ``t5-large-pipe`` (ZeRO-0):
+6.60 (encoder stage) and 6.72 (decoder stage) steady against 6.64 planned for the larger stage
+(7.39 and 8.10 while DeepSpeed still all-reduced the gradients over one data-parallel rank), 32 s
+to the first step, 20 s a step; ``t5-large-pipe-zero1``: 1.76 / 1.94 at construction against 2.02,
+4.58 / 4.96 at the engine build against 5.06, 8.83 / 9.66 steady against 9.62 (the decoder stage),
+49 s to the first step, 22 s a step.
 
 Heavy runs on a shared machine: wrap the command in ``flock /tmp/kiln-heavy.lock``.
 

@@ -215,6 +215,17 @@ def test_the_estimate_counts_deepspeeds_buffers():
     assert memory_estimate(defaults, plan).buffers > 2 * 2**30 > est.buffers
 
 
+def test_zero0_plans_the_all_reduce_bucket_only_across_data_parallel_ranks():
+    """Over one data-parallel rank Kiln turns DeepSpeed's gradient all-reduce off (tested in
+    test_pipeline.py), so ZeRO-0 plans its bucket, the flattened gradients, only with more."""
+    cfg = cfg_with("model.name=125m", "parallel.zero_stage=0")
+    psi = model_shape(cfg).parameters
+    assert memory_estimate(cfg, batch_plan(cfg, 1)).buffers == 0
+    assert memory_estimate(cfg, batch_plan(cfg, 2)).buffers == pytest.approx(4 * psi)
+    pipe = cfg_with("model.name=125m", "parallel.zero_stage=0", "parallel.pipeline_stages=2")
+    assert memory_estimate(pipe, batch_plan(pipe, 2)).buffers == 0
+
+
 def test_the_estimate_counts_host_memory_per_node():
     gpu = cfg_with("model.name=125m", "parallel.zero_stage=3", "launch.nproc_per_node=8")
     plan = batch_plan(gpu, 8)

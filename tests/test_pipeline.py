@@ -342,3 +342,60 @@ def test_stage_shapes_are_the_stages_deepspeed_builds(overrides):
         assert shapes[1].parameters > shapes[0].parameters
         assert est.stage == worst == 1
     assert est.parameters == 4 * shapes[est.stage].parameters  # fp32, ZeRO-0
+
+
+def _gradient_all_reduces(stages: int, all_reduce: bool | None) -> tuple[int, list[float]]:
+    """Two ZeRO-0 steps of the debug decoder on this rank (``stages`` pipeline stages, one
+    data-parallel rank) through the engine `trainer.engine.build_engine` gives; ``all_reduce``
+    None leaves DeepSpeed's gradient all-reduce as Kiln sets it, True turns it back on. Returns
+    how often DeepSpeed flattened the gradients for the all-reduce and the step losses."""
+    import deepspeed
+
+    from trainer import distributed
+    from trainer.construct import build_for_layout
+    from trainer.engine import build_engine
+    from trainer.objectives import token_loss
+    from trainer.pipeline import first_stage_inputs
+
+    world = distributed.init_distributed()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    overrides = ["model.name=debug", "tokenizer.vocab_size=512", "parallel.zero_stage=0"]
+    overrides += ["data.seq_len=16", "train.micro_batch_size=1", "train.global_batch_size=2"]
+    cfg = load_config(None, [*overrides, f"parallel.pipeline_stages={stages}"])
+    plan = batch_plan(cfg, world.world_size)
+    model, _ = build_for_layout(cfg, plan)
+    engine = build_engine(cfg, model, plan)
+    if all_reduce:
+        engine.pipeline_enable_backward_allreduce = engine.enable_backward_allreduce = True
+    calls, flatten = [], engine.buffered_allreduce_fallback
+    engine.buffered_allreduce_fallback = lambda *a, **k: calls.append(1) or flatten(*a, **k)
+    ids = torch.randint(0, 512, (4, 2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(2):
+        micro = [ids[2 * step + m] for m in range(2)]
+        if stages > 1:
+            pipe_inputs = [first_stage_inputs(cfg.derived.model, {"input_ids": x}) for x in micro]
+            engine.train_batch(iter(list(zip(pipe_inputs, micro, strict=True))))
+            losses.append(engine.dp_group_loss.item())
+            continue
+        total = 0.0
+        for x in micro:
+            loss = token_loss(engine(input_ids=x), x)
+            engine.backward(loss)
+            engine.step()
+            total += loss.item() / 2
+        losses.append(total)
+    return len(calls), losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2], ids=["one-process", "two-stages"])
+def test_one_data_parallel_rank_skips_deepspeeds_gradient_all_reduce(stages):
+    """ZeRO-0 over one data-parallel rank (one process, or a pipeline of one rank per stage):
+    DeepSpeed would flatten every gradient into an all-reduce bucket and copy it back at each
+    step (4 bytes a parameter in fp32, for nothing); Kiln turns that off, and the losses are
+    those of the run with it on, bit for bit."""
+    (skipped, losses), *_ = run_distributed(_gradient_all_reduces, stages, stages, None)
+    (done, reference), *_ = run_distributed(_gradient_all_reduces, stages, stages, True)
+    assert done > 0 and skipped == 0
+    assert losses == reference and losses[1] != losses[0]

@@ -250,8 +250,13 @@ def build_engine(cfg: KilnConfig, model: nn.Module, plan: BatchPlan, *, load_uni
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
         dist_init_required=False,
     )
-    if plan.data_parallel_size == 1 and cfg.parallel.zero_stage == 0 and plan.pipeline_stages == 1:
-        # DeepSpeed all-reduces gradients even in a world of one: it flattens every gradient into
-        # a new buffer and copies it back (~13% of a 125M step on CPU, bench/throughput.py).
-        engine.enable_backward_allreduce = False
+    if plan.data_parallel_size == 1 and cfg.parallel.zero_stage == 0:
+        # DeepSpeed all-reduces gradients even over one data-parallel rank: it flattens every
+        # gradient into a new buffer (up to 5e8 elements) and copies it back (~13% of a 125M
+        # step on CPU, bench/throughput.py; 1.5 GiB of T5 large's decoder stage, bench/memory.py).
+        # ZeRO 1-2 need the call (it fills their gradient partitions); ZeRO-0 does not.
+        if plan.pipeline_stages > 1:
+            engine.pipeline_enable_backward_allreduce = False
+        else:
+            engine.enable_backward_allreduce = False
     return engine

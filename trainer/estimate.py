@@ -266,9 +266,10 @@ def memory_estimate(
     DeepSpeed's buffers (elements from :func:`ds_memory_settings` times the element size e of
     the weights), in forward and backward (``buffers``): ZeRO-0, the all-reduce bucket (5e8
     elements or the gradients), which DeepSpeed flattens the gradients into at every step
-    whatever N_d, 1 included (``buffered_allreduce_fallback``; the pipeline engine's
-    ``_exec_reduce_grads`` too: measured on T5 large's 2-stage ZeRO-0 run, 8.10 GiB on the
-    larger stage against 8.16 planned with it, 6.64 without); ZeRO 1-2, one reduce bucket (fp32
+    (``buffered_allreduce_fallback``; the pipeline engine's ``_exec_reduce_grads`` too), only
+    with N_d > 1: Kiln turns that all-reduce off over one data-parallel rank
+    (:func:`trainer.engine.build_engine`; measured on T5 large's 2-stage ZeRO-0 run: 8.10 GiB on
+    the decoder stage with it, 6.72 without, 6.64 planned); ZeRO 1-2, one reduce bucket (fp32
     under ZeRO-1, which accumulates in fp32); ZeRO-3, the reduce bucket, the gathered parameters
     (up to ``stage3_max_live_parameters``, never more than the model), the persistent small
     tensors (at most 3 norm-sized vectors per block, whole on every rank) and autograd's
@@ -364,7 +365,7 @@ def _rank_estimate(
 
     buffers = step_buffers = 0.0
     if p.zero_stage == 0:
-        buffers = min(DS_ALLREDUCE_BUCKET, held) * e
+        buffers = min(DS_ALLREDUCE_BUCKET, held) * e if nd > 1 else 0.0
     elif p.zero_stage in (1, 2):
         reduce_e = 4 if p.zero_stage == 1 else e
         buffers = settings.reduce_bucket_size * reduce_e
@@ -488,8 +489,9 @@ def deepspeed_initialize_bytes(
       return, then the fp32 gradient partitions (``grad_partitions_flat_buffer``, ``4 Psi /
       N_d``).
     * ZeRO-3 with parameter offload: the partitions already live in host memory or on NVMe
-      (counted in ``host_offload`` and ``host_swap``); ZeRO-0: the engine keeps the model as
-      built, cast to the training dtype: no copy beyond the construction.
+      (counted in ``host_offload`` and ``host_swap``).
+    * ZeRO-0: the engine keeps the model as built, cast to the training dtype (``e Psi / P``
+      on a CPU run; no copy).
     * ZeRO-3, on a CPU run, then: ``create_reduce_and_remove_grad_hooks`` gathers each
       parameter whole, one at a time, to register its gradient hook, and partitions it again.
       The largest tensor (L elements, usually the embedding table) gathered through gloo's
@@ -508,8 +510,8 @@ def deepspeed_initialize_bytes(
         if on_gpu:
             return 0.0
         return max(2 * e * held, e * held + 8 * held / nd)
-    if p.zero_stage != 3:
-        return 0.0
+    if p.zero_stage == 0:  # the model as built, in the training dtype, stays the weights
+        return 0.0 if on_gpu else e * held
     if on_gpu:
         return 0.0 if p.offload_params else e * psi / nd
     gathered = 2 * e * model_shape(cfg).largest_tensor
