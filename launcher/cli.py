@@ -92,8 +92,10 @@ def train(
         plan = preflight.check(cfg, [world_size], cuda_available=cuda, restart=restart)
         warnings = list(plan.warnings)
         if cuda is not None:  # the processes start on this machine: it is the node
-            memory = preflight.host_memory_warning(cfg, plan.batch, on_gpu=cuda)
-            warnings += [memory] if memory else []
+            memory = [preflight.host_memory_warning(cfg, plan.batch, on_gpu=cuda)]
+            if cuda:
+                memory.append(preflight.device_memory_warning(cfg, plan.batch))
+            warnings += [m for m in memory if m]
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:

@@ -189,6 +189,35 @@ def host_memory_warning(
     )
 
 
+def device_memory_warning(
+    cfg: KilnConfig, plan: BatchPlan, *, device_bytes: int | None = None
+) -> str | None:
+    """A warning when the planned device memory of one rank on a GPU (:func:`trainer.estimate.
+    memory_estimate`'s ``total``: model states, activations and DeepSpeed's buffers at the peak
+    of a step) exceeds ``device_bytes`` (None: the total memory of this machine's first CUDA
+    device, ``torch.cuda.get_device_properties``); None when it fits. The plan leaves out the
+    CUDA context and the caching allocator's fragmentation (a few hundred MiB to a few GiB), so
+    a plan just under the device's size can still run out; a warning, not a refusal, as for
+    :func:`host_memory_warning`."""
+    from trainer.estimate import memory_estimate
+
+    if device_bytes is None:
+        import torch
+
+        device_bytes = torch.cuda.get_device_properties(0).total_memory
+    need = memory_estimate(cfg, plan, on_gpu=True).total
+    if need <= device_bytes:
+        return None
+    gib = 2**30
+    return (
+        f"the plan needs {need / gib:.1f} GiB of GPU memory per rank and the GPU has "
+        f"{device_bytes / gib:.1f} GiB: the first step will likely run out of memory. "
+        f"`kiln train --dry-run` shows where it goes; a higher parallel.zero_stage, "
+        f"parallel.offload_optimizer / offload_params, train.activation_checkpointing, a "
+        f"smaller train.micro_batch_size or train.loss_chunk_tokens lower it"
+    )
+
+
 def check_nvme_offload(cfg: KilnConfig, builder: Any = None) -> None:
     """Refuse ``parallel.offload_device=nvme`` where DeepSpeed's async I/O op cannot be built
     (it swaps ZeRO-Infinity's tensors to ``parallel.nvme_path`` with libaio), before any process

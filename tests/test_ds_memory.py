@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from launcher.cli import cli
-from launcher.preflight import check_nvme_offload, host_memory_warning
+from launcher.preflight import check_nvme_offload, device_memory_warning, host_memory_warning
 from launcher.report import plan_report
 from tests.distributed import run_distributed
 from trainer.config import ConfigError, batch_plan, load_config
@@ -266,6 +266,27 @@ def test_a_plan_larger_than_the_node_is_warned_about():
     text = host_memory_warning(cfg, plan, on_gpu=False, node_bytes=int(need) - 2**30)
     assert f"needs {need / 2**30:.1f} GiB of host memory" in text
     assert "killed for memory" in text and "--dry-run" in text and "offload_device=nvme" in text
+
+
+def test_a_plan_larger_than_the_gpu_is_warned_about():
+    """On a GPU node `kiln train` also compares a rank's planned device memory with the GPU's:
+    the 13b preset on 8 GPUs under ZeRO-1 does not fit an 80 GB card; under ZeRO-3 it does."""
+    node = [
+        "model.name=13b",
+        "train.precision=bf16",
+        "data.seq_len=2048",
+        "launch.nproc_per_node=8",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=8",
+    ]
+    h100 = 80 * 10**9
+    zero1 = cfg_with(*node, "parallel.zero_stage=1")
+    need = memory_estimate(zero1, batch_plan(zero1, 8), on_gpu=True).total
+    text = device_memory_warning(zero1, batch_plan(zero1, 8), device_bytes=h100)
+    assert need > h100 and f"needs {need / 2**30:.1f} GiB of GPU memory per rank" in text
+    assert "run out of memory" in text and "parallel.zero_stage" in text
+    zero3 = cfg_with(*node, "parallel.zero_stage=3")
+    assert device_memory_warning(zero3, batch_plan(zero3, 8), device_bytes=h100) is None
 
 
 def test_dry_run_report_shows_buffers_settings_and_host_memory():
