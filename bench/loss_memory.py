@@ -63,8 +63,9 @@ def worker(
 
     torch.manual_seed(0)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    h = (torch.randn(tokens, hidden) / hidden**0.5).to(dt).requires_grad_()
-    w = (torch.randn(vocab, hidden) * 0.02).to(dt).requires_grad_()
+    # drawn in their dtype: an fp32 draw cast to bf16 would set the peak before the step runs
+    h = torch.empty(tokens, hidden, dtype=dt).normal_(0, hidden**-0.5).requires_grad_()
+    w = torch.empty(vocab, hidden, dtype=dt).normal_(0, 0.02).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,))
 
     def chunk_loss(h_c, y):
