@@ -178,14 +178,13 @@ def host_memory_warning(
     if node_bytes is None:
         node_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     need = memory_estimate(cfg, plan, on_gpu=on_gpu).host_per_node
-    if need <= node_bytes:
-        return None
-    gib = 2**30
-    return (
-        f"the plan needs {need / gib:.1f} GiB of host memory on this node and it has "
-        f"{node_bytes / gib:.1f} GiB: the run will likely be killed for memory. "
-        f"`kiln train --dry-run` shows where it goes; fewer processes per node, a higher "
-        f"parallel.zero_stage, parallel.offload_device=nvme or data.prefetch_steps=0 lower it"
+    return _over_plan(
+        need,
+        node_bytes,
+        "of host memory on this node and it has",
+        "the run will likely be killed for memory",
+        "fewer processes per node, a higher parallel.zero_stage, parallel.offload_device=nvme "
+        "or data.prefetch_steps=0",
     )
 
 
@@ -206,15 +205,26 @@ def device_memory_warning(
 
         device_bytes = torch.cuda.get_device_properties(0).total_memory
     need = memory_estimate(cfg, plan, on_gpu=True).total
-    if need <= device_bytes:
+    return _over_plan(
+        need,
+        device_bytes,
+        "of GPU memory per rank and the GPU has",
+        "the first step will likely run out of memory",
+        "a higher parallel.zero_stage, parallel.offload_optimizer / offload_params, "
+        "train.activation_checkpointing, a smaller train.micro_batch_size or "
+        "train.loss_chunk_tokens",
+    )
+
+
+def _over_plan(need: float, have: int, of: str, outcome: str, remedies: str) -> str | None:
+    """The warning of :func:`host_memory_warning` / :func:`device_memory_warning` when ``need``
+    bytes exceed ``have``; None when they fit."""
+    if need <= have:
         return None
     gib = 2**30
     return (
-        f"the plan needs {need / gib:.1f} GiB of GPU memory per rank and the GPU has "
-        f"{device_bytes / gib:.1f} GiB: the first step will likely run out of memory. "
-        f"`kiln train --dry-run` shows where it goes; a higher parallel.zero_stage, "
-        f"parallel.offload_optimizer / offload_params, train.activation_checkpointing, a "
-        f"smaller train.micro_batch_size or train.loss_chunk_tokens lower it"
+        f"the plan needs {need / gib:.1f} GiB {of} {have / gib:.1f} GiB: {outcome}. "
+        f"`kiln train --dry-run` shows where it goes; {remedies} lower it"
     )
 
 
